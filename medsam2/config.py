@@ -1,0 +1,193 @@
+"""Typed, frozen experiment configuration (pydantic v2, ``extra="forbid"``).
+
+A config comes from defaults, then an optional YAML file (``--config``), then dotted overrides
+(``--set train.lr=1e-4``). Its identity is :func:`config_hash` of the resolved values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class DataCfg(_Cfg):
+    workdir: str = ".medsam2/work"
+    """Ingest work dir: ``manifest.parquet``, ``quarantine.parquet``, ``cache/``."""
+    source: str | None = None
+    """Folder or ``s3://bucket/prefix`` to ingest before training (flows only); None = use the manifest as is."""
+    train_datasets: list[str] | None = None
+    """Manifest ``dataset`` values to train on (None = every dataset with train rows)."""
+    eval_datasets: list[str] | None = None
+    """Datasets whose ``test`` rows are evaluated (None = the train datasets)."""
+    label_fraction: float = Field(1.0, gt=0, le=1)
+    """Fraction of labelled train rows kept as labelled (rest become unlabelled), for label-efficiency runs."""
+    augment: Literal["none", "light", "strong"] = "light"
+    num_workers: int = Field(0, ge=0)
+    max_train_images: int | None = None
+    max_eval_images: int | None = None
+
+
+class ModelCfg(_Cfg):
+    backbone: Literal["hiera_t", "hiera_s", "hiera_b+", "hiera_l"] = "hiera_t"
+    sam2_version: Literal["2.0", "2.1"] = "2.1"
+    image_size: int = Field(1024, ge=64)
+    """Square input side in pixels; must be a multiple of 32 (Hiera patch 4 × 3 poolings)."""
+    checkpoint: str = "none"
+    """Local path, s3://, https://, MLflow model URI, release name (``sam2.1_hiera_tiny``) or ``none``."""
+    adapter: Literal["full", "decoder_only", "bottleneck", "lora"] = "full"
+    adapter_rank: int = Field(8, ge=1)
+    """LoRA rank (``adapter: lora``)."""
+    bottleneck_ratio: float = Field(0.25, gt=0, le=4)
+    """Bottleneck adapter width as a fraction of each Hiera stage's width (``adapter: bottleneck``)."""
+    lora_decoder: bool = False
+    decoder: Literal["sam2", "multiscale", "prompt_free"] = "sam2"
+    prompt: Literal["box", "points", "none"] = "box"
+    box_jitter: float = Field(0.1, ge=0, le=1)
+    """Max box-corner shift as a fraction of the box side (training only)."""
+    num_pos_points: int = Field(1, ge=0)
+    num_neg_points: int = Field(0, ge=0)
+    prompt_tokens: int = Field(4, ge=1)
+    """Learned prompt tokens of the ``prompt_free`` decoder."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelCfg:
+        if self.image_size % 32:
+            raise ValueError(f"model.image_size must be a multiple of 32, got {self.image_size}")
+        if self.decoder == "prompt_free" and self.prompt != "none":
+            raise ValueError("model.decoder=prompt_free takes no user prompt: set model.prompt=none")
+        if self.prompt == "points" and self.num_pos_points + self.num_neg_points == 0:
+            raise ValueError("model.prompt=points needs num_pos_points + num_neg_points > 0")
+        return self
+
+
+class TrainCfg(_Cfg):
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    clip_grad: float = Field(1.0, ge=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    loss: str = "dice_bce"
+    seed: int = 0
+    output_dir: str = ".medsam2/runs/default"
+    """Checkpoints go here; rerunning with the same dir resumes from its last checkpoint."""
+    checkpoint_every: int = Field(50, ge=1)
+    eval_every: int = Field(100, ge=1)
+    early_stop_patience: int = Field(0, ge=0)
+    """Evaluations without val-Dice improvement before stopping (0 = never stop early)."""
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    progress: bool = True
+
+
+class SemiSupCfg(_Cfg):
+    method: Literal["none", "mean_teacher", "mutual_consistency", "adversarial"] = "none"
+    unlabelled_weight: float = Field(0.5, ge=0)
+    self_training_rounds: int = Field(0, ge=0)
+    confidence: Literal["mean_prob", "entropy", "pred_iou"] = "mean_prob"
+    threshold: float = Field(0.8, ge=0, le=1)
+
+
+class EvalCfg(_Cfg):
+    split: str = "test"
+    gallery_size: int = Field(8, ge=0)
+    baselines: bool = True
+    batch_size: int = Field(8, ge=1)
+    robustness: bool = False
+    cross_dataset: bool = False
+
+
+class PromotionCfg(_Cfg):
+    model_name: str = "medsam2"
+    metric: str = "dice"
+    margin: float = 0.0
+    """Challenger must beat the champion's mean metric by at least this much."""
+    guarded: dict[str, float] = Field(default_factory=dict)
+    """metric → largest tolerated regression (challenger − champion ≥ −tolerance)."""
+    n_bootstrap: int = Field(1000, ge=0)
+    confidence: float = Field(0.0, ge=0, lt=1)
+    """If > 0, also require P(improvement > 0) ≥ this under the paired bootstrap."""
+
+
+class TrackingCfg(_Cfg):
+    tracking_uri: str | None = None
+    """None = ``MLFLOW_TRACKING_URI`` or the local ``.medsam2/mlruns`` store."""
+    experiment: str = "medsam2"
+
+
+class ExperimentCfg(_Cfg):
+    name: str = "medsam2"
+    data: DataCfg = DataCfg()
+    model: ModelCfg = ModelCfg()
+    train: TrainCfg = TrainCfg()
+    semisup: SemiSupCfg = SemiSupCfg()
+    eval: EvalCfg = EvalCfg()
+    promotion: PromotionCfg = PromotionCfg()
+    tracking: TrackingCfg = TrackingCfg()
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["train.lr=1e-4", "model.prompt=none"]`` → nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> ExperimentCfg:
+    """Resolve defaults ← ``base`` ← YAML file ← dotted overrides into a validated :class:`ExperimentCfg`."""
+    tree: dict[str, Any] = dict(base or {})
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file must hold a mapping")
+        tree = _merge(tree, loaded)
+    tree = _merge(tree, parse_overrides(overrides))
+    return ExperimentCfg.model_validate(tree)
+
+
+def with_overrides(cfg: ExperimentCfg, **sections: dict[str, Any]) -> ExperimentCfg:
+    """Copy ``cfg`` with some section fields replaced, re-validated: ``with_overrides(cfg, train={"lr": 1e-3})``."""
+    return ExperimentCfg.model_validate(_merge(cfg.model_dump(), sections))
+
+
+def config_hash(cfg: ExperimentCfg) -> str:
+    """Stable 12-hex identity of the resolved config (excludes nothing: paths are part of identity)."""
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

@@ -1,0 +1,355 @@
+"""Source layouts: which files are images, which are masks, how they pair, and per-dataset profiles.
+
+A layout turns a file listing into :class:`Unit` s — the unit of incremental work. A unit is one image file (2D
+raster/NPY, a NIfTI volume, a DICOM object) with what labels it (a mask file, a label volume, DICOM-SEG objects,
+a box from a sidecar), and produces one or more manifest rows (frames, slices) or quarantine rows.
+
+**Automatic pairing** (``layout=None``), per file kind:
+
+* 2D (PNG/JPEG/TIFF/BMP/NPY). A file is a *mask* if a folder on its path is a mask folder (``masks``, ``labels``,
+  ``gt``, ``ground truth``, ``annotations``, ...) or its stem ends in ``_mask``/``_seg``/``_label``/``_gt`` (optional
+  ``_N`` instance suffix). Masks pair with images of the same kind (raster/NPY) in the same *scope* (the folder
+  above an ``images``/``masks`` folder, else the file's own folder) by the *core stem*: the stem without
+  ``_frame``/``_image``/``_img`` (images) or the mask suffix (masks). Examples: ``images/a.jpg`` + ``masks/a.jpg``
+  (Kvasir, BUSI, BraTS NPY), ``original_tif/1_frame.tif`` + ``original_tif/1_mask.tif`` (CVC originals),
+  ``a.png`` + ``a_mask.png`` / ``a_mask_1.png``. Failing that, the longest image core stem that prefixes the mask
+  stem followed by ``_`` wins and the rest names the structure: ``masks/s0114_111_aorta_000.png`` → image
+  ``s0114_111``, target ``aorta_000`` (SAM-Med2D). **One row per mask file** (per structure *instance*): a box
+  prompt around one connected part is what SAM is trained on; merging is a one-line group-by downstream.
+  Images without a mask are unlabelled (``label_kind`` none, or box when a sidecar gives one); a mask without an
+  image is quarantined (``mask_without_image``).
+* NIfTI: volumes named with a ``seg``/``label``/``mask``/``gt`` token are label volumes; each pairs with the image
+  volume of the same shape, preferring the same folder and the longest common name prefix.
+* DICOM (``.dcm`` or ``DICM`` magic): SEG objects pair with the images they reference (in ingest.py).
+* Sidecars (``.md .txt .json .yaml .csv ...`` and hidden files) are not inputs; they are reported as ``ignored``.
+  Anything else is quarantined as ``unsupported_format``.
+
+**Declarative layout** (a dict or YAML file)::
+
+    {"images": "imgs/*.png", "masks": "labels/{stem}_seg.png", "modality": "CT", "split": "train",
+     "patient": "^(case\\d+)_", "boxes": "boxes.json", "test_list": "test.txt"}
+
+``images`` is a glob relative to the source root; ``masks`` a template with ``{stem}``, ``{name}``, ``{parent}``.
+Every key except ``images``/``masks`` also works as an override for automatic pairing (see :data:`OPTION_KEYS`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from medsam2.data.readers import ext_of
+
+OPTION_KEYS = {
+    "images": "glob of image files (declarative layout)",
+    "masks": "mask path template, e.g. 'labels/{stem}_seg.png' (declarative layout)",
+    "modality": "modality of every image (default: profile / file name / DICOM header)",
+    "split": "force every row of the dataset into train|val|test (e.g. 'test' for an external test set)",
+    "patient": "regex on the image stem; group 1 (or the match) is the patient key",
+    "boxes": "JSON sidecar with boxes per stem (Kvasir format or {stem: [x0,y0,x1,y1]})",
+    "test_list": "text file of image stems (one per line) frozen as the test split",
+    "val_fraction": "fraction of patients in val (default 0.1)",
+    "label_mode": "NIfTI labels: 'foreground' (label > 0, default) or 'per_label' (one row per label value)",
+    "skip_empty_slices": "NIfTI: drop slices whose label slice is empty (default false)",
+}
+
+MASK_DIRS = {"mask", "masks", "label", "labels", "gt", "ground truth", "ground_truth", "groundtruth",
+             "annotations", "annotation", "segmentation", "segmentations", "seg", "segs", "targets"}
+IMAGE_DIRS = {"image", "images", "img", "imgs", "original", "originals", "frames", "inputs", "input", "raw"}
+SIDECAR_EXT = {".md", ".txt", ".json", ".yaml", ".yml", ".csv", ".tsv", ".xml", ".html", ".pdf", ".rst", ".log"}
+MASK_SUFFIX = re.compile(r"^(?P<core>.+?)[_-](?:mask|seg|label|labels|gt|segmentation)(?:[_-](?P<inst>\d+))?$",
+                         re.IGNORECASE)
+IMAGE_SUFFIX = re.compile(r"^(?P<core>.+?)[_-](?:frame|image|img)$", re.IGNORECASE)
+NIFTI_LABEL_TOKEN = re.compile(r"(^|[_\-.])(seg|label|labels|mask|gt|segmentation)([_\-.]|$)", re.IGNORECASE)
+
+# CVC-ClinicDB: frame number → video sequence (README_original.txt table: last frame of sequences 1..29).
+_CVC_SEQ_END = [25, 50, 67, 78, 103, 126, 151, 177, 199, 205, 227, 252, 277, 297, 317, 342, 363, 383, 408, 428,
+                447, 466, 478, 503, 528, 546, 571, 591, 612]
+
+
+def cvc_sequence(stem: str) -> str:
+    """CVC-ClinicDB frame stem (``'151'``, ``'1_frame'``) → ``'seq7'`` (the patient/group: one video sequence)."""
+    m = re.match(r"(\d+)", stem)
+    if not m:
+        return stem
+    n = int(m.group(1))
+    for i, end in enumerate(_CVC_SEQ_END, start=1):
+        if n <= end:
+            return f"seq{i}"
+    return stem
+
+
+def modality_from_name(name: str, default: str = "other") -> str:
+    """Modality from file-name tokens (``ct``, ``mr``/``flair``/``t1``/``t2``, ``us``, ``xray``/``cxr``, ``mammo``)."""
+    toks = set(re.split(r"[^a-z0-9]+", name.lower()))
+    if toks & {"ct", "cta"}:
+        return "CT"
+    if toks & {"mr", "mri", "flair", "t1", "t2", "t1ce", "t1c", "dwi", "adc"}:
+        return "MR"
+    if toks & {"us", "ultrasound"}:
+        return "ultrasound"
+    if toks & {"xray", "cxr", "dx"}:
+        return "DX"
+    if toks & {"mg", "mammo", "mammogram"}:
+        return "MG"
+    return default
+
+
+def _sammed2d_modality(stem: str) -> str:
+    m = re.match(r"amos_(\d+)", stem)  # AMOS ids >= 500 are MRI
+    return "MR" if m and int(m.group(1)) >= 500 else "CT"
+
+
+#: Built-in profiles, chosen by dataset name (exact, else prefix). Values: options above, or callables
+#: ``modality_fn(stem) -> str`` / ``patient_fn(stem) -> str``.
+PROFILES: dict[str, dict[str, Any]] = {
+    "kvasir-seg": {"modality": "endoscopy", "boxes": "kavsir_bboxes.json", "test_list": "split_pranet_test.txt"},
+    "cvc-clinicdb": {"modality": "endoscopy", "patient_fn": cvc_sequence},
+    "busi": {"modality": "ultrasound"},
+    "sam-med2d": {"modality_fn": _sammed2d_modality, "patient": r"^(.*)_\d+$"},
+    "brats": {"modality": "MR", "patient": r"(BraTS\d*_\d+)"},
+    "totalsegmentator": {"modality_fn": modality_from_name},
+    "dicom": {},
+}
+
+
+def resolve_layout(dataset: str, layout: str | dict | None) -> dict[str, Any]:
+    """Profile for ``dataset`` merged with ``layout`` (a dict, a YAML/JSON file path, or a profile name)."""
+    opts: dict[str, Any] = {}
+    name = dataset.lower()
+    prof = PROFILES.get(name) or next((p for k, p in PROFILES.items() if name.startswith(k)), None)
+    if isinstance(layout, str) and layout in PROFILES:
+        prof, layout = PROFILES[layout], None
+    opts.update(prof or {})
+    if isinstance(layout, str):
+        import yaml
+
+        layout = yaml.safe_load(Path(layout).read_text())
+    if layout:
+        unknown = set(layout) - set(OPTION_KEYS)
+        if unknown:
+            raise ValueError(f"unknown layout keys {sorted(unknown)}; known: {sorted(OPTION_KEYS)}")
+        opts.update(layout)
+    if opts.get("split") not in (None, "train", "val", "test"):
+        raise ValueError(f"layout split must be train|val|test, got {opts['split']!r}")
+    return opts
+
+
+@dataclass
+class Unit:
+    """One image source and its labels. ``key`` is stable (relative paths), unique within a dataset."""
+
+    key: str
+    kind: str  # "2d" | "nifti" | "dicom" | "reject"
+    image: str | None = None
+    mask: str | None = None
+    segs: tuple[str, ...] = ()
+    target: str | None = None
+    stem: str = ""
+    box: list[int] | None = None
+    modality: str = "other"
+    patient_id: str = ""
+    split_bucket: int = 0
+    reject: tuple[str, str] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[str]:
+        return [f for f in (self.image, self.mask, *self.segs) if f]
+
+
+def classify(rel: str) -> str:
+    """``sidecar|raster|npy|nifti|dicom|maybe`` from the name only ('maybe' = sniff the bytes)."""
+    p = PurePosixPath(rel)
+    if any(part.startswith(".") for part in p.parts):
+        return "sidecar"
+    e = ext_of(p.name)
+    if e in SIDECAR_EXT:
+        return "sidecar"
+    if e in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        return "raster"
+    if e == ".npy":
+        return "npy"
+    if e in (".nii", ".nii.gz"):
+        return "nifti"
+    if e in (".dcm", ".dicom"):
+        return "dicom"
+    return "maybe"
+
+
+def _stem(rel: str) -> str:
+    name = PurePosixPath(rel).name
+    e = ext_of(name)
+    return name[: -len(e)] if e else name
+
+
+def _is_mask_2d(rel: str) -> bool:
+    dirs = {d.lower() for d in PurePosixPath(rel).parts[:-1]}
+    return bool(dirs & MASK_DIRS) or bool(MASK_SUFFIX.match(_stem(rel)))
+
+
+def _scope(rel: str) -> str:
+    parent = PurePosixPath(rel).parent
+    if parent.name.lower() in MASK_DIRS | IMAGE_DIRS:
+        parent = parent.parent
+    return parent.as_posix()
+
+
+def pair_2d(files: list[str], kinds: dict[str, str]) -> tuple[list[tuple[str, str | None, str | None]], list[str]]:
+    """Automatic 2D pairing → ([(image, mask or None, target or None)], [masks without image])."""
+    images = [f for f in files if not _is_mask_2d(f)]
+    masks = [f for f in files if _is_mask_2d(f)]
+    by_core: dict[tuple[str, str, str], str] = {}
+    cores: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for im in images:
+        s = _stem(im)
+        m = IMAGE_SUFFIX.match(s)
+        core = m.group("core") if m else s
+        key = (_scope(im), kinds[im], core)
+        by_core.setdefault(key, im)
+        by_core.setdefault((_scope(im), kinds[im], s), im)
+        cores.setdefault((_scope(im), kinds[im]), []).append((core, im))
+    pairs: list[tuple[str, str | None, str | None]] = []
+    used: set[str] = set()
+    orphans: list[str] = []
+    for mk in masks:
+        s, sc, k = _stem(mk), _scope(mk), kinds[mk]
+        m = MASK_SUFFIX.match(s)
+        target = None
+        im = by_core.get((sc, k, s))
+        if im is None and m:
+            im = by_core.get((sc, k, m.group("core")))
+            target = m.group("inst")
+        if im is None:  # longest image core that prefixes the mask stem: <core>_<structure>
+            best = max((c for c in cores.get((sc, k), []) if s.startswith(c[0] + "_")),
+                       key=lambda c: len(c[0]), default=None)
+            if best is not None:
+                im, target = best[1], s[len(best[0]) + 1:]
+        if im is None:
+            orphans.append(mk)
+            continue
+        pairs.append((im, mk, target))
+        used.add(im)
+    pairs += [(im, None, None) for im in images if im not in used]
+    return sorted(pairs, key=lambda p: (p[0], p[1] or "")), orphans
+
+
+def pair_declarative(files: list[str], opts: dict[str, Any]) -> tuple[list[tuple[str, str | None, str | None]],
+                                                                        list[str], list[str]]:
+    """``images`` glob + ``masks`` template → (pairs, masks without image, files outside the layout)."""
+    fileset = set(files)
+    images = sorted(f for f in files if fnmatch.fnmatch(f, opts["images"]))
+    tmpl = opts.get("masks")
+    pairs: list[tuple[str, str | None, str | None]] = []
+    used: set[str] = set(images)
+    for im in images:
+        mk = None
+        if tmpl:
+            p = PurePosixPath(im)
+            cand = tmpl.format(stem=_stem(im), name=p.name, parent=p.parent.as_posix())
+            cand = PurePosixPath(cand).as_posix()
+            if ".." in PurePosixPath(cand).parts or cand.startswith("/"):
+                cand = "\0" + cand  # never inside the listing: reported as outside_root by ingest
+            if cand in fileset:
+                mk = cand
+                used.add(cand)
+            elif cand.startswith("\0"):
+                mk = cand
+        pairs.append((im, mk, None))
+    orphans: list[str] = []
+    if tmpl:
+        mask_glob = re.sub(r"\{(stem|name|parent)\}", "*", tmpl)
+        orphans = sorted(f for f in files if fnmatch.fnmatch(f, mask_glob) and f not in used)
+        used.update(orphans)
+    outside = sorted(f for f in files if f not in used)
+    return pairs, orphans, outside
+
+
+def pair_nifti(headers: dict[str, tuple[int, ...]]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """NIfTI volumes {rel: shape} → ([(image volume, label volume or None)], [label volumes without image])."""
+    labels = sorted(f for f in headers if NIFTI_LABEL_TOKEN.search(_stem(f)))
+    images = sorted(f for f in headers if f not in labels)
+    pairs: dict[str, str | None] = {im: None for im in images}
+    orphans: list[str] = []
+
+    def score(lab: str, im: str) -> tuple[int, int]:
+        same_dir = int(PurePosixPath(lab).parent == PurePosixPath(im).parent)
+        a, b = _stem(lab), _stem(im)
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return same_dir, n
+
+    for lab in labels:
+        cands = [im for im in images if headers[im][:3] == headers[lab][:3] and pairs[im] is None]
+        if not cands:
+            orphans.append(lab)
+            continue
+        pairs[max(cands, key=lambda im: score(lab, im))] = lab
+    return sorted(pairs.items()), orphans
+
+
+def load_boxes(path: Path) -> dict[str, list[int]]:
+    """Box sidecar → {stem: [x0, y0, x1, y1]} (union of several boxes per image).
+
+    Accepts Kvasir's ``{stem: {"bbox": [{"xmin", "ymin", "xmax", "ymax"}, ...]}}`` or ``{stem: [x0, y0, x1, y1]}``.
+    """
+    data = json.loads(path.read_text())
+    out: dict[str, list[int]] = {}
+    for stem, v in data.items():
+        boxes = []
+        if isinstance(v, dict):
+            for b in v.get("bbox", []):
+                boxes.append([b["xmin"], b["ymin"], b["xmax"], b["ymax"]])
+        elif isinstance(v, list) and len(v) == 4:
+            boxes.append(v)
+        if boxes:
+            out[Path(stem).stem] = [int(min(b[0] for b in boxes)), int(min(b[1] for b in boxes)),
+                                    int(max(b[2] for b in boxes)), int(max(b[3] for b in boxes))]
+    return out
+
+
+def load_stems(path: Path) -> set[str]:
+    """A test-list text file → set of stems (one per line; extensions and folders stripped)."""
+    return {Path(line.strip()).stem for line in path.read_text().splitlines() if line.strip()}
+
+
+def find_test_list(files: list[str], opts: dict[str, Any]) -> str | None:
+    """The test-list file: ``opts['test_list']`` if present, else a root-level ``split_*test*.txt``/``test.txt``."""
+    if opts.get("test_list"):
+        return opts["test_list"] if opts["test_list"] in files else None
+    root = [f for f in files if "/" not in f]
+    for f in root:
+        if re.fullmatch(r"(split_.*test.*|test|test_list)\.txt", f, re.IGNORECASE):
+            return f
+    return None
+
+
+def patient_key_fn(opts: dict[str, Any]) -> Callable[[str], str]:
+    """stem → raw patient key (never stored), from ``patient_fn``, a ``patient`` regex, or the stem itself."""
+    if "patient_fn" in opts:
+        return opts["patient_fn"]
+    if opts.get("patient"):
+        rx = re.compile(opts["patient"])
+
+        def by_regex(stem: str) -> str:
+            m = rx.search(stem)
+            if not m:
+                return stem
+            return m.group(1) if m.groups() else m.group(0)
+
+        return by_regex
+    return lambda stem: stem
+
+
+def modality_fn(opts: dict[str, Any]) -> Callable[[str], str]:
+    if opts.get("modality"):
+        return lambda stem, m=opts["modality"]: m
+    if "modality_fn" in opts:
+        return opts["modality_fn"]
+    return lambda stem: modality_from_name(stem)

@@ -1,0 +1,224 @@
+"""Manifest and quarantine tables: schema, atomic Parquet I/O, dataset versioning, the work-dir lock.
+
+Work dir layout (the contract the trainer, the validator and the CLI rely on)::
+
+    workdir/manifest.parquet         one row per image (or per frame / slice / structure), MANIFEST_COLUMNS
+    workdir/quarantine.parquet       one row per rejected input, QUARANTINE_COLUMNS
+    workdir/cache/<image_id>.npy     uint8 (H, W, 3) RGB, windowed once at ingest (grey replicated to 3 channels)
+    workdir/cache/<image_id>.mask.npy  uint8 (H, W) in {0, 1}; only when label_kind == "mask"
+    workdir/.salt                    de-identification salt (created once, mode 0600)
+    workdir/.statcache.json          (path, size, mtime) -> sha256, so unchanged files are not re-hashed
+    workdir/.lock                    fcntl lock serialising concurrent ingests
+
+Every write is atomic: a temp file in the same directory, fsync, ``os.replace``. Readers never see a half-written
+file, and a process killed mid-ingest leaves the previous consistent state (plus orphan cache files that the
+next ingest removes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+MANIFEST_NAME = "manifest.parquet"
+QUARANTINE_NAME = "quarantine.parquet"
+CACHE_DIR = "cache"
+
+#: Column -> pandas dtype. ``box`` holds a list of 4 ints ``[x0, y0, x1, y1]`` in pixel coords of the cached
+#: image, x1/y1 exclusive (``0 <= x0 < x1 <= width``, as in Kvasir's bbox JSON), or None. ``flags`` is a comma-separated sorted string
+#: (e.g. ``"binarised,empty_mask"``; "" when none). ``meta`` is a JSON string of safe technical header fields
+#: (never PHI). ``frame`` is the frame / slice index inside the source file, -1 for 2D files.
+MANIFEST_COLUMNS: dict[str, str] = {
+    "image_id": "string",
+    "dataset": "string",
+    "patient_id": "string",
+    "modality": "string",
+    "image_uri": "string",
+    "mask_uri": "string",
+    "label_kind": "string",
+    "box": "object",
+    "split": "string",
+    "width": "int64",
+    "height": "int64",
+    "sha256": "string",
+    "mask_sha256": "string",
+    "source_uri": "string",
+    "mask_source_uri": "string",
+    "frame": "int64",
+    "target": "string",
+    "mask_fraction": "float64",
+    "intensity_mean": "float64",
+    "intensity_std": "float64",
+    "pixel_sha256": "string",
+    "flags": "string",
+    "meta": "string",
+    "unit_key": "string",
+    "unit_fingerprint": "string",
+    "ingested_at": "string",
+}
+
+QUARANTINE_COLUMNS: dict[str, str] = {
+    "source_uri": "string",
+    "reason": "string",
+    "detail": "string",
+    "dataset": "string",
+    "detected_at": "string",
+    "unit_key": "string",
+    "unit_fingerprint": "string",
+}
+
+LABEL_KINDS = ("mask", "box", "image", "none")
+SPLITS = ("train", "val", "test")
+MODALITIES = ("endoscopy", "ultrasound", "CT", "MR", "MG", "DX", "CR", "RG", "XA", "PT", "NM", "OT", "US", "SM",
+              "OCT", "fundus", "dermoscopy", "microscopy", "other")
+
+
+def _empty(columns: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+
+
+def _conform(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """Column order and dtypes of the schema; extra columns are kept at the end."""
+    df = df.copy()
+    for c, t in columns.items():
+        if c not in df.columns:
+            df[c] = pd.Series([None] * len(df), dtype=t if t != "object" else "object")
+    for c, t in columns.items():
+        if t == "object":
+            continue
+        df[c] = df[c].astype(t)
+    extra = [c for c in df.columns if c not in columns]
+    return df[list(columns) + extra].reset_index(drop=True)
+
+
+def _read(path: Path, columns: dict[str, str]) -> pd.DataFrame:
+    if not path.exists():
+        return _empty(columns)
+    df = pd.read_parquet(path)
+    if "box" in df.columns:
+        df["box"] = df["box"].map(lambda b: None if b is None else [int(v) for v in b])
+    return _conform(df, columns)
+
+
+def read_manifest(workdir: str | Path) -> pd.DataFrame:
+    """The manifest as a DataFrame with MANIFEST_COLUMNS (empty, right columns, if there is none yet)."""
+    return _read(Path(workdir) / MANIFEST_NAME, MANIFEST_COLUMNS)
+
+
+def read_quarantine(workdir: str | Path) -> pd.DataFrame:
+    """The quarantine table (QUARANTINE_COLUMNS); empty if nothing was ever rejected."""
+    return _read(Path(workdir) / QUARANTINE_NAME, QUARANTINE_COLUMNS)
+
+
+def write_table(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> None:
+    """Atomically write ``df`` (conformed to ``columns``) as Parquet."""
+    df = _conform(df, columns)
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + ``os.replace`` (readers see old or new, never half)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_npy(path: str | Path, arr: np.ndarray) -> None:
+    """``np.save`` atomically; the result is memory-mappable with ``np.load(path, mmap_mode="r")``."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory so that renames inside it are durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def box_key(box: Any) -> list[int] | None:
+    if box is None or (isinstance(box, float) and np.isnan(box)):
+        return None
+    return [int(v) for v in box]
+
+
+def _opt(v: Any) -> Any:
+    return None if v is None or (not isinstance(v, (list, np.ndarray)) and pd.isna(v)) else v
+
+
+def dataset_version(df: pd.DataFrame) -> str:
+    """Short hex identity of the labelled set.
+
+    sha256 over the sorted ``(image_id, sha256, mask_sha256, label_kind, box, split)`` tuples of the rows with
+    ``label_kind != "none"``; 16 hex chars. Unlabelled rows, timestamps and statistics do not count, so a
+    re-ingest of unchanged data keeps the version, while a new/changed mask, box or split changes it.
+    """
+    if df is None or len(df) == 0:
+        rows: list[list[Any]] = []
+    else:
+        lab = df[df["label_kind"] != "none"]
+        rows = sorted(
+            [str(r.image_id), str(r.sha256), _opt(r.mask_sha256), str(r.label_kind), box_key(_opt(r.box)),
+             str(r.split)]
+            for r in lab.itertuples(index=False)
+        )
+    blob = json.dumps(rows, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | Path, *, timeout_s: float | None = None) -> Iterator[None]:
+    """Exclusive ``fcntl`` lock on ``workdir/.lock``; concurrent ingests into one work dir run one after another.
+
+    The lock is released by the kernel if the holder dies (kill -9 included), so a crash never leaves it stuck.
+    """
+    import time
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if timeout_s is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"work dir {workdir} is locked by another ingest") from None
+                    time.sleep(0.1)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""SAM2 model assembly: backbone (``backbone``), adapters (``adapters/``), decoders (``decoders/``), ``segmenter``."""

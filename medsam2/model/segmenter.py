@@ -1,0 +1,117 @@
+"""``Segmenter``: an unforked SAM2 model + a registered decoder + a prompt mode, as one ``nn.Module``.
+
+Image path (as in ``SAM2ImagePredictor``): ``forward_image`` → ``_prepare_backbone_features`` → add
+``no_mem_embed`` → prompt encoder → decoder. Inputs are SAM's normalised images; prompts are in input-pixel
+coordinates of the S×S model input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from medsam2.config import ModelCfg
+from medsam2.model.adapters import ADAPTERS
+from medsam2.model.backbone import BaseWeights, load_sam2
+from medsam2.model.decoders import DECODERS
+
+IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    trainable: int
+    total: int
+
+
+class Segmenter(nn.Module):
+    """SAM2 + decoder. ``forward(images, boxes=None, points=None, point_labels=None)``.
+
+    Args:
+        images: (B,3,S,S) float, normalised with ImageNet mean/std (see :func:`normalize`).
+        boxes: (B,4) float, x0,y0,x1,y1 in [0,S] pixel coords; used when ``prompt == "box"``.
+        points: (B,N,2) float x,y in [0,S]; point_labels: (B,N) int (1 positive, 0 negative, -1 padding).
+    Returns:
+        dict(logits=(B,1,S,S) pre-sigmoid float, iou_pred=(B,1) predicted IoU in [0,1]).
+    """
+
+    def __init__(self, sam: nn.Module, cfg: ModelCfg) -> None:
+        super().__init__()
+        self.sam = sam
+        self.cfg = cfg
+        self.decoder = DECODERS.create(cfg.decoder, sam, cfg)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.sam.image_size)
+
+    def encode(self, images: torch.Tensor) -> dict:
+        """(B,3,S,S) → {"image_embed": (B,256,S/16,S/16), "high_res": [(B,32,S/4,S/4), (B,64,S/8,S/8)]}."""
+        sam = self.sam
+        backbone_out = sam.forward_image(images)
+        _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(backbone_out)
+        if sam.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
+        b = images.shape[0]
+        maps = [f.permute(1, 2, 0).reshape(b, -1, *hw) for f, hw in zip(vision_feats, feat_sizes, strict=True)]
+        return {"image_embed": maps[-1], "high_res": maps[:-1]}
+
+    def prompt_embeddings(self, batch: int, device, boxes=None, points=None, point_labels=None):
+        """Sparse (B,T,256) and dense (B,256,S/16,S/16) prompt embeddings for the configured prompt mode."""
+        coords, labels = [], []
+        if self.cfg.prompt == "box":
+            if boxes is None:
+                raise ValueError("model.prompt=box needs boxes (B,4)")
+            coords.append(boxes.reshape(-1, 2, 2).float())
+            labels.append(torch.tensor([[2, 3]], dtype=torch.int32, device=device).expand(batch, -1))
+        elif self.cfg.prompt == "points":
+            if points is None or point_labels is None:
+                raise ValueError("model.prompt=points needs points (B,N,2) and point_labels (B,N)")
+            coords.append(points.float())
+            labels.append(point_labels.int())
+        if not coords:  # no prompt: one padding point per image (label -1), as SAM2Base does
+            coords = [torch.zeros(batch, 1, 2, device=device)]
+            labels = [-torch.ones(batch, 1, dtype=torch.int32, device=device)]
+        return self.sam.sam_prompt_encoder(
+            points=(torch.cat(coords, 1), torch.cat(labels, 1)), boxes=None, masks=None
+        )
+
+    def forward(self, images, boxes=None, points=None, point_labels=None) -> dict[str, torch.Tensor]:
+        feats = self.encode(images)
+        sparse, dense = self.prompt_embeddings(images.shape[0], images.device, boxes, points, point_labels)
+        logits, iou_pred = self.decoder(self.sam, feats, sparse, dense, images)
+        return {"logits": logits, "iou_pred": iou_pred}
+
+    def param_count(self) -> ParamCount:
+        params = list(self.parameters())
+        return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: parameters with ``requires_grad`` (adapters, decoder, heads)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k in names}
+
+
+def normalize(images_01: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) float in [0,1] → SAM's ImageNet-normalised input."""
+    mean = images_01.new_tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = images_01.new_tensor(PIXEL_STD).view(1, 3, 1, 1)
+    return (images_01 - mean) / std
+
+
+def build_segmenter(cfg: ModelCfg, *, seed: int = 0) -> tuple[Segmenter, BaseWeights]:
+    """Build SAM2 (weights loaded strictly *before* injection), wrap it, then apply the adapter/freeze policy."""
+    torch.manual_seed(seed)
+    sam, base = load_sam2(cfg.backbone, cfg.sam2_version, cfg.image_size, cfg.checkpoint)
+    model = Segmenter(sam, cfg)
+    ADAPTERS.create(cfg.adapter, model, cfg)
+    for p in model.decoder.parameters():  # the decoder's own modules always train
+        p.requires_grad_(True)
+    for name, p in sam.named_parameters():  # video-memory modules never see an image-path gradient
+        if not name.startswith(IMAGE_PATH_PREFIXES):
+            p.requires_grad_(False)
+    return model, base
