@@ -141,7 +141,7 @@ def dice_bce_loss(
     bce_weight: float = 1.0,
     smooth: float = 1.0,
 ) -> torch.Tensor:
-    """``dice_weight * soft Dice + bce_weight * BCE`` (equal weights by default; MedSAM's loss). Scalar ≥ 0."""
+    """``dice_weight * soft Dice + bce_weight * BCE`` (equal weights by default, as MedSAM). Scalar ≥ 0."""
     return dice_weight * dice_loss(logits, target, valid, smooth=smooth) + bce_weight * bce_loss(
         logits, target, valid
     )
@@ -181,7 +181,9 @@ def iou_prediction_loss(
         Scalar MSE. The actual IoU of an empty prediction on an empty target is 1 (empty-mask rule).
     """
     if pred_iou.shape != logits.shape[:2]:
-        raise ValueError(f"pred_iou shape {tuple(pred_iou.shape)} must be logits' (B, K) {tuple(logits.shape[:2])}")
+        raise ValueError(
+            f"pred_iou shape {tuple(pred_iou.shape)} must be logits' (B, K) {tuple(logits.shape[:2])}"
+        )
     with torch.no_grad():
         p = (logits.detach() > 0).float()
         t = (target.detach().float() > 0.5).float().expand_as(p)
@@ -221,7 +223,8 @@ def box_projection_loss(
 
     Args:
         logits: (B, 1, H, W) float mask logits.
-        boxes: (B, 4) float ``x0, y0, x1, y1`` in pixels of that H×W grid, exclusive end (see :func:`box_masks`).
+        boxes: (B, 4) float ``x0, y0, x1, y1`` in pixels of that H×W grid, exclusive end (see
+            :func:`box_masks`).
 
     Returns:
         Scalar ≥ 0 (the two projection terms are each in [0, 1]).

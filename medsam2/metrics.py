@@ -28,12 +28,16 @@ means over a test set stay finite. Every metric is a Python float and never NaN.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from scipy import ndimage
 
 from medsam2.eval.stats import bootstrap_ci
+
+if TYPE_CHECKING:
+    import pandas
 
 METRIC_NAMES: tuple[str, ...] = ("dice", "iou", "precision", "recall", "hd95")
 _CROSS = ndimage.generate_binary_structure(2, 1)
@@ -90,8 +94,8 @@ def segmentation_metrics(
         spacing: (row, column) pixel size, e.g. millimetres; only HD95 uses it.
 
     Returns:
-        ``{"dice", "iou", "precision", "recall", "hd95"}`` as Python floats; overlap metrics in [0, 1], hd95 in
-        [0, image diagonal]. Empty masks follow the module's empty-mask rule.
+        ``{"dice", "iou", "precision", "recall", "hd95"}`` as Python floats; overlap metrics in [0, 1],
+        hd95 in [0, image diagonal]. Empty masks follow the module's empty-mask rule.
     """
     p = _as_bool_mask(pred, "pred")
     t = _as_bool_mask(target, "target")
@@ -127,8 +131,9 @@ def batch_dice(
         (B,) float32 Dice in [0, 1]; both masks empty → 1, exactly one empty → 0 (module rule).
     """
     if logits_or_probs.shape != target.shape:
-        raise ValueError(f"prediction and target shapes differ: {tuple(logits_or_probs.shape)} vs "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"prediction and target shapes differ: {tuple(logits_or_probs.shape)} vs {tuple(target.shape)}"
+        )
     if logits_or_probs.ndim < 2:
         raise ValueError(f"expected a batch (B, ...) of masks, got shape {tuple(logits_or_probs.shape)}")
     x = logits_or_probs.detach().float()
@@ -141,7 +146,7 @@ def batch_dice(
 
 
 def summarize(
-    rows: Sequence[dict] | "pandas.DataFrame",  # noqa: F821 - pandas imported lazily
+    rows: Sequence[dict] | pandas.DataFrame,
     metrics: Sequence[str] = METRIC_NAMES,
     n_boot: int = 1000,
     seed: int = 0,

@@ -1,4 +1,4 @@
-"""Losses on hand-made tensors: golden values at logit 0, perfect/inverted logits, partial labels, gradients."""
+"""Losses on hand-made tensors: golden values at logit 0, perfect/inverted logits, partial labels, grads."""
 
 import math
 
@@ -113,7 +113,9 @@ def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes differ"):
         LOSSES.get("bce")(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
     with pytest.raises(ValueError, match="valid shape"):
-        LOSSES.get("bce")(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 2, 2, dtype=bool))
+        LOSSES.get("bce")(
+            torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 2, 2, dtype=bool)
+        )
 
 
 def test_iou_prediction_loss_golden():

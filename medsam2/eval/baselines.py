@@ -14,11 +14,11 @@ from medsam2.registry import Registry
 Box = tuple[int, int, int, int]
 
 BASELINES: Registry = Registry("baseline")
-"""Baseline name → ``fn(target_mask (H, W)) -> predicted bool mask``; the names used in a report's ``method``."""
+"""Baseline name → ``fn(target_mask (H, W)) -> predicted bool mask``; names used in a report's ``method``."""
 
 
 def mask_to_box(mask: np.ndarray) -> Box | None:
-    """Tight bounding box ``(x0, y0, x1, y1)`` (exclusive end) of a (H, W) mask's foreground; None if empty."""
+    """Tight bounding box ``(x0, y0, x1, y1)`` (exclusive end) of a (H, W) mask's foreground, or None."""
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {m.shape}")
@@ -81,5 +81,3 @@ def fill_box(mask: np.ndarray) -> np.ndarray:
     """The whole tight bounding box of ``mask`` (H, W) filled; same shape, bool. Empty → empty."""
     m = np.asarray(mask)
     return box_to_mask(mask_to_box(m), m.shape)
-
-

@@ -120,9 +120,9 @@ def find_leaks(
     is_test = manifest["split"].astype(str) == test_split
     ref, test = manifest[~is_test].reset_index(drop=True), manifest[is_test].reset_index(drop=True)
     extra_cols = [c for c in ("dataset", "split") if c in manifest.columns]
-    out_columns = LEAK_COLUMNS + [f"train_{c}" for c in extra_cols] + [
-        f"test_{c}" for c in extra_cols if c != "split"
-    ]
+    out_columns = (
+        LEAK_COLUMNS + [f"train_{c}" for c in extra_cols] + [f"test_{c}" for c in extra_cols if c != "split"]
+    )
     pairs: list[tuple[int, int, str, int]] = []  # (ref index, test index, kind, distance)
 
     # Exact: equal non-empty sha256.
@@ -159,8 +159,12 @@ def find_leaks(
 
     rows = []
     for r, t, kind, d in pairs:
-        row = {"train_image_id": ref.at[r, "image_id"], "test_image_id": test.at[t, "image_id"],
-               "kind": kind, "distance": d}
+        row = {
+            "train_image_id": ref.at[r, "image_id"],
+            "test_image_id": test.at[t, "image_id"],
+            "kind": kind,
+            "distance": d,
+        }
         for c in extra_cols:
             row[f"train_{c}"] = ref.at[r, c]
             if c != "split":

@@ -68,7 +68,9 @@ def _clean_rows(df: pd.DataFrame) -> pd.DataFrame:
 def _jsonable(x: Any) -> Any:
     """Plain JSON types: numpy scalars → Python, NaN/inf → None, tuple keys → "a@b" strings."""
     if isinstance(x, dict):
-        return {("@".join(map(str, k)) if isinstance(k, tuple) else str(k)): _jsonable(v) for k, v in x.items()}
+        return {
+            ("@".join(map(str, k)) if isinstance(k, tuple) else str(k)): _jsonable(v) for k, v in x.items()
+        }
     if isinstance(x, list | tuple):
         return [_jsonable(v) for v in x]
     if isinstance(x, Path):
@@ -131,8 +133,12 @@ def _cross_matrix(clean: pd.DataFrame) -> dict | None:
     table = clean.assign(**{row_key: clean[row_key].astype(str)}).pivot_table(
         index=row_key, columns="dataset", values="dice", aggfunc="mean"
     )
-    return {"rows_are": row_key, "rows": list(map(str, table.index)), "columns": list(map(str, table.columns)),
-            "dice": table.to_numpy(dtype=float).tolist()}
+    return {
+        "rows_are": row_key,
+        "rows": list(map(str, table.index)),
+        "columns": list(map(str, table.columns)),
+        "dice": table.to_numpy(dtype=float).tolist(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- plots
@@ -177,8 +183,12 @@ def _plot_severity(curves: dict, path: Path) -> str:
 def _plot_heatmap(clean: pd.DataFrame, matrix: dict | None, path: Path) -> str:
     if matrix is None:
         table = clean.pivot_table(index="method", columns="dataset", values="dice", aggfunc="mean")
-        matrix = {"rows_are": "method", "rows": list(map(str, table.index)),
-                  "columns": list(map(str, table.columns)), "dice": table.to_numpy(dtype=float).tolist()}
+        matrix = {
+            "rows_are": "method",
+            "rows": list(map(str, table.index)),
+            "columns": list(map(str, table.columns)),
+            "dice": table.to_numpy(dtype=float).tolist(),
+        }
     values = np.array(matrix["dice"], dtype=float)
     fig = Figure(figsize=(1.4 * values.shape[1] + 2.5, 0.6 * values.shape[0] + 1.8))
     ax = fig.add_subplot()
@@ -207,8 +217,10 @@ def _plot_gallery(gallery: list[dict], path: Path) -> str:
         target = np.asarray(item["target"], dtype=bool)
         pred = np.asarray(item["pred"], dtype=bool)
         if target.shape != image.shape[:2] or pred.shape != image.shape[:2]:
-            raise ValueError(f"gallery item {item.get('image_id')!r}: image {image.shape}, target {target.shape}"
-                             f" and pred {pred.shape} must share (H, W)")
+            raise ValueError(
+                f"gallery item {item.get('image_id')!r}: image {image.shape}, target {target.shape}"
+                f" and pred {pred.shape} must share (H, W)"
+            )
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         ax.imshow(np.ma.masked_where(~pred, pred), cmap="autumn", alpha=0.4, vmin=0, vmax=1)
         for mask, color in ((target, "lime"), (pred, "red")):
@@ -243,28 +255,46 @@ def _stats_table(by_method: dict, metrics: list[str], index_name: str) -> str:
 
 def _html(title: str, summary: dict, metrics: list[str], images: dict[str, str]) -> str:
     esc = html.escape
-    parts = [f"<h1>{esc(title)}</h1>",
-             f"<p>{summary['n_rows']} rows · {summary['n_images']} images · datasets: "
-             f"{esc(', '.join(summary['datasets']))} · methods: {esc(', '.join(summary['methods']))}</p>"]
+    parts = [
+        f"<h1>{esc(title)}</h1>",
+        f"<p>{summary['n_rows']} rows · {summary['n_images']} images · datasets: "
+        f"{esc(', '.join(summary['datasets']))} · methods: {esc(', '.join(summary['methods']))}</p>",
+    ]
     if summary.get("context"):
-        ctx = pd.DataFrame([(k, json.dumps(v, default=str)) for k, v in summary["context"].items()],
-                           columns=["key", "value"])
+        ctx = pd.DataFrame(
+            [(k, json.dumps(v, default=str)) for k, v in summary["context"].items()], columns=["key", "value"]
+        )
         parts += ["<h2>Run</h2>", ctx.to_html(index=False, border=0, classes="t")]
-    parts += ["<h2>Overall (clean, mean [95% bootstrap CI])</h2>",
-              _stats_table({"all": summary["overall"]}, metrics, "scope"),
-              "<h2>Per dataset</h2>", _stats_table(summary["by_dataset"], metrics, "dataset"),
-              "<h2>Per modality</h2>", _stats_table(summary["by_modality"], metrics, "modality")]
+    parts += [
+        "<h2>Overall (clean, mean [95% bootstrap CI])</h2>",
+        _stats_table({"all": summary["overall"]}, metrics, "scope"),
+        "<h2>Per dataset</h2>",
+        _stats_table(summary["by_dataset"], metrics, "dataset"),
+        "<h2>Per modality</h2>",
+        _stats_table(summary["by_modality"], metrics, "modality"),
+    ]
     if summary["comparisons"]:
-        comp = pd.DataFrame([{"comparison": k} | {m: v[m] for m in ("n", "mean_diff", "ci_low", "ci_high",
-                             "p_improve")} for k, v in summary["comparisons"].items()])
-        parts += ["<h2>Paired comparison (Dice, model − other)</h2>",
-                  comp.to_html(index=False, border=0, classes="t", float_format="%.4f")]
+        comp = pd.DataFrame(
+            [
+                {"comparison": k} | {m: v[m] for m in ("n", "mean_diff", "ci_low", "ci_high", "p_improve")}
+                for k, v in summary["comparisons"].items()
+            ]
+        )
+        parts += [
+            "<h2>Paired comparison (Dice, model − other)</h2>",
+            comp.to_html(index=False, border=0, classes="t", float_format="%.4f"),
+        ]
     for name, b64 in images.items():
         parts.append(f'<h2>{esc(name)}</h2><img alt="{esc(name)}" src="data:image/png;base64,{b64}">')
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table.t{border-collapse:collapse;"
-             "font-size:13px}table.t td,table.t th{padding:3px 8px;border-bottom:1px solid #ddd}img{max-width:100%}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}"
+        "table.t{border-collapse:collapse;font-size:13px}"
+        "table.t td,table.t th{padding:3px 8px;border-bottom:1px solid #ddd}img{max-width:100%}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def write_report(
@@ -325,9 +355,14 @@ def write_report(
     }
     report = _jsonable(json.loads(json.dumps(_jsonable(report), default=str)))
 
-    plots: dict[str, Path] = {"Dice histogram": out / "dice_hist.png", "Datasets": out / "dataset_heatmap.png"}
-    images = {"Dice histogram": _plot_histogram(clean, plots["Dice histogram"]),
-              "Datasets": _plot_heatmap(clean, cross, plots["Datasets"])}
+    plots: dict[str, Path] = {
+        "Dice histogram": out / "dice_hist.png",
+        "Datasets": out / "dataset_heatmap.png",
+    }
+    images = {
+        "Dice histogram": _plot_histogram(clean, plots["Dice histogram"]),
+        "Datasets": _plot_heatmap(clean, cross, plots["Datasets"]),
+    }
     if curves:
         plots["Dice vs severity"] = out / "severity.png"
         images["Dice vs severity"] = _plot_severity(curves, plots["Dice vs severity"])
@@ -336,8 +371,11 @@ def write_report(
         images["Gallery"] = _plot_gallery(gallery, plots["Gallery"])
 
     html_path, json_path = out / "report.html", out / "report.json"
-    report["files"] = {"html": str(html_path), "json": str(json_path),
-                       "plots": {name: str(p) for name, p in plots.items()}}
+    report["files"] = {
+        "html": str(html_path),
+        "json": str(json_path),
+        "plots": {name: str(p) for name, p in plots.items()},
+    }
     html_path.write_text(_html(title, report, metrics, images), encoding="utf-8")
     json_path.write_text(json.dumps(report, indent=2, allow_nan=False), encoding="utf-8")
     return report

@@ -4,7 +4,7 @@ Severity 0 is the identity (a copy); 1..5 grow in strength (parameters in ``_SEV
 severity 3 is a realistic but clearly visible degradation). Everything is deterministic given ``seed``; the
 same seed gives the same noise pattern at every severity, so severity curves differ only in strength.
 
-Image corruptions take and return uint8 images, (H, W, 3) or (H, W):
+Image corruptions take and return uint8 images, (H, W, 3) RGB or (H, W) grey:
 
 - ``gaussian_noise``: additive N(0, σ) noise, σ as a fraction of 255.
 - ``blur``: Gaussian blur, σ as a fraction of the image's short side (resolution independent).
@@ -53,12 +53,16 @@ _SEVERITY: dict[str, tuple[float, ...]] = {
     "box_scale": (1.0, 1.1, 1.2, 1.3, 1.45, 1.6),  # side scale factor
     "point_shift": (0.0, 0.01, 0.02, 0.04, 0.06, 0.08),  # r, fraction of the short side
 }
-_TARGET: dict[str, str] = {**dict.fromkeys(IMAGE_CORRUPTIONS, "image"), "box_jitter": "box",
-                           "box_scale": "box", "point_shift": "points"}
+_TARGET: dict[str, str] = {
+    **dict.fromkeys(IMAGE_CORRUPTIONS, "image"),
+    "box_jitter": "box",
+    "box_scale": "box",
+    "point_shift": "points",
+}
 
 
 class Corrupted(NamedTuple):
-    """Result of :func:`apply_corruption`: the targeted input corrupted, the others passed through as given."""
+    """Result of :func:`apply_corruption`: the targeted input corrupted, the others passed through."""
 
     image: np.ndarray | None
     box: np.ndarray | None
@@ -162,7 +166,7 @@ def apply_corruption(
 
     Args:
         name: one of ``CORRUPTIONS.names()`` (image: ``IMAGE_CORRUPTIONS``, prompt: ``PROMPT_CORRUPTIONS``).
-        image: uint8 (H, W, 3) or (H, W). Required for image corruptions.
+        image: uint8 (H, W, 3) RGB or (H, W) grey. Required for image corruptions.
         box: ``(x0, y0, x1, y1)`` pixels, exclusive end. Required for ``box_*``.
         points: (N, 2) ``(x, y)`` pixel coordinates. Required for ``point_shift``.
         severity: 0 (identity) to 5.
@@ -184,8 +188,8 @@ def apply_corruption(
     if not (isinstance(severity, int | np.integer) and 0 <= severity <= MAX_SEVERITY):
         raise ValueError(f"severity must be an int in 0..{MAX_SEVERITY}, got {severity!r}")
     img = None if image is None else np.asarray(image)
-    if img is not None and (img.dtype != np.uint8 or img.ndim not in (2, 3)):
-        raise ValueError(f"image must be uint8 (H, W[, C]); got {img.dtype} {img.shape}")
+    if img is not None and (img.dtype != np.uint8 or img.shape[2:] not in ((), (3,))):
+        raise ValueError(f"image must be uint8 (H, W, 3) or (H, W); got {img.dtype} {img.shape}")
     bx = None if box is None else np.asarray(box, dtype=np.float64).reshape(-1)
     if bx is not None and bx.shape != (4,):
         raise ValueError(f"box must be (x0, y0, x1, y1), got {box!r}")

@@ -89,9 +89,9 @@ def paired_bootstrap(
         alpha: two-sided error rate of the interval.
 
     Returns:
-        ``{"mean_diff", "ci_low", "ci_high", "p_improve", "n"}``: mean of ``b - a``, its interval, the fraction
-        of resamples whose mean difference is > 0 (a bootstrap estimate of P(challenger better)), and the
-        number of pairs used (pairs with a NaN on either side are dropped).
+        ``{"mean_diff", "ci_low", "ci_high", "p_improve", "n"}``: mean of ``b - a``, its interval, the
+        fraction of resamples whose mean difference is > 0 (a bootstrap estimate of P(challenger better)),
+        and the number of pairs used (pairs with a NaN on either side are dropped).
 
     Raises:
         ValueError: lengths differ, or no complete pair remains.

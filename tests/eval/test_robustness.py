@@ -108,6 +108,8 @@ def test_apply_corruption_errors():
         apply_corruption("blur", image=img, severity=6)
     with pytest.raises(ValueError, match="uint8"):
         apply_corruption("blur", image=img.astype(np.float32), severity=1)
+    with pytest.raises(ValueError, match="uint8"):
+        apply_corruption("jpeg", image=np.zeros((8, 8, 4), np.uint8), severity=1)  # RGBA: convert first
     with pytest.raises(KeyError, match="unknown corruption"):
         apply_corruption("fog", image=img, severity=1)
 
