@@ -79,7 +79,8 @@ PHI_KEYWORDS = (
 
 
 def load_salt(workdir: str | Path, salt: str | None = None) -> str:
-    """The de-identification salt: ``salt`` arg > ``$MEDSAM2_DEID_SALT`` > ``workdir/.salt`` (created once)."""
+    """The de-identification salt: ``salt`` arg > ``$MEDSAM2_DEID_SALT`` > ``workdir/.salt`` (created
+    once)."""
     if salt:
         return salt
     env = os.environ.get(SALT_ENV)
@@ -141,7 +142,8 @@ def _jsonable(v: Any) -> Any:
 
 
 def safe_dicom_meta(ds: Any) -> dict[str, Any]:
-    """Whitelisted technical fields of a DICOM header (see :data:`SAFE_DICOM_FIELDS`) plus the transfer syntax."""
+    """Whitelisted technical fields of a DICOM header (see :data:`SAFE_DICOM_FIELDS`) plus the transfer
+    syntax."""
     out: dict[str, Any] = {}
     for kw in SAFE_DICOM_FIELDS:
         v = ds.get(kw)

@@ -3,9 +3,10 @@
 Pixel pipeline for grey images, per frame::
 
     stored values --apply_modality_lut--> HU / physical units (float32)
-      --window--> uint8: header WindowCenter/Width (first value, DICOM linear formula), else a VOI LUT sequence
-                 (apply_voi_lut, then min-max), else a modality default (CT: soft tissue W400/L40), else the
-                 0.5–99.5 percentile range of the frame
+      --window--> uint8: header WindowCenter/Width (first value, DICOM linear formula),
+                 else a VOI LUT sequence (apply_voi_lut, then min-max),
+                 else a modality default (CT: soft tissue W400/L40),
+                 else the 0.5–99.5 percentile range of the frame
       --MONOCHROME1--> 255 - value (so that bright = dense for every image)
 
 Colour images (RGB / YBR, decoded to RGB by pydicom) are kept as uint8 RGB. JPEG 2000 decodes via Pillow's
@@ -102,7 +103,8 @@ def _first(v: Any) -> float | None:
 
 
 def window_of(ds: Any, modality: str) -> tuple[float, float] | None:
-    """(low, high) from the header window (first of several) or the modality default; None = use percentiles."""
+    """(low, high) from the header window (first of several) or the modality default; None = use
+    percentiles."""
     c, w = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if c is not None and w is not None and w >= 1:
         # DICOM linear VOI: x <= c - 0.5 - (w-1)/2 → min, x > c - 0.5 + (w-1)/2 → max
@@ -150,7 +152,9 @@ def decode_image(path: Path) -> tuple[list[np.ndarray], dict[str, Any], Any]:
     except QuarantineError:
         raise
     except Exception as e:
-        raise QuarantineError("corrupt", f"pixel transform: {type(e).__name__}: {scrub(str(e), phi)[:120]}") from None
+        raise QuarantineError(
+            "corrupt", f"pixel transform: {type(e).__name__}: {scrub(str(e), phi)[:120]}"
+        ) from None
     del ds.PixelData
     return out, used, ds
 
@@ -172,8 +176,10 @@ def read_seg_frames(path: Path) -> tuple[dict[tuple[str, int], np.ndarray], dict
     n = int(ds.get("NumberOfFrames", 1) or 1)
     if n == 1 and arr.ndim == 2:
         arr = arr[None]
-    labels = {int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment_{s.SegmentNumber}"))
-              for s in ds.get("SegmentSequence", [])}
+    labels = {
+        int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment_{s.SegmentNumber}"))
+        for s in ds.get("SegmentSequence", [])
+    }
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
     fallback = None
     try:

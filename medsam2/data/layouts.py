@@ -1,36 +1,38 @@
 """Source layouts: which files are images, which are masks, how they pair, and per-dataset profiles.
 
-A layout turns a file listing into :class:`Unit` s — the unit of incremental work. A unit is one image file (2D
-raster/NPY, a NIfTI volume, a DICOM object) with what labels it (a mask file, a label volume, DICOM-SEG objects,
-a box from a sidecar), and produces one or more manifest rows (frames, slices) or quarantine rows.
+A layout turns a file listing into :class:`Unit` s — the unit of incremental work. A unit is one image file
+(2D raster/NPY, a NIfTI volume, a DICOM object) with what labels it (a mask file, a label volume, DICOM-SEG
+objects, a box from a sidecar), and produces one or more manifest rows (frames, slices) or quarantine rows.
 
 **Automatic pairing** (``layout=None``), per file kind:
 
-* 2D (PNG/JPEG/TIFF/BMP/NPY). A file is a *mask* if a folder on its path is a mask folder (``masks``, ``labels``,
-  ``gt``, ``ground truth``, ``annotations``, ...) or its stem ends in ``_mask``/``_seg``/``_label``/``_gt`` (optional
-  ``_N`` instance suffix). Masks pair with images of the same kind (raster/NPY) in the same *scope* (the folder
-  above an ``images``/``masks`` folder, else the file's own folder) by the *core stem*: the stem without
-  ``_frame``/``_image``/``_img`` (images) or the mask suffix (masks). Examples: ``images/a.jpg`` + ``masks/a.jpg``
-  (Kvasir, BUSI, BraTS NPY), ``original_tif/1_frame.tif`` + ``original_tif/1_mask.tif`` (CVC originals),
-  ``a.png`` + ``a_mask.png`` / ``a_mask_1.png``. Failing that, the longest image core stem that prefixes the mask
-  stem followed by ``_`` wins and the rest names the structure: ``masks/s0114_111_aorta_000.png`` → image
-  ``s0114_111``, target ``aorta_000`` (SAM-Med2D). **One row per mask file** (per structure *instance*): a box
-  prompt around one connected part is what SAM is trained on; merging is a one-line group-by downstream.
-  Images without a mask are unlabelled (``label_kind`` none, or box when a sidecar gives one); a mask without an
-  image is quarantined (``mask_without_image``).
-* NIfTI: volumes named with a ``seg``/``label``/``mask``/``gt`` token are label volumes; each pairs with the image
-  volume of the same shape, preferring the same folder and the longest common name prefix.
+* 2D (PNG/JPEG/TIFF/BMP/NPY). A file is a *mask* if a folder on its path is a mask folder (``masks``,
+  ``labels``, ``gt``, ``ground truth``, ``annotations``, ...) or its stem ends in
+  ``_mask``/``_seg``/``_label``/``_gt`` (optional ``_N`` instance suffix). Masks pair with images of the same
+  kind (raster/NPY) in the same *scope* (the folder above an ``images``/``masks`` folder, else the file's own
+  folder) by the *core stem*: the stem without ``_frame``/``_image``/``_img`` (images) or the mask suffix
+  (masks). Examples: ``images/a.jpg`` + ``masks/a.jpg`` (Kvasir, BUSI, BraTS NPY),
+  ``original_tif/1_frame.tif`` + ``original_tif/1_mask.tif`` (CVC originals), ``a.png`` + ``a_mask.png`` /
+  ``a_mask_1.png``. Failing that, the longest image core stem that prefixes the mask stem followed by ``_``
+  wins and the rest names the structure: ``masks/s0114_111_aorta_000.png`` → image ``s0114_111``, target
+  ``aorta_000`` (SAM-Med2D). **One row per mask file** (per structure *instance*): a box prompt around one
+  connected part is what SAM is trained on; merging is a one-line group-by downstream. Images without a mask
+  are unlabelled (``label_kind`` none, or box when a sidecar gives one); a mask without an image is
+  quarantined (``mask_without_image``).
+* NIfTI: volumes named with a ``seg``/``label``/``mask``/``gt`` token are label volumes; each pairs with the
+  image volume of the same shape, preferring the same folder and the longest common name prefix.
 * DICOM (``.dcm`` or ``DICM`` magic): SEG objects pair with the images they reference (in ingest.py).
-* Sidecars (``.md .txt .json .yaml .csv ...`` and hidden files) are not inputs; they are reported as ``ignored``.
-  Anything else is quarantined as ``unsupported_format``.
+* Sidecars (``.md .txt .json .yaml .csv ...`` and hidden files) are not inputs; they are reported as
+  ``ignored``. Anything else is quarantined as ``unsupported_format``.
 
 **Declarative layout** (a dict or YAML file)::
 
     {"images": "imgs/*.png", "masks": "labels/{stem}_seg.png", "modality": "CT", "split": "train",
      "patient": "^(case\\d+)_", "boxes": "boxes.json", "test_list": "test.txt"}
 
-``images`` is a glob relative to the source root; ``masks`` a template with ``{stem}``, ``{name}``, ``{parent}``.
-Every key except ``images``/``masks`` also works as an override for automatic pairing (see :data:`OPTION_KEYS`).
+``images`` is a glob relative to the source root; ``masks`` a template with ``{stem}``, ``{name}``,
+``{parent}``. Every key except ``images``/``masks`` also works as an override for automatic pairing (see
+:data:`OPTION_KEYS`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from medsam2.data.readers import ext_of
+from medsam2.data.readers import ext_of, stem_of
 
 OPTION_KEYS = {
     "images": "glob of image files (declarative layout)",
@@ -58,22 +60,81 @@ OPTION_KEYS = {
     "skip_empty_slices": "NIfTI: drop slices whose label slice is empty (default false)",
 }
 
-MASK_DIRS = {"mask", "masks", "label", "labels", "gt", "ground truth", "ground_truth", "groundtruth",
-             "annotations", "annotation", "segmentation", "segmentations", "seg", "segs", "targets"}
+MASK_DIRS = {
+    "mask",
+    "masks",
+    "label",
+    "labels",
+    "gt",
+    "ground truth",
+    "ground_truth",
+    "groundtruth",
+    "annotations",
+    "annotation",
+    "segmentation",
+    "segmentations",
+    "seg",
+    "segs",
+    "targets",
+}
 IMAGE_DIRS = {"image", "images", "img", "imgs", "original", "originals", "frames", "inputs", "input", "raw"}
-SIDECAR_EXT = {".md", ".txt", ".json", ".yaml", ".yml", ".csv", ".tsv", ".xml", ".html", ".pdf", ".rst", ".log"}
-MASK_SUFFIX = re.compile(r"^(?P<core>.+?)[_-](?:mask|seg|label|labels|gt|segmentation)(?:[_-](?P<inst>\d+))?$",
-                         re.IGNORECASE)
+SIDECAR_EXT = {
+    ".md",
+    ".txt",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".csv",
+    ".tsv",
+    ".xml",
+    ".html",
+    ".pdf",
+    ".rst",
+    ".log",
+}
+MASK_SUFFIX = re.compile(
+    r"^(?P<core>.+?)[_-](?:mask|seg|label|labels|gt|segmentation)(?:[_-](?P<inst>\d+))?$", re.IGNORECASE
+)
 IMAGE_SUFFIX = re.compile(r"^(?P<core>.+?)[_-](?:frame|image|img)$", re.IGNORECASE)
 NIFTI_LABEL_TOKEN = re.compile(r"(^|[_\-.])(seg|label|labels|mask|gt|segmentation)([_\-.]|$)", re.IGNORECASE)
 
 # CVC-ClinicDB: frame number → video sequence (README_original.txt table: last frame of sequences 1..29).
-_CVC_SEQ_END = [25, 50, 67, 78, 103, 126, 151, 177, 199, 205, 227, 252, 277, 297, 317, 342, 363, 383, 408, 428,
-                447, 466, 478, 503, 528, 546, 571, 591, 612]
+_CVC_SEQ_END = [
+    25,
+    50,
+    67,
+    78,
+    103,
+    126,
+    151,
+    177,
+    199,
+    205,
+    227,
+    252,
+    277,
+    297,
+    317,
+    342,
+    363,
+    383,
+    408,
+    428,
+    447,
+    466,
+    478,
+    503,
+    528,
+    546,
+    571,
+    591,
+    612,
+]
 
 
 def cvc_sequence(stem: str) -> str:
-    """CVC-ClinicDB frame stem (``'151'``, ``'1_frame'``) → ``'seq7'`` (the patient/group: one video sequence)."""
+    """CVC-ClinicDB frame stem (``'151'``, ``'1_frame'``) → ``'seq7'`` (the patient/group: one video
+    sequence)."""
     m = re.match(r"(\d+)", stem)
     if not m:
         return stem
@@ -85,7 +146,8 @@ def cvc_sequence(stem: str) -> str:
 
 
 def modality_from_name(name: str, default: str = "other") -> str:
-    """Modality from file-name tokens (``ct``, ``mr``/``flair``/``t1``/``t2``, ``us``, ``xray``/``cxr``, ``mammo``)."""
+    """Modality from file-name tokens (``ct``, ``mr``/``flair``/``t1``/``t2``, ``us``, ``xray``/``cxr``,
+    ``mammo``)."""
     toks = set(re.split(r"[^a-z0-9]+", name.lower()))
     if toks & {"ct", "cta"}:
         return "CT"
@@ -108,7 +170,11 @@ def _sammed2d_modality(stem: str) -> str:
 #: Built-in profiles, chosen by dataset name (exact, else prefix). Values: options above, or callables
 #: ``modality_fn(stem) -> str`` / ``patient_fn(stem) -> str``.
 PROFILES: dict[str, dict[str, Any]] = {
-    "kvasir-seg": {"modality": "endoscopy", "boxes": "kavsir_bboxes.json", "test_list": "split_pranet_test.txt"},
+    "kvasir-seg": {
+        "modality": "endoscopy",
+        "boxes": "kavsir_bboxes.json",
+        "test_list": "split_pranet_test.txt",
+    },
     "cvc-clinicdb": {"modality": "endoscopy", "patient_fn": cvc_sequence},
     "busi": {"modality": "ultrasound"},
     "sam-med2d": {"modality_fn": _sammed2d_modality, "patient": r"^(.*)_\d+$"},
@@ -183,9 +249,7 @@ def classify(rel: str) -> str:
 
 
 def _stem(rel: str) -> str:
-    name = PurePosixPath(rel).name
-    e = ext_of(name)
-    return name[: -len(e)] if e else name
+    return stem_of(rel)
 
 
 def _is_mask_2d(rel: str) -> bool:
@@ -200,7 +264,9 @@ def _scope(rel: str) -> str:
     return parent.as_posix()
 
 
-def pair_2d(files: list[str], kinds: dict[str, str]) -> tuple[list[tuple[str, str | None, str | None]], list[str]]:
+def pair_2d(
+    files: list[str], kinds: dict[str, str]
+) -> tuple[list[tuple[str, str | None, str | None]], list[str]]:
     """Automatic 2D pairing → ([(image, mask or None, target or None)], [masks without image])."""
     images = [f for f in files if not _is_mask_2d(f)]
     masks = [f for f in files if _is_mask_2d(f)]
@@ -226,10 +292,13 @@ def pair_2d(files: list[str], kinds: dict[str, str]) -> tuple[list[tuple[str, st
             im = by_core.get((sc, k, m.group("core")))
             target = m.group("inst")
         if im is None:  # longest image core that prefixes the mask stem: <core>_<structure>
-            best = max((c for c in cores.get((sc, k), []) if s.startswith(c[0] + "_")),
-                       key=lambda c: len(c[0]), default=None)
+            best = max(
+                (c for c in cores.get((sc, k), []) if s.startswith(c[0] + "_")),
+                key=lambda c: len(c[0]),
+                default=None,
+            )
             if best is not None:
-                im, target = best[1], s[len(best[0]) + 1:]
+                im, target = best[1], s[len(best[0]) + 1 :]
         if im is None:
             orphans.append(mk)
             continue
@@ -239,8 +308,9 @@ def pair_2d(files: list[str], kinds: dict[str, str]) -> tuple[list[tuple[str, st
     return sorted(pairs, key=lambda p: (p[0], p[1] or "")), orphans
 
 
-def pair_declarative(files: list[str], opts: dict[str, Any]) -> tuple[list[tuple[str, str | None, str | None]],
-                                                                        list[str], list[str]]:
+def pair_declarative(
+    files: list[str], opts: dict[str, Any]
+) -> tuple[list[tuple[str, str | None, str | None]], list[str], list[str]]:
     """``images`` glob + ``masks`` template → (pairs, masks without image, files outside the layout)."""
     fileset = set(files)
     images = sorted(f for f in files if fnmatch.fnmatch(f, opts["images"]))
@@ -271,7 +341,8 @@ def pair_declarative(files: list[str], opts: dict[str, Any]) -> tuple[list[tuple
 
 
 def pair_nifti(headers: dict[str, tuple[int, ...]]) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """NIfTI volumes {rel: shape} → ([(image volume, label volume or None)], [label volumes without image])."""
+    """NIfTI volumes {rel: shape} → ([(image volume, label volume or None)], [label volumes without
+    image])."""
     labels = sorted(f for f in headers if NIFTI_LABEL_TOKEN.search(_stem(f)))
     images = sorted(f for f in headers if f not in labels)
     pairs: dict[str, str | None] = {im: None for im in images}
@@ -297,7 +368,8 @@ def pair_nifti(headers: dict[str, tuple[int, ...]]) -> tuple[list[tuple[str, str
 def load_boxes(path: Path) -> dict[str, list[int]]:
     """Box sidecar → {stem: [x0, y0, x1, y1]} (union of several boxes per image).
 
-    Accepts Kvasir's ``{stem: {"bbox": [{"xmin", "ymin", "xmax", "ymax"}, ...]}}`` or ``{stem: [x0, y0, x1, y1]}``.
+    Accepts Kvasir's ``{stem: {"bbox": [{"xmin", "ymin", "xmax", "ymax"}, ...]}}`` or ``{stem: [x0, y0, x1,
+    y1]}``.
     """
     data = json.loads(path.read_text())
     out: dict[str, list[int]] = {}
@@ -309,8 +381,12 @@ def load_boxes(path: Path) -> dict[str, list[int]]:
         elif isinstance(v, list) and len(v) == 4:
             boxes.append(v)
         if boxes:
-            out[Path(stem).stem] = [int(min(b[0] for b in boxes)), int(min(b[1] for b in boxes)),
-                                    int(max(b[2] for b in boxes)), int(max(b[3] for b in boxes))]
+            out[Path(stem).stem] = [
+                int(min(b[0] for b in boxes)),
+                int(min(b[1] for b in boxes)),
+                int(max(b[2] for b in boxes)),
+                int(max(b[3] for b in boxes)),
+            ]
     return out
 
 
@@ -320,7 +396,8 @@ def load_stems(path: Path) -> set[str]:
 
 
 def find_test_list(files: list[str], opts: dict[str, Any]) -> str | None:
-    """The test-list file: ``opts['test_list']`` if present, else a root-level ``split_*test*.txt``/``test.txt``."""
+    """The test-list file: ``opts['test_list']`` if present, else a root-level
+    ``split_*test*.txt``/``test.txt``."""
     if opts.get("test_list"):
         return opts["test_list"] if opts["test_list"] in files else None
     root = [f for f in files if "/" not in f]

@@ -4,15 +4,16 @@ Work dir layout (the contract the trainer, the validator and the CLI rely on)::
 
     workdir/manifest.parquet         one row per image (or per frame / slice / structure), MANIFEST_COLUMNS
     workdir/quarantine.parquet       one row per rejected input, QUARANTINE_COLUMNS
-    workdir/cache/<image_id>.npy     uint8 (H, W, 3) RGB, windowed once at ingest (grey replicated to 3 channels)
+    workdir/cache/<image_id>.npy     uint8 (H, W, 3) RGB, windowed once at ingest (grey replicated to 3
+    channels)
     workdir/cache/<image_id>.mask.npy  uint8 (H, W) in {0, 1}; only when label_kind == "mask"
     workdir/.salt                    de-identification salt (created once, mode 0600)
     workdir/.statcache.json          (path, size, mtime) -> sha256, so unchanged files are not re-hashed
     workdir/.lock                    fcntl lock serialising concurrent ingests
 
-Every write is atomic: a temp file in the same directory, fsync, ``os.replace``. Readers never see a half-written
-file, and a process killed mid-ingest leaves the previous consistent state (plus orphan cache files that the
-next ingest removes).
+Every write is atomic: a temp file in the same directory, fsync, ``os.replace``. Readers never see a
+half-written file, and a process killed mid-ingest leaves the previous consistent state (plus orphan cache
+files that the next ingest removes).
 """
 
 from __future__ import annotations
@@ -36,9 +37,15 @@ QUARANTINE_NAME = "quarantine.parquet"
 CACHE_DIR = "cache"
 
 #: Column -> pandas dtype. ``box`` holds a list of 4 ints ``[x0, y0, x1, y1]`` in pixel coords of the cached
-#: image, x1/y1 exclusive (``0 <= x0 < x1 <= width``, as in Kvasir's bbox JSON), or None. ``flags`` is a comma-separated sorted string
+#: image, x1/y1 exclusive (``0 <= x0 < x1 <= width``, as in Kvasir's bbox JSON), or None. ``flags`` is a
+# comma-separated sorted string
 #: (e.g. ``"binarised,empty_mask"``; "" when none). ``meta`` is a JSON string of safe technical header fields
-#: (never PHI). ``frame`` is the frame / slice index inside the source file, -1 for 2D files.
+#: (never PHI). ``frame`` is the frame / slice index inside the source file, -1 for 2D files. ``target``
+# names the
+#: structure a mask shows (SAM-Med2D structure, DICOM-SEG segment label, NIfTI label) or is None.
+#: ``pixel_sha256`` / ``mask_pixel_sha256`` hash the decoded cache arrays (content identity independent of the
+#: file encoding). ``split_bucket`` (0-999) is the patient's val bucket (see splits.py). ``unit_key`` /
+#: ``unit_fingerprint`` identify the source files a row came from and their content (incremental ingest).
 MANIFEST_COLUMNS: dict[str, str] = {
     "image_id": "string",
     "dataset": "string",
@@ -61,6 +68,8 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "intensity_mean": "float64",
     "intensity_std": "float64",
     "pixel_sha256": "string",
+    "mask_pixel_sha256": "string",
+    "split_bucket": "int64",
     "flags": "string",
     "meta": "string",
     "unit_key": "string",
@@ -80,8 +89,27 @@ QUARANTINE_COLUMNS: dict[str, str] = {
 
 LABEL_KINDS = ("mask", "box", "image", "none")
 SPLITS = ("train", "val", "test")
-MODALITIES = ("endoscopy", "ultrasound", "CT", "MR", "MG", "DX", "CR", "RG", "XA", "PT", "NM", "OT", "US", "SM",
-              "OCT", "fundus", "dermoscopy", "microscopy", "other")
+MODALITIES = (
+    "endoscopy",
+    "ultrasound",
+    "CT",
+    "MR",
+    "MG",
+    "DX",
+    "CR",
+    "RG",
+    "XA",
+    "PT",
+    "NM",
+    "OT",
+    "US",
+    "SM",
+    "OCT",
+    "fundus",
+    "dermoscopy",
+    "microscopy",
+    "other",
+)
 
 
 def _empty(columns: dict[str, str]) -> pd.DataFrame:
@@ -130,7 +158,8 @@ def write_table(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + ``os.replace`` (readers see old or new, never half)."""
+    """Write ``data`` to ``path`` via temp file + fsync + ``os.replace`` (readers see old or new, never
+    half)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -185,8 +214,14 @@ def dataset_version(df: pd.DataFrame) -> str:
     else:
         lab = df[df["label_kind"] != "none"]
         rows = sorted(
-            [str(r.image_id), str(r.sha256), _opt(r.mask_sha256), str(r.label_kind), box_key(_opt(r.box)),
-             str(r.split)]
+            [
+                str(r.image_id),
+                str(r.sha256),
+                _opt(r.mask_sha256),
+                str(r.label_kind),
+                box_key(_opt(r.box)),
+                str(r.split),
+            ]
             for r in lab.itertuples(index=False)
         )
     blob = json.dumps(rows, separators=(",", ":"), default=str).encode()
@@ -195,9 +230,11 @@ def dataset_version(df: pd.DataFrame) -> str:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str | Path, *, timeout_s: float | None = None) -> Iterator[None]:
-    """Exclusive ``fcntl`` lock on ``workdir/.lock``; concurrent ingests into one work dir run one after another.
+    """Exclusive ``fcntl`` lock on ``workdir/.lock``; concurrent ingests into one work dir run one after
+    another.
 
-    The lock is released by the kernel if the holder dies (kill -9 included), so a crash never leaves it stuck.
+    The lock is released by the kernel if the holder dies (kill -9 included), so a crash never leaves it
+    stuck.
     """
     import time
 

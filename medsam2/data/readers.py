@@ -1,21 +1,21 @@
 """Decoders for PNG/JPEG/TIFF/BMP, NPY, NIfTI and DICOM, and the one-time normalisation to uint8 RGB.
 
-Every reader raises :class:`QuarantineError` (a short snake_case ``reason`` + a ``detail``) for inputs that must be
-rejected; any other exception is a bug. Sizes are checked from headers *before* decoding, so a decompression
-bomb never allocates its pixels (:data:`MAX_SIDE`, :data:`MAX_PIXELS`).
+Every reader raises :class:`QuarantineError` (a short snake_case ``reason`` + a ``detail``) for inputs that
+must be rejected; any other exception is a bug. Sizes are checked from headers *before* decoding, so a
+decompression bomb never allocates its pixels (:data:`MAX_SIDE`, :data:`MAX_PIXELS`).
 
 Output conventions:
 
-* image → ``uint8 (H, W, 3)`` RGB, values 0–255; grey is replicated to 3 channels. Windowing happens here once:
-  uint8 sources are kept as is; other dtypes use a window (DICOM header window, or a modality default, e.g. CT
-  soft tissue W400/L40) or the 0.5–99.5 percentile range of the image/volume.
+* image → ``uint8 (H, W, 3)`` RGB, values 0–255; grey is replicated to 3 channels. Windowing happens here
+  once: uint8 sources are kept as is; other dtypes use a window (DICOM header window, or a modality default,
+  e.g. CT soft tissue W400/L40) or the 0.5–99.5 percentile range of the image/volume.
 * mask → ``uint8 (H, W)`` in {0, 1} via :func:`binarise_mask` (rules in its docstring).
 """
 
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -44,8 +44,19 @@ def ext_of(name: str) -> str:
     return ".nii.gz" if n.endswith(".nii.gz") else Path(n).suffix
 
 
+KNOWN_EXT = RASTER_EXT + NPY_EXT + NIFTI_EXT + DICOM_EXT
+
+
+def stem_of(name: str) -> str:
+    """File name without a *known* image extension (``a.nii.gz`` → ``a``; ``CT.1.2.840`` stays whole)."""
+    n = PurePosixPath(name).name
+    e = ext_of(n)
+    return n[: -len(e)] if e in KNOWN_EXT or (e and not e[1:].isdigit() and len(e) <= 5) else n
+
+
 def sniff_kind(path: Path) -> str:
-    """``raster|npy|nifti|dicom|unknown`` from the extension, falling back to magic bytes (DICM, PNG, JPEG)."""
+    """``raster|npy|nifti|dicom|unknown`` from the extension, falling back to magic bytes (DICM, PNG,
+    JPEG)."""
     e = ext_of(path.name)
     if e in RASTER_EXT:
         return "raster"
@@ -55,7 +66,9 @@ def sniff_kind(path: Path) -> str:
         return "nifti"
     if e in DICOM_EXT:
         return "dicom"
-    if e and not e[1:].replace(".", "").isdigit():  # a real unknown extension (UID-like names have digit "exts")
+    if (
+        e and not e[1:].replace(".", "").isdigit()
+    ):  # a real unknown extension (UID-like names have digit "exts")
         return "unknown"
     try:
         with open(path, "rb") as f:
@@ -72,12 +85,15 @@ def sniff_kind(path: Path) -> str:
 def check_size(width: int, height: int, frames: int = 1) -> None:
     """Reject absurd (decompression-bomb) or degenerate sizes from header values, before any decoding."""
     if width > MAX_SIDE or height > MAX_SIDE or width * height * max(frames, 1) > MAX_PIXELS:
-        raise QuarantineError("too_large", f"{width}x{height}x{frames} exceeds {MAX_SIDE} px/side or {MAX_PIXELS:.2g} px")
+        raise QuarantineError(
+            "too_large", f"{width}x{height}x{frames} exceeds {MAX_SIDE} px/side or {MAX_PIXELS:.2g} px"
+        )
     if width < MIN_SIDE or height < MIN_SIDE:
         raise QuarantineError("too_small", f"{width}x{height} is below {MIN_SIDE} px")
 
 
-# ----------------------------------------------------------------------------------------------------- rasters
+# -----------------------------------------------------------------------------------------------------
+# rasters
 def _pil_error(e: Exception) -> QuarantineError:
     msg = str(e)
     if "truncated" in msg.lower() or isinstance(e, EOFError):
@@ -160,9 +176,11 @@ def raster_size(path: Path) -> tuple[int, int]:
             return im.size
 
 
-# ---------------------------------------------------------------------------------------------------------- NPY
+# ----------------------------------------------------------------------------------------------------------
+# NPY
 def read_npy(path: Path) -> np.ndarray:
-    """A 2D (H, W) or (H, W, C≤4) array; shape and dtype are checked from the header before reading the data."""
+    """A 2D (H, W) or (H, W, C≤4) array; shape and dtype are checked from the header before reading the
+    data."""
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
@@ -236,11 +254,11 @@ def binarise_mask(arr: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Native mask array → (uint8 (H, W) in {0, 1}, flags).
 
     Rules: colour masks are reduced with a max over channels. ``{0, 1}`` / bool → as is. Otherwise the full
-    scale is 255 (values ≤ 255) or the dtype max, and ``mask = value > scale / 2`` (the ``> 127`` rule for JPEG
-    masks). A mask whose values are neither near 0 nor near full scale (between 12.5 % and 87.5 % of it) on more
-    than 2 % of its pixels is not a binary mask (a probability map, a photo, a multi-label map) →
-    ``non_binary_mask``; so is a small-integer map with more than two values (e.g. {0, 1, 2}: multi-label). When
-    thresholding changed any value (JPEG ringing, stray low values), the row gets the flag ``binarised``.
+    scale is 255 (values ≤ 255) or the dtype max, and ``mask = value > scale / 2`` (the ``> 127`` rule for
+    JPEG masks). A mask whose values are neither near 0 nor near full scale (between 12.5 % and 87.5 % of it)
+    on more than 2 % of its pixels is not a binary mask (a probability map, a photo, a multi-label map) →
+    ``non_binary_mask``; so is a small-integer map with more than two values (e.g. {0, 1, 2}: multi-label).
+    When thresholding changed any value (JPEG ringing, stray low values), the row gets the flag ``binarised``.
     """
     flags: list[str] = []
     if arr.ndim == 3:
@@ -279,7 +297,8 @@ def binarise_mask(arr: np.ndarray) -> tuple[np.ndarray, list[str]]:
 
 
 def mask_box(mask: np.ndarray) -> list[int] | None:
-    """Tight box ``[x0, y0, x1, y1]`` (x1/y1 exclusive) of the foreground of a (H, W) mask, or None if empty."""
+    """Tight box ``[x0, y0, x1, y1]`` (x1/y1 exclusive) of the foreground of a (H, W) mask, or None if
+    empty."""
     ys = np.flatnonzero(mask.any(axis=1))
     if ys.size == 0:
         return None
@@ -287,7 +306,8 @@ def mask_box(mask: np.ndarray) -> list[int] | None:
     return [int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1]
 
 
-# ------------------------------------------------------------------------------------------------------- NIfTI
+# -------------------------------------------------------------------------------------------------------
+# NIfTI
 def read_nifti(path: Path) -> tuple[Any, tuple[int, ...]]:
     """(nibabel image reoriented to RAS+ canonical, shape) — header checks only, data not yet read.
 
@@ -335,3 +355,28 @@ def nifti_array(img: Any) -> np.ndarray:
 def nifti_slice(vol: np.ndarray, z: int) -> np.ndarray:
     """Axial slice z of a RAS+ volume in display orientation: (H=Y reversed, W=X), anterior up."""
     return np.ascontiguousarray(np.rot90(vol[:, :, z]))
+
+
+def read_image_any(path: str | Path) -> np.ndarray:
+    """Any supported file → uint8 (H, W, 3) RGB, windowed exactly as ingest does (for serving / prediction).
+
+    DICOM: first frame; NIfTI: middle axial slice; raster/NPY: the image. Raises QuarantineError if
+    unreadable.
+    """
+    path = Path(path)
+    kind = sniff_kind(path)
+    if kind == "dicom":
+        from medsam2.data.dicom import decode_image
+
+        return decode_image(path)[0][0]
+    if kind == "nifti":
+        img, _ = read_nifti(path)
+        vol = nifti_array(img).astype(np.float32)
+        return to_rgb(apply_window(nifti_slice(vol, vol.shape[2] // 2), *percentile_window(vol)))
+    if kind == "npy":
+        arr = read_npy(path)
+    elif kind == "raster":
+        arr = read_raster(path)
+    else:
+        raise QuarantineError("unsupported_format", f"cannot read {path.name}")
+    return to_rgb(to_uint8(arr[..., :3] if arr.ndim == 3 else arr))

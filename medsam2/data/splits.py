@@ -4,18 +4,19 @@ The rule, applied to every row of one dataset each time it is ingested (so it is
 
 1. A dataset-level ``split`` option (layout ``{"split": "test"}``) puts every row of the dataset in that split
    — used for cross-dataset evaluation (e.g. CVC-ClinicDB as an external test set for a Kvasir-trained model).
-2. A frozen test list (Kvasir's ``split_pranet_test.txt``, or layout ``test_list``) marks rows whose image stem is
-   listed as ``test`` — and with them *every row of the same patient*, so a patient is never split across
-   test and train/val. Test rows never move, whatever else changes.
-3. Every other row is ``val`` if its patient's bucket < ``val_fraction × 1000``, else ``train``.
-   The bucket (0–999) is ``sha256("split\\0" + raw patient key)`` mod 1000, computed at ingest from the raw
-   patient key (DICOM PatientID, BraTS case, CVC sequence, image stem, ...) *before* it is pseudonymised.
-   Using the raw key (not the salted ``patient_id``) keeps splits — and so the dataset version — identical
-   across work dirs with different de-identification salts; storing only a 1-of-1000 bucket reveals nothing
-   about the key. All rows of a patient share the bucket, so no patient is in two splits.
+2. A frozen test list (Kvasir's ``split_pranet_test.txt``, or layout ``test_list``) marks rows whose image
+   stem is listed as ``test`` — and with them *every row of the same patient*, so a patient is never split
+   across test and train/val. Test rows never move, whatever else changes.
+3. Every other row is ``val`` if its patient's bucket < ``val_fraction × 1000``, else ``train``. The bucket
+   (0–999) is ``sha256("split\\0" + raw patient key)`` mod 1000, computed at ingest from the raw patient key
+   (DICOM PatientID, BraTS case, CVC sequence, image stem, ...) *before* it is pseudonymised. Using the raw
+   key (not the salted ``patient_id``) keeps splits — and so the dataset version — identical across work dirs
+   with different de-identification salts; storing only a 1-of-1000 bucket reveals nothing about the key. All
+   rows of a patient share the bucket, so no patient is in two splits.
 
 Groups: CVC-ClinicDB rows are grouped by video sequence (frame-number table in its README), BraTS by case id
-in the file name, DICOM by PatientID (or StudyInstanceUID if empty), SAM-Med2D by scan id, others by image stem.
+in the file name, DICOM by PatientID (else study, series, folder), SAM-Med2D by scan id, others by image
+stem.
 """
 
 from __future__ import annotations
@@ -34,11 +35,9 @@ def split_bucket(raw_patient_key: str) -> int:
 
 
 def source_stem(source_uri: str) -> str:
-    name = PurePosixPath(str(source_uri)).name
-    for ext in (".nii.gz", ".nii"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return PurePosixPath(name).stem
+    from medsam2.data.readers import stem_of
+
+    return stem_of(PurePosixPath(str(source_uri)).name)
 
 
 def assign_splits(

@@ -2,8 +2,9 @@
 
 Ingest code sees only :class:`SourceFile` entries (a POSIX path relative to the source root, a size, a version
 token) and calls :meth:`Storage.local_path` to get a readable local file. For S3 the object is downloaded on
-demand into a private staging folder (deleted by :meth:`Storage.close`); objects whose ``(key, size, ETag)`` match
-the stat cache are never downloaded again. Credentials come from boto3's standard chain and are never logged.
+demand into a private staging folder (deleted by :meth:`Storage.close`); objects whose ``(key, size, ETag)``
+match the stat cache are never downloaded again. Credentials come from boto3's standard chain and are never
+logged.
 
 Safety: local listing does not follow symlinked directories; a symlinked file is reported with ``link_target``
 so the caller can reject links that leave the source root (``outside_root``). S3 keys containing ``..`` or
@@ -28,7 +29,8 @@ class SourceFile:
 
     rel: POSIX path relative to the root (``images/a.png``); version: ``"<size>:<mtime_ns>"`` locally,
     ``"<size>:<etag>"`` on S3 — equal versions mean unchanged content. problem: a reason code
-    (``outside_root``, ``broken_link``, ``path_traversal``, ``symlink_dir``) when the entry must be quarantined.
+    (``outside_root``, ``broken_link``, ``path_traversal``, ``symlink_dir``) when the entry must be
+    quarantined.
     """
 
     rel: str
@@ -82,8 +84,15 @@ class LocalStorage(Storage):
                 if p.is_symlink():
                     rel = p.relative_to(self.root).as_posix()
                     inside = self._inside(p)
-                    out.append(SourceFile(rel, 0, "link", "outside_root" if not inside else "symlink_dir",
-                                          "symlinked folder is not followed"))
+                    out.append(
+                        SourceFile(
+                            rel,
+                            0,
+                            "link",
+                            "outside_root" if not inside else "symlink_dir",
+                            "symlinked folder is not followed",
+                        )
+                    )
                 else:
                     keep.append(name)
             dirnames[:] = keep
@@ -95,7 +104,9 @@ class LocalStorage(Storage):
                         out.append(SourceFile(rel, 0, "link", "broken_link", "symlink target does not exist"))
                         continue
                     if not self._inside(p):
-                        out.append(SourceFile(rel, 0, "link", "outside_root", "symlink points outside the source"))
+                        out.append(
+                            SourceFile(rel, 0, "link", "outside_root", "symlink points outside the source")
+                        )
                         continue
                 try:
                     st = p.stat()
@@ -122,8 +133,9 @@ class LocalStorage(Storage):
 class S3Storage(Storage):
     """``s3://bucket/prefix`` via boto3 (paginated ``list_objects_v2``, ``get_object``).
 
-    endpoint_url: from the argument, else ``MEDSAM2_S3_ENDPOINT_URL``, else ``AWS_ENDPOINT_URL`` (MinIO, moto),
-    else AWS. The client is created lazily so listing credentials errors surface as one clear exception.
+    endpoint_url: from the argument, else ``MEDSAM2_S3_ENDPOINT_URL``, else ``AWS_ENDPOINT_URL`` (MinIO,
+    moto), else AWS. The client is created lazily so listing credentials errors surface as one clear
+    exception.
     """
 
     def __init__(self, uri: str, endpoint_url: str | None = None) -> None:
@@ -135,7 +147,9 @@ class S3Storage(Storage):
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.name = PurePosixPath(self.prefix).name if self.prefix else bucket
-        endpoint = endpoint_url or os.environ.get("MEDSAM2_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = (
+            endpoint_url or os.environ.get("MEDSAM2_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        )
         self.client = boto3.client("s3", endpoint_url=endpoint)
         self._staging = Path(tempfile.mkdtemp(prefix="medsam2-s3-"))
         log.info("S3 source %s (endpoint %s)", self.uri, endpoint or "default")
@@ -149,13 +163,22 @@ class S3Storage(Storage):
                 key = obj["Key"]
                 if key.endswith("/"):
                     continue
-                rel = key[len(base):]
+                rel = key[len(base) :]
                 parts = PurePosixPath(rel).parts
                 if not rel or rel.startswith("/") or ".." in parts:
-                    out.append(SourceFile(rel or key, int(obj["Size"]), "bad", "path_traversal",
-                                          "object key escapes the prefix"))
+                    out.append(
+                        SourceFile(
+                            rel or key,
+                            int(obj["Size"]),
+                            "bad",
+                            "path_traversal",
+                            "object key escapes the prefix",
+                        )
+                    )
                     continue
-                out.append(SourceFile(rel, int(obj["Size"]), f"{obj['Size']}:{obj.get('ETag', '').strip(chr(34))}"))
+                out.append(
+                    SourceFile(rel, int(obj["Size"]), f"{obj['Size']}:{obj.get('ETag', '').strip(chr(34))}")
+                )
         return sorted(out, key=lambda f: f.rel)
 
     def local_path(self, rel: str) -> Path:
