@@ -1,0 +1,184 @@
+"""``medsam2`` command line (typer). Every command takes ``--json`` and then prints one JSON object on its last
+stdout line. Config: ``--config FILE.yaml`` and repeated ``--set key=value`` (dotted, e.g. ``train.lr=1e-4``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Fine-tune SAM2 for medical image segmentation.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last stdout line.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML experiment config.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Dotted override key=value (repeatable).")]
+
+
+def _emit(obj: dict[str, Any], as_json: bool, human: str | None = None) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    else:
+        console.print(human or json.dumps(obj, indent=2, default=str))
+
+
+def _cfg(config: Path | None, overrides: list[str] | None):
+    from medsam2.config import load_config
+
+    return load_config(config, overrides)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def ingest(
+    source: Annotated[str, typer.Argument(help="Folder or s3://bucket/prefix.")],
+    workdir: Annotated[str, typer.Option(help="Work dir for manifest, quarantine and cache.")] = ".medsam2/work",
+    dataset: Annotated[str | None, typer.Option(help="Dataset name (default: the folder name).")] = None,
+    layout: Annotated[Path | None, typer.Option(help="YAML mapping for your own folder layout.")] = None,
+    s3_endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (MinIO, moto).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Ingest images (+ masks) into the manifest; bad inputs go to quarantine with a reason."""
+    import yaml
+
+    from medsam2.steps import run_ingest
+
+    lay = yaml.safe_load(layout.read_text()) if layout else None
+    res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)
+    _emit(res, json_, f"added {res['added']}, unchanged {res['unchanged']}, quarantined {res['quarantined']}, "
+                      f"rows {res['rows']}, dataset version {res['dataset_version']}")
+
+
+@app.command()
+def validate(
+    workdir: Annotated[str, typer.Option(help="Work dir holding manifest.parquet.")] = ".medsam2/work",
+    data_docs: Annotated[str | None, typer.Option(help="Where to write the Data Docs HTML.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Run the great-expectations suite over the manifest; exits 1 with a readable report if it fails."""
+    from medsam2.steps import run_validate
+
+    res = run_validate(workdir, data_docs)
+    human = "validation passed" if res["success"] else "validation FAILED:\n- " + "\n- ".join(res["failures"])
+    _emit(res, json_, human)
+    if not res["success"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False) -> None:
+    """Fine-tune SAM2 (tracked in MLflow); rerun with the same train.output_dir to resume."""
+    from medsam2.steps import run_train
+
+    cfg = _cfg(config, set_)
+    res = run_train(cfg)
+    _emit(res, json_, f"run {res['run_id']}: {res['steps']} steps, metrics {res['metrics']}, "
+                      f"model {res['model_uri']}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option(help="Checkpoint path or MLflow model URI (models:/medsam2@champion).")],
+    workdir: Annotated[str | None, typer.Option(help="Work dir (default: the model's training work dir).")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Log into this MLflow run (default: a new run).")] = None,
+    report: Annotated[str | None, typer.Option("--report", help="Report directory.")] = None,
+    robustness: Annotated[bool, typer.Option(help="Add the corruption suite.")] = False,
+    cross_dataset: Annotated[bool, typer.Option(help="Evaluate on every labelled dataset's test rows.")] = False,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Dice/IoU/precision/recall/HD95 on the frozen test split, baselines beside it, HTML report."""
+    from medsam2.steps import run_evaluate
+
+    overrides = list(set_ or [])
+    if robustness:
+        overrides.append("eval.robustness=true")
+    if cross_dataset:
+        overrides += ["eval.cross_dataset=true", "data.eval_datasets=null"]
+    res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report)
+    m = res["metrics"]
+    _emit(res, json_, f"test Dice {m.get('test_dice', float('nan')):.4f} "
+                      f"(ellipse-in-box baseline {m.get('baseline_ellipse_in_box_dice', float('nan')):.4f}) "
+                      f"on {res['n_images']} images; report {res['report']}")
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Option(help="MLflow model URI of the candidate.")],
+    eval_run_id: Annotated[str, typer.Option(help="Run holding the candidate's evaluation.")],
+    config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False,
+) -> None:
+    """Register the candidate; alias champion if it beats the champion (gate), else challenger."""
+    from medsam2.steps import run_promote
+
+    res = run_promote(model, eval_run_id, _cfg(config, set_))
+    _emit(res, json_, f"version {res['version']} → {res['alias']}: " + "; ".join(res["reasons"]))
+
+
+@app.command()
+def rollback(
+    model_name: Annotated[str, typer.Option(help="Registered model name.")] = "medsam2", json_: JsonOpt = False
+) -> None:
+    """Give the champion alias back to the previous champion."""
+    from medsam2.tracking import rollback as do_rollback
+
+    res = do_rollback(model_name)
+    _emit(res, json_, f"champion is now version {res['champion']}")
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="Images (PNG/JPEG/TIFF/DICOM).")],
+    model: Annotated[str, typer.Option(help="Checkpoint path or MLflow model URI.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    box: Annotated[str | None, typer.Option(help="x0,y0,x1,y1 in pixels (box-prompted models).")] = None,
+    points: Annotated[str | None, typer.Option(help="x,y[,label];x,y[,label]… (point-prompted).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Segment images: PNG masks for images, DICOM-SEG for DICOM inputs."""
+    from medsam2.engine.predict_files import predict_files
+
+    res = predict_files(model, inputs, out, box=box, points=points)
+    _emit(res, json_, f"wrote {len(res['outputs'])} masks to {out}")
+
+
+@app.command()
+def sweep(
+    space: Annotated[str, typer.Option(help="Search space name (see tuning/spaces.py).")] = "smoke",
+    num_samples: Annotated[int, typer.Option(help="Number of trials.")] = 4,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (or RAY_ADDRESS).")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False,
+) -> None:
+    """Ray Tune ASHA sweep over adapter × decoder variants; writes the best config."""
+    try:
+        from tuning.sweep import cli_sweep
+    except ImportError as exc:  # tuning/ ships with the same distribution; this only fires on a broken install
+        raise typer.BadParameter(f"the tuning package is not importable: {exc}") from exc
+    res = cli_sweep(space=space, num_samples=num_samples, address=address, config=config, overrides=set_)
+    _emit(res, json_, f"best val Dice {res.get('best_val_dice')} → {res.get('best_config')}")
+
+
+@app.command("retrain-check")
+def retrain_check(
+    config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False,
+) -> None:
+    """Is there new labelled data since the champion was trained? (exit 0 either way; see `retrain`)."""
+    from medsam2.steps import labels_changed_since_champion
+
+    res = labels_changed_since_champion(_cfg(config, set_))
+    _emit(res, json_, "new labels: retrain" if res["retrain"] else "skipped: no new labels")
+
+
+if __name__ == "__main__":
+    app()

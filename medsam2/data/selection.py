@@ -1,0 +1,55 @@
+"""Which manifest rows a run trains, validates and tests on (one place, so every stage agrees)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+
+from medsam2.config import DataCfg
+from medsam2.data.manifest import dataset_version, read_manifest
+
+LABELLED_KINDS = ("mask",)
+
+
+def _stable_rank(ids: pd.Series, seed: int) -> pd.Series:
+    return ids.map(lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+
+
+def select_rows(dc: DataCfg, split: str, *, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows of ``split`` → (labelled rows, unlabelled pool), both sorted by ``image_id``.
+
+    train/val use ``data.train_datasets``; test uses ``data.eval_datasets`` (falling back to the train
+    datasets). For train, ``data.label_fraction`` < 1 keeps a deterministic fraction of the labelled rows (by a
+    seeded hash of the image id) and moves the rest, with their masks hidden, to the unlabelled pool, as do
+    rows without a mask (``label_kind`` none/image). ``max_*_images`` caps are applied last, deterministically.
+    """
+    df = read_manifest(dc.workdir)
+    if df.empty:
+        raise FileNotFoundError(f"no manifest in {dc.workdir}: run `medsam2 ingest SRC --workdir {dc.workdir}`")
+    datasets = dc.train_datasets if split != "test" else (dc.eval_datasets or dc.train_datasets)
+    if datasets:
+        unknown = sorted(set(datasets) - set(df["dataset"]))
+        if unknown:
+            raise ValueError(f"datasets {unknown} are not in the manifest (have {sorted(set(df['dataset']))})")
+        df = df[df["dataset"].isin(datasets)]
+    df = df[df["split"] == split].sort_values("image_id")
+    labelled = df[df["label_kind"].isin(LABELLED_KINDS)]
+    unlabelled = df[~df["label_kind"].isin(LABELLED_KINDS)]
+    if split == "train" and dc.label_fraction < 1:
+        order = labelled.assign(_r=_stable_rank(labelled["image_id"], seed)).sort_values("_r")
+        keep = max(1, round(len(order) * dc.label_fraction))
+        labelled = order.iloc[:keep].drop(columns="_r").sort_values("image_id")
+        unlabelled = pd.concat([unlabelled, order.iloc[keep:].drop(columns="_r")]).sort_values("image_id")
+    cap = dc.max_eval_images if split == "test" else dc.max_train_images
+    if cap is not None:
+        labelled = labelled.iloc[:cap]
+    return labelled.reset_index(drop=True), unlabelled.reset_index(drop=True)
+
+
+def training_data_version(dc: DataCfg) -> str:
+    """Dataset version of the labelled rows a training run can see (train + val of the chosen datasets)."""
+    df = read_manifest(dc.workdir)
+    if dc.train_datasets:
+        df = df[df["dataset"].isin(dc.train_datasets)]
+    return dataset_version(df[df["split"].isin(["train", "val"])])

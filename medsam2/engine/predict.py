@@ -1,0 +1,83 @@
+"""Inference on original-resolution images: prompts in, masks out, at the image's own size.
+
+``predict(model, images, boxes=..., points=..., point_labels=...)`` takes uint8 (H,W,3) images of any size
+and prompts in each image's own pixel coordinates, runs the model at S×S (SAM2's square resize) and returns
+masks resized back to (H,W). The ``medsam2 predict`` CLI and the MLflow pyfunc both call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medsam2.data.dataset import resize_pair
+from medsam2.engine.runtime import autocast
+from medsam2.model.segmenter import Segmenter, normalize
+
+
+@dataclass
+class Prediction:
+    mask: np.ndarray
+    """(H,W) bool, probability > 0.5."""
+    prob: np.ndarray
+    """(H,W) float32 foreground probability in [0,1]."""
+    iou_pred: float
+    """SAM's predicted IoU of the mask, in [0,1]."""
+
+
+def _scale(xy: np.ndarray, hw: tuple[int, int], size: int) -> np.ndarray:
+    """Scale x,y pairs (…,2) from an (H,W) image to S×S model input coordinates."""
+    return xy * np.array([size / hw[1], size / hw[0]], np.float32)
+
+
+@torch.no_grad()
+def predict(
+    model: Segmenter,
+    images: Sequence[np.ndarray],
+    boxes: Sequence[np.ndarray | None] | None = None,
+    points: Sequence[np.ndarray | None] | None = None,
+    point_labels: Sequence[np.ndarray | None] | None = None,
+    *,
+    precision: str = "auto",
+    batch_size: int = 8,
+) -> list[Prediction]:
+    """Segment ``images`` (each (H,W,3) uint8 RGB) with the model's prompt mode.
+
+    ``boxes[i]``: (4,) x0,y0,x1,y1 in image i's pixels (prompt ``box``). ``points[i]``: (N,2) x,y and
+    ``point_labels[i]``: (N,) 1/0 (prompt ``points``). Prompt-free models ignore prompts.
+    """
+    device = next(model.parameters()).device
+    size = model.image_size
+    mode = model.cfg.prompt
+    out: list[Prediction] = []
+    for start in range(0, len(images), batch_size):
+        idx = range(start, min(len(images), start + batch_size))
+        batch = np.stack([resize_pair(images[i], None, size)[0] for i in idx]).astype(np.float32) / 255.0
+        x = normalize(torch.from_numpy(batch).permute(0, 3, 1, 2).to(device))
+        kw = {}
+        if mode == "box":
+            if boxes is None or any(boxes[i] is None for i in idx):
+                raise ValueError("this model is box-prompted: give a box for every image")
+            kw["boxes"] = torch.from_numpy(
+                np.stack([_scale(np.asarray(boxes[i], np.float32).reshape(2, 2), images[i].shape[:2], size)
+                          .reshape(4) for i in idx])).to(device)
+        elif mode == "points":
+            if points is None or point_labels is None:
+                raise ValueError("this model is point-prompted: give points and point_labels")
+            kw["points"] = torch.from_numpy(
+                np.stack([_scale(np.asarray(points[i], np.float32), images[i].shape[:2], size) for i in idx])
+            ).to(device)
+            kw["point_labels"] = torch.from_numpy(np.stack([np.asarray(point_labels[i]) for i in idx])).to(device)
+        with autocast(device, precision):
+            res = model(x, **kw)
+        logits, iou = res["logits"].float(), res["iou_pred"].float()
+        for j, i in enumerate(idx):
+            h, w = images[i].shape[:2]
+            prob = torch.sigmoid(F.interpolate(logits[j:j + 1], size=(h, w), mode="bilinear", align_corners=False))
+            p = prob[0, 0].cpu().numpy()
+            out.append(Prediction(mask=p > 0.5, prob=p, iou_pred=float(iou[j, 0])))
+    return out

@@ -1,0 +1,39 @@
+"""Device, precision and batch plumbing shared by training, evaluation and prediction."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from medsam2.model.segmenter import normalize
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16 autocast on CUDA unless ``precision == "fp32"``; fp32 (no autocast) on CPU unless asked."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack sample dicts (see ``data.dataset``) into a batch; ``index`` becomes a (B,) long tensor."""
+    out = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else torch.as_tensor(vals)
+    return out
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a collated batch to ``device`` (non-blocking) and normalise ``image`` for SAM there."""
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    out["image"] = normalize(out["image"])
+    return out

@@ -1,0 +1,273 @@
+"""The one training loop: ``train(cfg, callbacks) -> TrainResult``. CLI, flows, Tune trials and tests call it.
+
+Per step: deterministic batch (``StepSampler``) → normalise on device → bf16 autocast on GPU (fp32 on CPU) →
+strategy losses → backward (grad accumulation) → clip → fused AdamW (GPU) → warmup+cosine LR → EMA. Every
+``checkpoint_every`` steps an atomic ``last.pt`` is written; a rerun with the same ``train.output_dir`` resumes
+from it and reaches the same weights as an uninterrupted run (same seed, CPU). Loss values are synced to the host
+only every ``LOG_EVERY`` steps so the GPU is never stalled by ``.item()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medsam2.config import ExperimentCfg, config_hash
+from medsam2.data.dataset import SegDataset, StepSampler
+from medsam2.data.selection import select_rows, training_data_version
+from medsam2.engine.callbacks import Callback, CallbackList
+from medsam2.engine.checkpoint import LAST, atomic_save, model_payload, read_checkpoint
+from medsam2.engine.runtime import autocast, collate, pick_device, to_device
+from medsam2.metrics import batch_dice
+from medsam2.model.segmenter import build_segmenter
+from medsam2.semisup import STRATEGIES
+from medsam2.semisup.supervised import forward_batch
+
+log = logging.getLogger(__name__)
+LOG_EVERY = 10
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str
+    steps: int
+    metrics: dict[str, float]
+    trainable_params: int
+    total_params: int
+    base_weights: dict[str, str]
+    config_hash: str
+    data_version: str
+    wall_s: float
+    images_per_s: float
+    stopped_early: bool = False
+    resumed_from: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("history")
+        return d
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine to 0.05 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (used for evaluation and export)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def swap(self, model: torch.nn.Module) -> None:
+        """Exchange live and EMA weights (call twice to restore)."""
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                tmp = p.detach().clone()
+                p.copy_(self.shadow[n])
+                self.shadow[n].copy_(tmp)
+
+
+@torch.no_grad()
+def validate_dice(model, loader, device, precision) -> float:
+    """Mean hard Dice at model resolution over a loader (deterministic prompts)."""
+    model.eval()
+    scores = []
+    for batch in loader:
+        batch = to_device(batch, device)
+        with autocast(device, precision):
+            out = forward_batch(model, batch)
+        scores.append(batch_dice(out["logits"].float(), batch["mask"]))
+    model.train()
+    return float(torch.cat(scores).mean()) if scores else float("nan")
+
+
+def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainResult:
+    """Fine-tune SAM2 as configured; resumes from ``cfg.train.output_dir/last.pt`` when it exists."""
+    tc, dc = cfg.train, cfg.data
+    cbs = CallbackList(callbacks or [])
+    device = pick_device(tc.device)
+    out_dir = Path(tc.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+
+    train_rows, unlabelled_rows = select_rows(dc, "train", seed=tc.seed)
+    val_rows, _ = select_rows(dc, "val", seed=tc.seed)
+    data_version = training_data_version(dc)
+    model, base = build_segmenter(cfg.model, seed=tc.seed)
+    model.to(device).train()
+    strategy = STRATEGIES.create(cfg.semisup.method, model, cfg)
+    extra = [m.to(device) for m in strategy.extra_modules()]
+    params = [p for p in model.parameters() if p.requires_grad] + [p for m in extra for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps))
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+    counts = model.param_count()
+
+    start, best, history, bad_evals = 0, -1.0, [], 0
+    last = out_dir / LAST
+    if last.exists():
+        blob = read_checkpoint(last)
+        if blob.get("config_hash") != config_hash(cfg):
+            raise ValueError(f"{last} was written by a different config; use another train.output_dir")
+        model.load_state_dict(blob["model"], strict=True)
+        opt.load_state_dict(blob["optimizer"])
+        sched.load_state_dict(blob["scheduler"])
+        for m, state in zip(extra, blob.get("extra", []), strict=False):
+            m.load_state_dict(state)
+        if ema is not None and blob.get("ema"):
+            ema.shadow = {k: v.to(device) for k, v in blob["ema"].items()}
+        torch.set_rng_state(blob["rng"])
+        start, best, history, bad_evals = blob["step"], blob["best"], blob["history"], blob.get("bad_evals", 0)
+        log.info("resuming from %s at step %d", last, start)
+    if start >= tc.max_steps and (out_dir / "final.pt").exists():
+        return _result(out_dir / "final.pt", cfg, counts, base, data_version, start, history, 0.0, 0, start)
+
+    cbs.on_train_start(
+        {"config": cfg, "trainable_params": counts.trainable, "total_params": counts.total, "device": str(device),
+         "base_weights": vars(base), "data_version": data_version, "train_images": len(train_rows),
+         "val_images": len(val_rows), "unlabelled_images": len(unlabelled_rows), "resumed_from": start}
+    )
+    ds = SegDataset(train_rows, dc.workdir, cfg.model, dc.augment)
+    sampler = StepSampler(len(ds), tc.batch_size * tc.grad_accum, tc.max_steps, tc.seed, start)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if dc.num_workers else None)
+    unl_iter = None
+    if strategy.needs_unlabelled and len(unlabelled_rows):
+        uds = SegDataset(unlabelled_rows, dc.workdir, cfg.model, dc.augment)
+        usampler = StepSampler(len(uds), tc.batch_size, tc.max_steps, tc.seed + 1, start)
+        unl_iter = iter(DataLoader(uds, batch_sampler=usampler, num_workers=dc.num_workers, collate_fn=collate))
+    val_loader = None
+    if len(val_rows):
+        vds = SegDataset(val_rows, dc.workdir, cfg.model, "none")
+        val_loader = DataLoader(vds, batch_size=tc.batch_size, num_workers=0, collate_fn=collate)
+
+    running: dict[str, torch.Tensor] = {}
+    t0, seen, step, stopped = time.perf_counter(), 0, start, False
+    progress = _progress(tc.progress, start, tc.max_steps)
+    for step, batch in enumerate(loader, start=start + 1):
+        batch = to_device(batch, device)
+        unl = to_device(next(unl_iter), device) if unl_iter is not None else None
+        chunks = _split(batch, tc.grad_accum)
+        for chunk in chunks:
+            with autocast(device, tc.precision):
+                losses = strategy.losses(model, chunk, unl, step)
+            (losses["loss"] / len(chunks)).backward()
+            for k, v in losses.items():
+                running[k] = running.get(k, 0.0) + v.detach().float() / len(chunks)
+        if tc.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        strategy.after_step(model)
+        if ema is not None:
+            ema.update(model)
+        seen += batch["image"].shape[0]
+        if step % LOG_EVERY == 0 or step == tc.max_steps:
+            n = LOG_EVERY if step % LOG_EVERY == 0 else step % LOG_EVERY
+            logs = {k: float(v) / n for k, v in running.items()}  # the only host sync: every LOG_EVERY steps
+            logs["lr"] = sched.get_last_lr()[0]
+            logs["images_per_s"] = seen / max(1e-9, time.perf_counter() - t0)
+            running = {}
+            history.append({"step": step, **logs})
+            cbs.on_step(step, logs)
+            progress(step, logs)
+        if val_loader is not None and (step % tc.eval_every == 0 or step == tc.max_steps):
+            if ema is not None:
+                ema.swap(model)
+            dice = validate_dice(model, val_loader, device, tc.precision)
+            if ema is not None:
+                ema.swap(model)
+            improved = dice > best
+            best, bad_evals = (dice, 0) if improved else (best, bad_evals + 1)
+            cbs.on_eval(step, {"val_dice": dice, "best_val_dice": best})
+            history.append({"step": step, "val_dice": dice})
+            if tc.early_stop_patience and bad_evals >= tc.early_stop_patience:
+                stopped = True
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps or stopped:
+            state = {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "extra": [m.state_dict() for m in extra],
+                "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema else None,
+                "rng": torch.get_rng_state(), "step": step, "best": best, "history": history,
+                "bad_evals": bad_evals, "config_hash": config_hash(cfg),
+            }
+            atomic_save(state, last)
+            cbs.on_checkpoint(step, str(last))
+        if stopped:
+            break
+    progress(None, None)
+    wall = time.perf_counter() - t0
+    if ema is not None:
+        ema.swap(model)
+    final = atomic_save({**model_payload(model, cfg, base), "step": step}, out_dir / "final.pt")
+    result = _result(final, cfg, counts, base, data_version, step, history, wall, seen, start, stopped)
+    cbs.on_train_end(result)
+    return result
+
+
+def _result(path, cfg, counts, base, data_version, step, history, wall, seen, start, stopped=False):
+    losses = [h for h in history if "loss" in h]
+    vals = [h["val_dice"] for h in history if "val_dice" in h]
+    metrics = {"final_loss": losses[-1]["loss"] if losses else float("nan")}
+    if vals:
+        metrics["best_val_dice"] = max(vals)
+        metrics["last_val_dice"] = vals[-1]
+    return TrainResult(
+        checkpoint=str(path), steps=step, metrics=metrics, trainable_params=counts.trainable,
+        total_params=counts.total, base_weights=vars(base), config_hash=config_hash(cfg),
+        data_version=data_version, wall_s=wall, images_per_s=seen / wall if wall else 0.0,
+        stopped_early=stopped, resumed_from=start, history=history,
+    )
+
+
+def _split(batch: dict, parts: int) -> list[dict]:
+    if parts == 1:
+        return [batch]
+    n = batch["image"].shape[0]
+    size = math.ceil(n / parts)
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def _progress(enabled: bool, start: int, total: int):
+    """A rich progress bar with ETA (no-op when disabled); call with (step, logs), then (None, None) to close."""
+    if not enabled:
+        return lambda step, logs: None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=True)
+    task = bar.add_task("train", total=total, completed=start, info="")
+    bar.start()
+
+    def update(step, logs):
+        if step is None:
+            bar.stop()
+            return
+        bar.update(task, completed=step, info=f"loss {logs.get('loss', float('nan')):.3f}")
+
+    return update

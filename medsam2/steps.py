@@ -1,0 +1,139 @@
+"""Pipeline stages as plain functions: library call + MLflow bookkeeping. The CLI and the Prefect flows both
+call these (one function per arrow of the pipeline), so a stage behaves the same however it is started.
+
+Each returns a JSON-serialisable dict (what ``--json`` prints and what flow tasks pass on: paths, URIs, ids).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from medsam2.config import ExperimentCfg, config_hash, with_overrides
+
+log = logging.getLogger(__name__)
+
+
+def run_ingest(source: str, workdir: str, **kwargs: Any) -> dict[str, Any]:
+    from medsam2.data.ingest import ingest
+
+    return ingest(source, workdir, **kwargs).to_dict()
+
+
+def run_validate(workdir: str, data_docs_dir: str | None = None) -> dict[str, Any]:
+    from medsam2.data.validate import validate
+
+    docs = data_docs_dir or str(Path(workdir) / "data_docs")
+    return validate(workdir, data_docs_dir=docs).to_dict()
+
+
+def model_card(cfg: ExperimentCfg, result: Any, modality: str = "see manifest") -> str:
+    m = cfg.model
+    return f"""# MedSAM2 model card
+
+- **Model**: SAM2 {m.sam2_version} {m.backbone}, adapter `{m.adapter}`, decoder `{m.decoder}`, prompt `{m.prompt}`,
+  input {m.image_size}×{m.image_size} RGB (grayscale replicated), ImageNet-normalised after windowing to [0,1].
+- **Base weights**: {result.base_weights['source']} (sha256 {result.base_weights['sha256'][:16]})
+  {'— RANDOM INIT: no pretrained weights were used.' if result.base_weights['source'] == 'none' else ''}
+- **Training data version**: {result.data_version}; datasets: {cfg.data.train_datasets or 'all in manifest'}
+- **Config hash**: {result.config_hash}; steps: {result.steps}; params trainable/total:
+  {result.trainable_params:,}/{result.total_params:,}
+- **Output**: one binary mask per prompt (foreground = the prompted structure, probability > 0.5).
+- **Intended use**: research on {modality} segmentation; not a medical device; a clinician reviews every mask.
+- **Metrics**: see the evaluation run linked by the model version's `eval_run_id` tag.
+- **Limitations**: trained on the listed datasets only; performance on other scanners, modalities or
+  populations is unknown until evaluated (use `medsam2 evaluate --cross-dataset`).
+"""
+
+
+def run_train(cfg: ExperimentCfg, *, parent_run_id: str | None = None, run_name: str | None = None) -> dict:
+    """Train inside an MLflow run (nested under ``parent_run_id`` if given) and log the model as a pyfunc."""
+    import mlflow
+
+    from medsam2 import tracking
+    from medsam2.engine.train import train
+
+    tracking.setup(cfg)
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    with mlflow.start_run(run_name=run_name or f"train-{config_hash(cfg)}", tags=tags) as run:
+        result = train(cfg, callbacks=[tracking.MlflowCallback()])
+        model_uri = tracking.log_model(result.checkpoint, model_card(cfg, result))
+        return {"run_id": run.info.run_id, "model_uri": model_uri, **result.to_dict()}
+
+
+def load_for_eval(model: str, cfg_overrides: list[str] | None = None, workdir: str | None = None):
+    """A checkpoint path or MLflow model URI → (model, cfg). Data/eval settings come from the checkpoint's
+    config with ``--set`` overrides and ``--workdir`` applied on top."""
+    from medsam2.config import parse_overrides
+    from medsam2.engine.checkpoint import load_model
+    from medsam2.engine.runtime import pick_device
+
+    path = model
+    if not Path(model).exists():
+        from medsam2.tracking import download_model_checkpoint
+
+        path = str(download_model_checkpoint(model))
+    net, cfg = load_model(path, pick_device("auto"))
+    sections = parse_overrides(cfg_overrides)
+    if workdir:
+        sections.setdefault("data", {})["workdir"] = workdir
+    if sections:
+        cfg = with_overrides(cfg, **sections)
+    return net, cfg
+
+
+def run_evaluate(
+    model: str, cfg_overrides: list[str] | None = None, *, workdir: str | None = None, run_id: str | None = None,
+    report_dir: str | None = None, parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model, write the report, and log metrics + report into ``run_id`` (else a new eval run)."""
+    import mlflow
+
+    from medsam2 import tracking
+    from medsam2.engine.evaluate import evaluate
+
+    net, cfg = load_for_eval(model, cfg_overrides, workdir)
+    tracking.setup(cfg)
+    out = Path(report_dir or Path(tracking.medsam2_home()) / "reports" / (run_id or "latest"))
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and not run_id else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "evaluate", tags=tags) as run:
+        result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}",
+                          context={"model": model, "run_id": run.info.run_id, "config_hash": config_hash(cfg)})
+        tracking.log_evaluation(result, out)
+        mlflow.set_tag("evaluated_model", model)
+        return {"run_id": run.info.run_id, "report_dir": str(out), **result.to_dict()}
+
+
+def run_promote(model_uri: str, eval_run_id: str, cfg: ExperimentCfg, workdir: str | None = None) -> dict:
+    """Gate the evaluated model against the champion and move aliases accordingly."""
+    import mlflow
+
+    from medsam2 import tracking
+
+    tracking.setup(cfg)
+    run = mlflow.get_run(eval_run_id)
+    tags = {k: run.data.tags[k] for k in ("data_version", "config_hash", "git_commit") if k in run.data.tags}
+
+    def reevaluate(champion_uri: str):
+        from medsam2.engine.evaluate import evaluate
+
+        net, ccfg = load_for_eval(champion_uri, workdir=workdir or cfg.data.workdir)
+        ccfg = with_overrides(ccfg, data=cfg.data.model_dump(), eval=cfg.eval.model_dump())
+        out = Path(tracking.medsam2_home()) / "reports" / "champion-reeval"
+        return evaluate(net, ccfg, out).per_image
+
+    return tracking.promote(model_uri, eval_run_id, cfg, tags=tags, reevaluate=reevaluate)
+
+
+def labels_changed_since_champion(cfg: ExperimentCfg) -> dict[str, Any]:
+    """Compare the current labelled-data version with the champion's ``data_version`` tag."""
+    from medsam2 import tracking
+    from medsam2.data.selection import training_data_version
+
+    tracking.setup(cfg)
+    current = training_data_version(cfg.data)
+    champ = tracking.alias_version(cfg.promotion.model_name, tracking.CHAMPION)
+    champ_version = champ.tags.get("data_version") if champ is not None else None
+    return {"retrain": champ_version != current, "data_version": current, "champion_data_version": champ_version,
+            "champion_version": int(champ.version) if champ is not None else None}

@@ -1,0 +1,311 @@
+"""MLflow: runs, params, metrics, artifacts, the pyfunc model, registry aliases and the promotion gate.
+
+The only module of the library that imports mlflow. Tracking URI: ``tracking.tracking_uri`` in the config,
+else ``MLFLOW_TRACKING_URI``, else a SQLite store under ``$MEDSAM2_HOME`` (default ``.medsam2/``).
+Registry: model name ``medsam2``; aliases ``champion`` (serving), ``challenger`` (last candidate),
+``previous`` (the champion before the current one; ``rollback`` restores it). Stages are never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from medsam2.config import ExperimentCfg, config_hash
+from medsam2.engine.callbacks import Callback
+
+log = logging.getLogger(__name__)
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+
+
+def medsam2_home() -> Path:
+    return Path(os.environ.get("MEDSAM2_HOME", ".medsam2")).resolve()
+
+
+def tracking_uri(cfg: ExperimentCfg | None = None) -> str:
+    if cfg is not None and cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    home = medsam2_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def setup(cfg: ExperimentCfg) -> str:
+    """Point mlflow at the store and experiment; returns the experiment id."""
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        mlflow.set_experiment(cfg.tracking.experiment)
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:"):  # a bare SQLite store needs somewhere local for artifacts
+        artifact_location = (medsam2_home() / "mlartifacts").as_uri()
+    try:
+        exp_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
+    except MlflowException:  # created concurrently by another process
+        exp_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def log_config(cfg: ExperimentCfg, data_version: str | None = None) -> None:
+    """Params (flattened config), tags (config hash, git commit, data version) and the config as YAML."""
+    import yaml
+
+    mlflow.log_params({k: str(v)[:500] for k, v in _flatten(cfg.model_dump(mode="json")).items()})
+    tags = {"config_hash": config_hash(cfg), "git_commit": git_commit()}
+    if data_version:
+        tags["data_version"] = data_version
+    mlflow.set_tags(tags)
+    mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config/resolved.yaml")
+
+
+class MlflowCallback(Callback):
+    """Logs a training run into the active MLflow run: params at start, loss/LR/throughput per log step,
+    validation Dice per evaluation, parameter counts and whether the base was randomly initialised."""
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        log_config(info["config"], info["data_version"])
+        random_init = info["base_weights"]["source"] == "none"
+        mlflow.set_tags({
+            "base_weights": info["base_weights"]["source"], "base_weights_sha256": info["base_weights"]["sha256"],
+            "random_init": str(random_init).lower(), "device": info["device"],
+        })
+        mlflow.log_params({"trainable_params": info["trainable_params"], "total_params": info["total_params"],
+                           "train_images": info["train_images"], "val_images": info["val_images"],
+                           "unlabelled_images": info["unlabelled_images"]})
+        if random_init:
+            mlflow.set_tag("mlflow.note.content",
+                           "RANDOM INIT: no pretrained SAM2 weights were loaded (model.checkpoint=none).")
+
+    def on_step(self, step: int, logs: dict[str, float]) -> None:
+        mlflow.log_metrics({f"train_{k}" if not k.startswith("train") else k: v for k, v in logs.items()}, step=step)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=step)
+
+    def on_train_end(self, result: Any) -> None:
+        mlflow.log_metrics({f"final_{k}" if not k.startswith(("final", "best", "last")) else k: v
+                            for k, v in result.metrics.items() if np.isfinite(v)})
+        mlflow.log_metric("train_wall_s", result.wall_s)
+        _log_loss_curve(result.history)
+
+
+def _log_loss_curve(history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*pts, strict=True), label="train loss")
+    vals = [(h["step"], h["val_dice"]) for h in history if "val_dice" in h]
+    if vals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*vals, strict=True), "o-", color="tab:green", label="val Dice")
+        ax2.set_ylabel("val Dice")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    fig.tight_layout()
+    mlflow.log_figure(fig, "plots/learning_curve.png")
+    plt.close(fig)
+
+
+class MedSAM2PyFunc(mlflow.pyfunc.PythonModel):
+    """Serve a checkpoint: ``predict`` takes a dict / list of dicts / DataFrame with ``image`` ((H,W,3) uint8
+    array) or ``image_path``, plus ``box`` ([x0,y0,x1,y1]) or ``points`` + ``point_labels`` as the model's
+    prompt mode needs; returns a list of (H,W) uint8 {0,1} masks."""
+
+    def load_context(self, context) -> None:
+        from medsam2.engine.checkpoint import load_model
+
+        self.model, self.cfg = load_model(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None):
+        from medsam2.data.readers import read_image_any
+        from medsam2.engine.predict import predict
+
+        items = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else model_input
+        items = [items] if isinstance(items, dict) else list(items)
+        images = [np.asarray(it["image"], np.uint8) if it.get("image") is not None
+                  else read_image_any(it["image_path"]) for it in items]
+        preds = predict(self.model, images, boxes=[it.get("box") for it in items],
+                        points=[it.get("points") for it in items],
+                        point_labels=[it.get("point_labels") for it in items])
+        return [p.mask.astype(np.uint8) for p in preds]
+
+
+def log_model(checkpoint: str | Path, model_card: str | None = None) -> str:
+    """Log the checkpoint as an MLflow pyfunc model in the active run; returns its model URI."""
+    import torch
+
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=MedSAM2PyFunc(), artifacts={"checkpoint": str(checkpoint)},
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "sam2==1.1.0", "medsam2"],
+    )
+    if model_card:
+        mlflow.log_text(model_card, "model/MODEL_CARD.md")
+    return info.model_uri
+
+
+def download_model_checkpoint(uri: str) -> Path:
+    """``models:/medsam2@champion`` / ``runs:/<id>/model`` / ``models:/m-…`` → local checkpoint file."""
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    dest = Path(tempfile.mkdtemp(prefix="medsam2-model-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    found = sorted(local.rglob("artifacts/*.pt")) or sorted(local.rglob("*.pt"))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint inside model {uri}")
+    return found[0]
+
+
+def log_evaluation(result, out_dir: Path, prefix: str = "eval") -> None:
+    """Metrics of an ``EvalResult`` and its report folder (HTML, JSON, plots, per-image CSV) to the active run."""
+    mlflow.log_metrics({k: v for k, v in result.metrics.items() if v is not None and np.isfinite(v)})
+    mlflow.log_artifacts(str(out_dir), prefix)
+    try:
+        clean = result.per_image[result.per_image["condition"] == "clean"]
+        table = clean.pivot_table(index="method", values=["dice", "iou", "precision", "recall"], aggfunc="mean")
+        mlflow.log_table(table.reset_index(), f"{prefix}/summary_table.json")
+    except (KeyError, ValueError):
+        pass
+
+
+def write_json(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------------------------- registry
+def _client() -> MlflowClient:
+    uri = tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def alias_version(name: str, alias: str):
+    """The ModelVersion holding ``alias``, or None."""
+    try:
+        return _client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def per_image_results(run_id: str, artifact: str = "eval/per_image.csv") -> pd.DataFrame | None:
+    """Per-image evaluation table stored with a run, or None."""
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact,
+                                                   tracking_uri=tracking_uri())
+    except (MlflowException, OSError):
+        return None
+    return pd.read_csv(path)
+
+
+def promote(
+    model_uri: str, eval_run_id: str, cfg, *, tags: dict[str, str] | None = None, reevaluate=None,
+) -> dict[str, Any]:
+    """Register ``model_uri`` as a new version of ``cfg.promotion.model_name`` and gate it against the champion.
+
+    The version always gets alias ``challenger``. If the gate passes, the old champion moves to ``previous``
+    and the new version becomes ``champion``. Decision and reasons are stored as version tags. ``reevaluate``
+    (``fn(champion_model_uri) -> per-image DataFrame``) is called when the champion's stored results do not
+    cover the challenger's evaluation set.
+    """
+    from medsam2.promotion import decide
+
+    pc = cfg.promotion
+    client = _client()
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    challenger = per_image_results(eval_run_id)
+    if challenger is None:
+        raise FileNotFoundError(f"run {eval_run_id} has no eval/per_image.csv: evaluate the model first")
+    champ = alias_version(pc.model_name, CHAMPION)
+    champ_df, champ_summary = None, None
+    if champ is not None:
+        champ_run = champ.tags.get("eval_run_id")
+        champ_df = per_image_results(champ_run) if champ_run else None
+        ids = set(challenger["image_id"])
+        if (champ_df is None or not ids <= set(champ_df["image_id"])) and reevaluate is not None:
+            champ_df = reevaluate(f"models:/{pc.model_name}/{champ.version}")
+        champ_summary = mlflow.get_run(champ_run).data.metrics if champ_run else None
+    new_summary = mlflow.get_run(eval_run_id).data.metrics
+    decision = decide(challenger, champ_df, pc, challenger_summary=new_summary, champion_summary=champ_summary)
+    mv = mlflow.register_model(model_uri, pc.model_name)
+    version_tags = {
+        **(tags or {}), "eval_run_id": eval_run_id, "gate_decision": "promoted" if decision.promote else "rejected",
+        "gate_reasons": json.dumps(decision.reasons)[:4900],
+        **{f"gate_{k}": f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in decision.stats.items()},
+    }
+    for metric in ("test_dice", "test_iou", "baseline_ellipse_in_box_dice"):
+        if metric in new_summary:
+            version_tags[metric] = f"{new_summary[metric]:.6f}"
+    for k, v in version_tags.items():
+        client.set_model_version_tag(pc.model_name, mv.version, k, v)
+    client.set_registered_model_alias(pc.model_name, CHALLENGER, mv.version)
+    if decision.promote:
+        if champ is not None:
+            client.set_registered_model_alias(pc.model_name, PREVIOUS, champ.version)
+        client.set_registered_model_alias(pc.model_name, CHAMPION, mv.version)
+    return {"model_name": pc.model_name, "version": int(mv.version), "promoted": decision.promote,
+            "alias": CHAMPION if decision.promote else CHALLENGER, "reasons": decision.reasons,
+            "stats": decision.stats, "previous_champion": int(champ.version) if champ else None}
+
+
+def rollback(model_name: str = "medsam2") -> dict[str, Any]:
+    """Give ``champion`` back to the ``previous`` version (the demoted one becomes ``previous``)."""
+    client = _client()
+    prev, champ = alias_version(model_name, PREVIOUS), alias_version(model_name, CHAMPION)
+    if prev is None:
+        raise LookupError(f"model {model_name!r} has no '{PREVIOUS}' version to roll back to")
+    client.set_registered_model_alias(model_name, CHAMPION, prev.version)
+    if champ is not None:
+        client.set_registered_model_alias(model_name, PREVIOUS, champ.version)
+        client.set_model_version_tag(model_name, champ.version, "rolled_back", "true")
+    return {"model_name": model_name, "champion": int(prev.version),
+            "previous": int(champ.version) if champ else None}
+
+
+def champion_summary(model_name: str = "medsam2") -> dict[str, Any] | None:
+    """Version, tags and eval metrics of the current champion (None if there is none)."""
+    mv = alias_version(model_name, CHAMPION)
+    if mv is None:
+        return None
+    metrics = {}
+    if mv.tags.get("eval_run_id"):
+        metrics = mlflow.get_run(mv.tags["eval_run_id"]).data.metrics
+    return {"model_name": model_name, "version": int(mv.version), "tags": dict(mv.tags),
+            "metrics": {k: metrics[k] for k in sorted(metrics) if k.startswith(("test_", "baseline_"))}}
