@@ -69,6 +69,8 @@ def _pixels(path: Path) -> tuple[Any, np.ndarray, list[str]]:
     except Exception as e:
         raise QuarantineError("corrupt", f"DICOM: {type(e).__name__}") from None
     phi = phi_values(ds)
+    if len(ds) == 0:
+        raise QuarantineError("corrupt", "DICOM preamble but no parseable data elements")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise QuarantineError("no_pixel_data", "DICOM object has no pixel data")
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
@@ -89,7 +91,8 @@ def _pixels(path: Path) -> tuple[Any, np.ndarray, list[str]]:
         raise QuarantineError(reason, msg[:200]) from None
     except Exception as e:
         msg = scrub(str(e), phi)
-        reason = "truncated" if ("shorter" in msg or "truncat" in msg or "EOF" in msg) else "corrupt"
+        short = ("shorter", "truncat", "EOF", "less than expected")
+        reason = "truncated" if any(s in msg for s in short) else "corrupt"
         raise QuarantineError(reason, f"{type(e).__name__}: {msg[:160]}") from None
     return ds, arr, phi
 

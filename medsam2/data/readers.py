@@ -179,15 +179,25 @@ def raster_size(path: Path) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------
 # NPY
 def read_npy(path: Path) -> np.ndarray:
-    """A 2D (H, W) or (H, W, C≤4) array; shape and dtype are checked from the header before reading the
-    data."""
+    """2D (H, W) or (H, W, C≤4) array; shape and dtype are checked from the header before reading data."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, _, dtype = read_header(f)  # header only, no data
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise QuarantineError("corrupt", f"NPY header: {str(e)[:160]}") from None
+    if dtype.hasobject:
+        raise QuarantineError("unsupported_dtype", "object/pickled arrays are not read")
+    if len(shape) in (2, 3) and 0 not in shape:
+        check_size(int(shape[1]), int(shape[0]))
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
         msg = str(e)
-        if "pickle" in msg.lower() or "object" in msg.lower():
-            raise QuarantineError("unsupported_dtype", "object/pickled arrays are not read") from None
-        raise QuarantineError("corrupt", f"NPY: {msg[:160]}") from None
+        reason = "truncated" if "mmap length" in msg or "size" in msg else "corrupt"
+        raise QuarantineError(reason, f"NPY: {msg[:160]}") from None
     except (OSError, EOFError) as e:
         raise QuarantineError("corrupt", f"NPY: {type(e).__name__}: {str(e)[:160]}") from None
     if arr.dtype.kind not in "biuf":
