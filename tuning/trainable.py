@@ -1,0 +1,234 @@
+"""The Tune trial: base config + sampled params → ``medsam2.engine.train.train`` with two callbacks.
+
+* :class:`TuneReport` is the only place in the project that calls ``ray.tune.report``: one report per
+  evaluation (``val_dice``, ``step``, ...), carrying a Tune checkpoint (the trial's ``last.pt`` plus its
+  resolved config) whenever the loop writes one at the same step.
+* :class:`MlflowChild` logs the trial as one MLflow run nested under the sweep's parent run (tag
+  ``mlflow.parentRunId``); a retried trial reopens the same child run instead of making a second one.
+
+Resume: each trial trains into its own ``train.output_dir`` (``<trial dir>/train`` for local storage). A trial
+restarted after a failure finds its ``last.pt`` there, or — on another node — gets it back from the last Tune
+checkpoint, and ``train`` resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from ray import tune
+
+from medsam2.config import ExperimentCfg
+from medsam2.engine.callbacks import Callback
+from medsam2.engine.train import train
+from medsam2.tracking import MlflowCallback
+from tuning.spaces import apply_params
+
+FAULT_ENV = "MEDSAM2_TUNE_FAIL_ONCE"
+"""Test hook: path of a marker file. The first trial to write a Tune checkpoint while the marker is absent
+creates it and raises, so Tune's FailureConfig retry path runs (a crash mid-trial cannot be provoked
+otherwise on a healthy machine)."""
+TRIAL_TAG = "medsam2.trial_id"
+CONFIG_FILE = "resolved_config.yaml"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs from the driver; plain data so it ships to any Ray node."""
+
+    base_cfg: dict[str, Any]
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep_name: str
+    local_storage: bool
+    """True when the sweep's storage path is a local/shared filesystem path (trial dirs are real dirs)."""
+
+
+def trial_output_dir(ctx: SweepContext, trial_dir: str, trial_name: str) -> Path:
+    """Where a trial's ``train`` writes ``last.pt``/``final.pt``: stable across retries and driver restarts,
+    because the path is part of the config hash that ``train`` checks on resume."""
+    if ctx.local_storage:
+        return Path(trial_dir) / "train"
+    root = Path(os.environ.get("MEDSAM2_TUNE_LOCAL_DIR", Path(tempfile.gettempdir()) / "medsam2-tune"))
+    return root / ctx.sweep_name / trial_name / "train"
+
+
+def trial_config(base_cfg: dict[str, Any] | ExperimentCfg, params: dict[str, Any], output_dir: str | Path
+                 ) -> ExperimentCfg:
+    """The full resolved config of one trial."""
+    base = base_cfg if isinstance(base_cfg, ExperimentCfg) else ExperimentCfg.model_validate(base_cfg)
+    return apply_params(base, {**params, "train.output_dir": str(output_dir)})
+
+
+def trial_metrics(val_dice: float, best: float, step: int, max_steps: int, resumed_from: int
+                  ) -> dict[str, Any]:
+    """One Tune report. ``step`` is ASHA's time attribute; ``max_steps`` tells the driver a trial finished."""
+    return {"val_dice": float(val_dice), "best_val_dice": float(best), "step": int(step),
+            "max_steps": int(max_steps), "resumed_from": int(resumed_from)}
+
+
+class TuneReport(Callback):
+    """Reports every evaluation to Tune. When the loop also writes ``last.pt`` at that step (it does so right
+    after evaluating), the report waits for it and carries it as the trial's checkpoint."""
+
+    def __init__(self, cfg: ExperimentCfg) -> None:
+        self.cfg = cfg
+        self.reported = 0
+        self.resumed_from = 0
+        self._pending: dict[str, float] | None = None
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        self.resumed_from = int(info.get("resumed_from", 0))
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        tc = self.cfg.train
+        val = metrics["val_dice"]
+        report = trial_metrics(val, metrics.get("best_val_dice", val), step, tc.max_steps, self.resumed_from)
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            self._pending = report  # on_checkpoint follows in the same step
+        else:
+            self._report(report, None)
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        if self._pending is None or self._pending["step"] != step:
+            return
+        report, self._pending = self._pending, None
+        self._report(report, Path(path))
+
+    def on_train_end(self, result: Any) -> None:
+        if self._pending is not None:
+            report, self._pending = self._pending, None
+            self._report(report, None)
+
+    def _report(self, metrics: dict[str, Any], last_pt: Path | None) -> None:
+        self.reported += 1
+        if last_pt is None:
+            tune.report(metrics)
+            return
+        stage = Path(tempfile.mkdtemp(prefix=".tune-ckpt-", dir=last_pt.parent))
+        try:
+            try:  # a hard link costs nothing; Tune copies the file into its storage
+                os.link(last_pt, stage / last_pt.name)
+            except OSError:
+                shutil.copy2(last_pt, stage / last_pt.name)
+            resolved = yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False)
+            (stage / CONFIG_FILE).write_text(resolved)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(stage)))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+class FailOnce(Callback):
+    """Raises once, after the first checkpointed report, if ``$MEDSAM2_TUNE_FAIL_ONCE`` names a missing
+    file (it creates the file first, so exactly one attempt of one trial fails)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = Path(marker)
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV}={self.marker})")
+
+
+class MlflowChild(Callback):
+    """One child run per trial under the sweep's parent run; delegates the run content to ``MlflowCallback``
+    (resolved config, params, losses, val Dice per evaluation, learning curve)."""
+
+    def __init__(self, ctx: SweepContext, trial_id: str, trial_name: str, params: dict[str, Any]) -> None:
+        self.ctx, self.trial_id, self.trial_name, self.params = ctx, trial_id, trial_name, params
+        self.inner = MlflowCallback()
+        self.run_id: str | None = None
+        self.reopened = False
+
+    def start(self) -> str:
+        mlflow.set_tracking_uri(self.ctx.tracking_uri)
+        client = MlflowClient(self.ctx.tracking_uri)
+        query = (f"tags.mlflow.parentRunId = '{self.ctx.parent_run_id}' "
+                 f"and tags.`{TRIAL_TAG}` = '{self.trial_id}'")
+        found = client.search_runs([self.ctx.experiment_id], query, max_results=1)
+        if found:  # a retried or restored trial continues its own run
+            run = mlflow.start_run(run_id=found[0].info.run_id)
+            mlflow.set_tag("retried", "true")
+            self.reopened = True
+        else:
+            run = mlflow.start_run(
+                experiment_id=self.ctx.experiment_id, run_name=self.trial_name, nested=True,
+                parent_run_id=self.ctx.parent_run_id,
+                tags={"mlflow.parentRunId": self.ctx.parent_run_id, TRIAL_TAG: self.trial_id,
+                      "medsam2.sweep": self.ctx.sweep_name, "medsam2.kind": "trial",
+                      "tune_params": json.dumps(self.params, default=str)[:5000]},
+            )
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        if info.get("resumed_from"):
+            mlflow.log_metric("resumed_from", info["resumed_from"])
+        if not self.reopened:  # a reopened run has its params from the first attempt (params are immutable)
+            self.inner.on_train_start(info)
+
+    def on_step(self, step: int, logs: dict[str, float]) -> None:
+        self.inner.on_step(step, logs)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.inner.on_eval(step, metrics)
+
+    def on_train_end(self, result: Any) -> None:
+        self.inner.on_train_end(result)
+        mlflow.set_tag("checkpoint", result.checkpoint)
+
+    def finish(self, status: str) -> None:
+        if self.run_id is not None and mlflow.active_run() is not None:
+            mlflow.end_run(status)
+
+
+def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
+    """Tune function trainable (bind ``ctx`` with ``tune.with_parameters``)."""
+    tctx = tune.get_context()
+    trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
+    out = trial_output_dir(ctx, tctx.get_trial_dir(), trial_name)
+    cfg = trial_config(ctx.base_cfg, params, out)
+    _restore_last(out)
+    reporter = TuneReport(cfg)
+    child = MlflowChild(ctx, trial_id, trial_name, params)
+    callbacks: list[Callback] = [reporter, child]
+    if os.environ.get(FAULT_ENV):
+        callbacks.append(FailOnce(os.environ[FAULT_ENV]))
+    child.start()
+    try:
+        result = train(cfg, callbacks=callbacks)
+    except BaseException:
+        child.finish("FAILED")
+        raise
+    if not reporter.reported:  # e.g. restored after it had already finished: report the final numbers once
+        m, nan = result.metrics, float("nan")
+        tune.report(trial_metrics(m.get("last_val_dice", nan), m.get("best_val_dice", nan), result.steps,
+                                  cfg.train.max_steps, result.resumed_from))
+    child.finish("FINISHED")
+
+
+def _restore_last(out: Path) -> None:
+    """Seed ``out/last.pt`` from Tune's last checkpoint when the trial restarts somewhere without it."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None or (out / "last.pt").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with ckpt.as_directory() as d:
+        src = Path(d) / "last.pt"
+        if src.exists():
+            tmp = out / ".last.pt.restore"
+            shutil.copy2(src, tmp)
+            os.replace(tmp, out / "last.pt")
