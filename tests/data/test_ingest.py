@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from conftest import SALT
 
 from medsam2.data.ingest import IngestResult, ingest

@@ -1,4 +1,4 @@
-"""≥ 20 kinds of bad input, synthesised in tmp_path: each is quarantined with its reason, ingest never crashes."""
+"""≥ 20 kinds of bad input made in tmp_path: each is quarantined with its reason; ingest never crashes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
