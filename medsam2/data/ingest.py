@@ -480,6 +480,7 @@ def _run(
         qdf = pd.DataFrame(qrows, columns=list(QUARANTINE_COLUMNS))
         qfull = pd.concat([othersq, qdf], ignore_index=True) if len(othersq) else qdf
         qfull = qfull.sort_values(["dataset", "source_uri", "reason"], kind="stable").reset_index(drop=True)
+        os.sync()  # cache files were written without fsync: make them durable before the manifest names them
         write_table(full, workdir / MANIFEST_NAME, MANIFEST_COLUMNS)
         write_table(qfull, workdir / QUARANTINE_NAME, QUARANTINE_COLUMNS)
         src.cache.save()

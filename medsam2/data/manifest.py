@@ -133,7 +133,8 @@ def _conform(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
 def _read(path: Path, columns: dict[str, str]) -> pd.DataFrame:
     if not path.exists():
         return _empty(columns)
-    df = pd.read_parquet(path)
+    # one read of the bytes: a concurrent os.replace can never mix two versions of the file
+    df = pd.read_parquet(io.BytesIO(path.read_bytes()))
     if "box" in df.columns:
         df["box"] = df["box"].map(lambda b: None if b is None else [int(v) for v in b])
     return _conform(df, columns)
@@ -157,9 +158,12 @@ def write_table(df: pd.DataFrame, path: Path, columns: dict[str, str]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + ``os.replace`` (readers see old or new, never
-    half)."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + ``os.replace`` (readers see old or new, never half).
+
+    ``fsync=False`` (cache files) skips the per-file fsync; the ingest calls ``os.sync()`` once before it
+    writes a manifest that references them, so durability ordering is kept at a fraction of the cost.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -167,7 +171,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -175,11 +180,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def atomic_save_npy(path: str | Path, arr: np.ndarray) -> None:
+def atomic_save_npy(path: str | Path, arr: np.ndarray, *, fsync: bool = True) -> None:
     """``np.save`` atomically; the result is memory-mappable with ``np.load(path, mmap_mode="r")``."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), fsync=fsync)
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -90,6 +90,16 @@ class _Ctx:
         self.fingerprint: str = ctx["fingerprint"]
 
 
+def _mean_std(rgb: np.ndarray) -> tuple[float, float]:
+    """Exact mean and std over all pixels and channels of uint8 (H, W, 3), scaled to [0, 1]."""
+    import cv2
+
+    m, sd = cv2.meanStdDev(rgb)
+    m, var = m.ravel(), sd.ravel() ** 2
+    mean = float(m.mean())
+    return mean / 255.0, float(np.sqrt((var + (m - mean) ** 2).mean())) / 255.0
+
+
 def _build_row(
     c: _Ctx,
     u: Unit,
@@ -106,8 +116,9 @@ def _build_row(
 ) -> dict[str, Any]:
     flags = sorted(set(flags or []))
     h, w = rgb.shape[:2]
-    if int(rgb.min()) == int(rgb.max()):
-        raise QuarantineError("blank_image", f"constant image (value {int(rgb.min())})")
+    mean, std = _mean_std(rgb)
+    if std == 0.0:
+        raise QuarantineError("blank_image", f"constant image (value {int(rgb[0, 0, 0])})")
     box = None
     if mask is not None:
         if mask.shape != (h, w):
@@ -128,12 +139,11 @@ def _build_row(
         label_kind = "none"
     image_id = make_image_id(c.dataset, rel, frame, target_key)
     cache = c.workdir / CACHE_DIR
-    atomic_save_npy(cache / f"{image_id}.npy", rgb)
+    atomic_save_npy(cache / f"{image_id}.npy", rgb, fsync=False)  # synced once before the manifest write
     mask_uri = None
     if mask is not None:
-        atomic_save_npy(cache / f"{image_id}.mask.npy", mask)
+        atomic_save_npy(cache / f"{image_id}.mask.npy", mask, fsync=False)
         mask_uri = f"{CACHE_DIR}/{image_id}.mask.npy"
-    grey = rgb.mean(axis=2, dtype=np.float32) if rgb.shape[2] == 3 else rgb
     return {
         "image_id": image_id,
         "dataset": c.dataset,
@@ -151,9 +161,9 @@ def _build_row(
         "mask_source_uri": f"{c.base_uri.rstrip('/')}/{mask_rel}" if mask_rel else None,
         "frame": int(frame),
         "target": target,
-        "mask_fraction": float(mask.mean()) if mask is not None else 0.0,
-        "intensity_mean": float(grey.mean()) / 255.0,
-        "intensity_std": float(grey.std()) / 255.0,
+        "mask_fraction": np.count_nonzero(mask) / mask.size if mask is not None else 0.0,
+        "intensity_mean": mean,
+        "intensity_std": std,
         "pixel_sha256": _sha_arr(rgb),
         "mask_pixel_sha256": _sha_arr(mask) if mask is not None else None,
         "split_bucket": int(u.split_bucket),
