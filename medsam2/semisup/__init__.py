@@ -14,6 +14,7 @@ from medsam2.registry import Registry
 
 STRATEGIES: Registry = Registry("semisup")
 
+from medsam2.semisup import adversarial, mean_teacher, mutual_consistency  # noqa: E402,F401,I001
 from medsam2.semisup import supervised  # noqa: E402,F401  (registers "none")
 
 __all__ = ["STRATEGIES"]
