@@ -62,18 +62,25 @@ def trial_output_dir(ctx: SweepContext, trial_dir: str, trial_name: str) -> Path
     return root / ctx.sweep_name / trial_name / "train"
 
 
-def trial_config(base_cfg: dict[str, Any] | ExperimentCfg, params: dict[str, Any], output_dir: str | Path
-                 ) -> ExperimentCfg:
+def trial_config(
+    base_cfg: dict[str, Any] | ExperimentCfg, params: dict[str, Any], output_dir: str | Path
+) -> ExperimentCfg:
     """The full resolved config of one trial."""
     base = base_cfg if isinstance(base_cfg, ExperimentCfg) else ExperimentCfg.model_validate(base_cfg)
     return apply_params(base, {**params, "train.output_dir": str(output_dir)})
 
 
-def trial_metrics(val_dice: float, best: float, step: int, max_steps: int, resumed_from: int
-                  ) -> dict[str, Any]:
+def trial_metrics(
+    val_dice: float, best: float, step: int, max_steps: int, resumed_from: int
+) -> dict[str, Any]:
     """One Tune report. ``step`` is ASHA's time attribute; ``max_steps`` tells the driver a trial finished."""
-    return {"val_dice": float(val_dice), "best_val_dice": float(best), "step": int(step),
-            "max_steps": int(max_steps), "resumed_from": int(resumed_from)}
+    return {
+        "val_dice": float(val_dice),
+        "best_val_dice": float(best),
+        "step": int(step),
+        "max_steps": int(max_steps),
+        "resumed_from": int(resumed_from),
+    }
 
 
 class TuneReport(Callback):
@@ -156,8 +163,9 @@ class MlflowChild(Callback):
     def start(self) -> str:
         mlflow.set_tracking_uri(self.ctx.tracking_uri)
         client = MlflowClient(self.ctx.tracking_uri)
-        query = (f"tags.mlflow.parentRunId = '{self.ctx.parent_run_id}' "
-                 f"and tags.`{TRIAL_TAG}` = '{self.trial_id}'")
+        query = (
+            f"tags.mlflow.parentRunId = '{self.ctx.parent_run_id}' and tags.`{TRIAL_TAG}` = '{self.trial_id}'"
+        )
         found = client.search_runs([self.ctx.experiment_id], query, max_results=1)
         if found:  # a retried or restored trial continues its own run
             run = mlflow.start_run(run_id=found[0].info.run_id)
@@ -165,11 +173,17 @@ class MlflowChild(Callback):
             self.reopened = True
         else:
             run = mlflow.start_run(
-                experiment_id=self.ctx.experiment_id, run_name=self.trial_name, nested=True,
+                experiment_id=self.ctx.experiment_id,
+                run_name=self.trial_name,
+                nested=True,
                 parent_run_id=self.ctx.parent_run_id,
-                tags={"mlflow.parentRunId": self.ctx.parent_run_id, TRIAL_TAG: self.trial_id,
-                      "medsam2.sweep": self.ctx.sweep_name, "medsam2.kind": "trial",
-                      "tune_params": json.dumps(self.params, default=str)[:5000]},
+                tags={
+                    "mlflow.parentRunId": self.ctx.parent_run_id,
+                    TRIAL_TAG: self.trial_id,
+                    "medsam2.sweep": self.ctx.sweep_name,
+                    "medsam2.kind": "trial",
+                    "tune_params": json.dumps(self.params, default=str)[:5000],
+                },
             )
         self.run_id = run.info.run_id
         return self.run_id
@@ -210,13 +224,24 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     child.start()
     try:
         result = train(cfg, callbacks=callbacks)
+    except SystemExit:  # Tune ends a stopped trial (ASHA) with sys.exit inside tune.report
+        mlflow.set_tag("tune_status", "STOPPED_EARLY")
+        child.finish("KILLED")
+        raise
     except BaseException:
         child.finish("FAILED")
         raise
     if not reporter.reported:  # e.g. restored after it had already finished: report the final numbers once
         m, nan = result.metrics, float("nan")
-        tune.report(trial_metrics(m.get("last_val_dice", nan), m.get("best_val_dice", nan), result.steps,
-                                  cfg.train.max_steps, result.resumed_from))
+        tune.report(
+            trial_metrics(
+                m.get("last_val_dice", nan),
+                m.get("best_val_dice", nan),
+                result.steps,
+                cfg.train.max_steps,
+                result.resumed_from,
+            )
+        )
     child.finish("FINISHED")
 
 

@@ -1,0 +1,67 @@
+"""Shared fixtures for the Ray Tune tests: a tiny ingested Kvasir work dir and Ray token auth."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import pytest
+
+N_IMAGES = 12
+N_TEST = 2
+
+
+def sample_data_root() -> Path:
+    return Path(
+        os.environ.get("MEDSAM2_SAMPLE_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
+    )
+
+
+@pytest.fixture(scope="session")
+def kvasir_workdir(tmp_path_factory) -> str:
+    """12 real Kvasir-SEG images ingested with a 30 % val share (≈7 train / 3 val / 2 test)."""
+    src = sample_data_root() / "kvasir-seg"
+    if not (src / "images").is_dir():
+        pytest.skip(f"sample data not found at {src} (set MEDSAM2_SAMPLE_DATA)")
+    from medsam2.data.ingest import ingest
+
+    root = tmp_path_factory.mktemp("kvasir") / "kvasir-seg"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    stems = sorted(p.stem for p in (src / "images").glob("*.jpg"))[:N_IMAGES]
+    for s in stems:
+        shutil.copy(src / "images" / f"{s}.jpg", root / "images")
+        shutil.copy(src / "masks" / f"{s}.jpg", root / "masks")
+    (root / "split_pranet_test.txt").write_text("\n".join(stems[:N_TEST]) + "\n")
+    workdir = root.parent / "work"
+    res = ingest(str(root), workdir, layout={"val_fraction": 0.3})
+    assert res.splits.get("val", 0) >= 1, res.splits
+    return str(workdir)
+
+
+@pytest.fixture(scope="session")
+def ray_token() -> str:
+    """Ray 2.60 enables token auth by default. Pin it explicitly for the whole session — one token in the
+    env for the local Ray, the `ray start` nodes and the driver — so nothing reads or writes ~/.ray/auth_token
+    (the C++ token loader caches the first token a process sees, hence one token per session)."""
+    mp = pytest.MonkeyPatch()
+    token = secrets.token_hex(32)
+    mp.setenv("RAY_AUTH_MODE", "token")
+    mp.setenv("RAY_AUTH_TOKEN", token)
+    mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    mp.delenv("RAY_ADDRESS", raising=False)
+    yield token
+    mp.undo()
+
+
+@pytest.fixture
+def sweep_env(tmp_path, monkeypatch, ray_token, kvasir_workdir):
+    """MEDSAM2_HOME and a file-backed SQLite MLflow store under tmp_path; returns URI + base overrides."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("MEDSAM2_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return {"uri": uri, "overrides": [f"data.workdir={kvasir_workdir}", f"tracking.tracking_uri={uri}"]}

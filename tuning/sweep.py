@@ -1,0 +1,388 @@
+"""``run_sweep``: Ray Tune + ASHA over a registered search space, tracked as one MLflow parent run.
+
+Driver steps: resolve the config (space base ← ``--set`` overrides; absolute paths; a concrete tracking URI),
+create the MLflow store + experiment once (a fresh SQLite store races when trial processes create it at once),
+open the parent run, run the Tuner (trials log child runs, see ``tuning.trainable``), then log the results
+table, a parallel-coordinates plot and ``best_config.yaml`` (the full resolved config of the best trial,
+loadable with ``medsam2.config.load_config``) to the parent run and end it.
+
+Ray: ``address`` (or ``RAY_ADDRESS``) joins an existing cluster; otherwise a local Ray starts with
+``num_cpus``. Ray 2.60 turns token auth on by default: a local ``ray.init`` makes/uses ``~/.ray/auth_token``
+unless ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN`` say otherwise; to join a cluster the driver needs the cluster's
+token in ``RAY_AUTH_TOKEN`` (or ``RAY_AUTH_TOKEN_PATH``) — see ``infra/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+import ray
+import yaml
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from medsam2 import tracking
+from medsam2.config import ExperimentCfg, config_hash, load_config, parse_overrides, with_overrides
+from tuning.report import parallel_coordinates, results_table
+from tuning.spaces import SPACE_RESOURCES, SPACES, apply_params
+from tuning.trainable import CONFIG_FILE, TRIAL_TAG, SweepContext, run_trial, trial_config, trial_output_dir
+
+FORWARDED_ENV_PREFIXES = ("MEDSAM2_", "MLFLOW_", "AWS_")
+"""Driver env vars shipped to every trial (S3 endpoint and keys, tracking settings, test hooks)."""
+
+
+@dataclass
+class SweepResult:
+    name: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    best_config: str | None
+    best_val_dice: float
+    best_trial: str | None
+    trials: int
+    completed: int
+    stopped_early: int
+    errored: int
+    wall_s: float
+    experiment_path: str
+    results_csv: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["best_val_dice"] != d["best_val_dice"]:  # NaN is not JSON
+            d["best_val_dice"] = None
+        return d
+
+
+def prepare_config(space: str, base_cfg: ExperimentCfg, overrides: list[str] | None = None) -> ExperimentCfg:
+    """Base config ← the space's fixed values ← ``overrides``; local paths made absolute and the tracking URI
+    made concrete, so the config means the same thing in every worker process."""
+    _, base = SPACES.create(space)
+    cfg = apply_params(base_cfg, base)
+    cfg = with_overrides(cfg, **parse_overrides(overrides))
+    data, model = {}, {}
+    if "://" not in cfg.data.workdir:
+        data["workdir"] = str(Path(cfg.data.workdir).resolve())
+    if cfg.data.source and "://" not in cfg.data.source:
+        data["source"] = str(Path(cfg.data.source).resolve())
+    if Path(cfg.model.checkpoint).exists():
+        model["checkpoint"] = str(Path(cfg.model.checkpoint).resolve())
+    return with_overrides(cfg, data=data, model=model, tracking={"tracking_uri": tracking.tracking_uri(cfg)})
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _runtime_env(local: bool) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    if local:  # same machine: pin the home dir (relative by default) and make the checkout importable
+        env["MEDSAM2_HOME"] = str(tracking.medsam2_home())
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": env}
+
+
+def _init_ray(address: str | None, num_cpus: int | None, quiet: bool) -> bool:
+    """Start or join Ray; returns True when this call started it (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, runtime_env=_runtime_env(local=False), log_to_driver=not quiet)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=_runtime_env(local=True),
+            log_to_driver=not quiet,
+        )
+    return True
+
+
+def _searcher(search: str, seed: int | None):
+    if search == "random":  # independent random samples; a seed makes the sampled configs reproducible
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed)
+    if search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:  # pragma: no cover - optuna is optional
+            raise ImportError("search='optuna' needs the optuna package: pip install optuna") from e
+        return OptunaSearch(seed=seed)
+    raise ValueError(f"search must be 'random' or 'optuna', got {search!r}")
+
+
+def _experiment_name(space: str, cfg: ExperimentCfg, storage: str, resume: bool) -> str:
+    prefix = f"{space}-{config_hash(cfg)}"
+    if resume:
+        if not _is_local(storage):
+            raise ValueError("resume=True needs a local storage_path (or pass name=...)")
+        found = sorted(p.name for p in Path(storage).glob(f"{prefix}-*") if (p / "sweep.json").exists())
+        if not found:
+            raise FileNotFoundError(f"no sweep {prefix}-* under {storage} to resume")
+        return found[-1]
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_sweep(
+    space: str,
+    num_samples: int,
+    *,
+    base_cfg: ExperimentCfg,
+    overrides: list[str] | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    gpus_per_trial: float = 0,
+    cpus_per_trial: float = 1,
+    storage_path: str | None = None,
+    max_failures: int = 1,
+    search: Literal["random", "optuna"] = "random",
+    max_concurrent: int | None = None,
+    resume: bool = False,
+    name: str | None = None,
+    seed: int | None = None,
+    quiet: bool = False,
+) -> SweepResult:
+    """Sample ``num_samples`` trials of the registered ``space`` with ASHA early stopping on ``val_dice``.
+
+    ``overrides`` (dotted ``k=v``) win over the space's fixed values; a sampled key named in ``overrides`` is
+    pinned (removed from the search). ``resume=True`` continues the latest sweep of the same space and config
+    under ``storage_path`` (unfinished and errored trials), reopening its MLflow parent run.
+    """
+    t0 = time.perf_counter()
+    param_space, _ = SPACES.create(space)
+    pinned = set(parse_overrides_flat(overrides))
+    param_space = {k: v for k, v in param_space.items() if k not in pinned}
+    cfg = prepare_config(space, base_cfg, overrides)
+    storage = storage_path or str(tracking.medsam2_home() / "ray_results")
+    storage = str(Path(storage).resolve()) if "://" not in storage else storage
+    name = name or _experiment_name(space, cfg, storage, resume)
+    local_out = Path(storage) / name if _is_local(storage) else tracking.medsam2_home() / "sweeps" / name
+    local_out = Path(str(local_out).removeprefix("file://"))
+    local_out.mkdir(parents=True, exist_ok=True)
+
+    exp_id = tracking.setup(cfg)  # creates the store and experiment once, before any trial touches them
+    uri = cfg.tracking.tracking_uri
+    state_file = local_out / "sweep.json"
+    parent_id = (
+        json.loads(state_file.read_text())["parent_run_id"] if resume and state_file.exists() else None
+    )
+    parent = (
+        mlflow.start_run(run_id=parent_id)
+        if parent_id
+        else mlflow.start_run(
+            experiment_id=exp_id, run_name=name, tags={"medsam2.kind": "sweep", "medsam2.space": space}
+        )
+    )
+    parent_id = parent.info.run_id
+    state_file.write_text(json.dumps({"parent_run_id": parent_id, "space": space, "experiment_id": exp_id}))
+    started_ray = False
+    try:
+        if not resume:
+            tracking.log_config(cfg)
+            mlflow.log_params(
+                {
+                    "sweep.space": space,
+                    "sweep.num_samples": num_samples,
+                    "sweep.search": search,
+                    "sweep.gpus_per_trial": gpus_per_trial,
+                    "sweep.cpus_per_trial": cpus_per_trial,
+                    "sweep.max_failures": max_failures,
+                    "sweep.name": name,
+                }
+            )
+        started_ray = _init_ray(address, num_cpus, quiet)
+        ctx = SweepContext(
+            base_cfg=cfg.model_dump(mode="json"),
+            tracking_uri=uri,
+            experiment_id=exp_id,
+            parent_run_id=parent_id,
+            sweep_name=name,
+            local_storage=_is_local(storage),
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, ctx=ctx), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+        )
+        if resume:
+            tuner = tune.Tuner.restore(
+                str(local_out) if _is_local(storage) else f"{storage}/{name}",
+                trainable,
+                resume_unfinished=True,
+                resume_errored=True,
+            )
+        else:
+            tuner = _tuner(
+                trainable,
+                param_space,
+                cfg,
+                num_samples,
+                storage,
+                name,
+                max_failures,
+                search,
+                max_concurrent,
+                seed,
+                quiet,
+            )
+        grid = tuner.fit()
+        result = _summarise(grid, cfg, ctx, local_out, storage, name, exp_id, parent_id, uri, t0)
+        mlflow.end_run("FINISHED")
+        return result
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def parse_overrides_flat(overrides: list[str] | None) -> dict[str, Any]:
+    return {item.split("=", 1)[0].strip(): item.split("=", 1)[1] for item in overrides or [] if "=" in item}
+
+
+def _tuner(
+    trainable, param_space, cfg, num_samples, storage, name, max_failures, search, max_concurrent, seed, quiet
+) -> tune.Tuner:
+    max_t = cfg.train.max_steps
+    scheduler = ASHAScheduler(
+        time_attr="step", max_t=max_t, grace_period=min(cfg.train.eval_every, max_t), reduction_factor=2
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric="val_dice",
+            mode="max",
+            scheduler=scheduler,
+            num_samples=num_samples,
+            search_alg=_searcher(search, seed),
+            max_concurrent_trials=max_concurrent,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            verbose=0 if quiet else 1,
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+def trial_dirname(trial) -> str:
+    """Short trial dirs (``trial_<id>``): Tune's default embeds every param and blows path-length limits."""
+    return f"trial_{trial.trial_id}"
+
+
+def _summarise(grid, cfg, ctx, local_out: Path, storage, name, exp_id, parent_id, uri, t0) -> SweepResult:
+    table = results_table(grid)
+    csv_path = local_out / "results.csv"
+    table.to_csv(csv_path, index=False)
+    (local_out / "results.json").write_text(table.to_json(orient="records", indent=2))
+    mlflow.log_artifact(str(csv_path), "sweep")
+    mlflow.log_artifact(str(local_out / "results.json"), "sweep")
+    plot = parallel_coordinates(table, local_out / "parallel_coordinates.png")
+    if plot is not None:
+        mlflow.log_artifact(str(plot), "sweep")
+    _close_child_runs(uri, exp_id, parent_id, table)
+
+    ok = table[table["status"] != "ERROR"].dropna(subset=["best_val_dice"])
+    best_cfg_path, best_dice, best_trial = None, float("nan"), None
+    if len(ok):
+        row = ok.loc[ok["best_val_dice"].idxmax()]
+        best_dice, best_trial = float(row["best_val_dice"]), str(row["trial_id"])
+        best = next(r for r in grid if Path(r.path).name.removeprefix("trial_") == best_trial)
+        best_cfg_path = local_out / "best_config.yaml"
+        best_cfg_path.write_text(_resolved_config(best, ctx))
+        load_config(best_cfg_path)  # fail here, not in the user's next command, if it does not load
+        mlflow.log_artifact(str(best_cfg_path), "sweep")
+        mlflow.set_tag("best_trial", best_trial)
+        mlflow.log_metric("best_val_dice", best_dice)
+    counts = {
+        "trials": len(table),
+        "completed": int((table["status"] == "COMPLETED").sum()),
+        "stopped_early": int((table["status"] == "STOPPED_EARLY").sum()),
+        "errored": int((table["status"] == "ERROR").sum()),
+    }
+    wall = time.perf_counter() - t0
+    mlflow.log_metrics({**counts, "sweep_wall_s": wall})
+    result = SweepResult(
+        name=name,
+        parent_run_id=parent_id,
+        experiment_id=exp_id,
+        tracking_uri=uri,
+        best_config=str(best_cfg_path) if best_cfg_path else None,
+        best_val_dice=best_dice,
+        best_trial=best_trial,
+        wall_s=wall,
+        experiment_path=str(local_out) if _is_local(storage) else f"{storage}/{name}",
+        results_csv=str(csv_path),
+        **counts,
+    )
+    (local_out / "sweep_result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    mlflow.log_artifact(str(local_out / "sweep_result.json"), "sweep")
+    return result
+
+
+def _resolved_config(result, ctx: SweepContext) -> str:
+    """The best trial's resolved config: from its checkpoint when it has one, else rebuilt from its params."""
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            f = Path(d) / CONFIG_FILE
+            if f.exists():
+                return f.read_text()
+    trial_name = Path(result.path).name
+    cfg = trial_config(ctx.base_cfg, result.config, trial_output_dir(ctx, result.path, trial_name))
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _close_child_runs(uri: str, exp_id: str, parent_id: str, table) -> None:
+    """Trials stopped by ASHA are killed mid-run; end their MLflow runs as KILLED and tag the Tune outcome."""
+    client = MlflowClient(uri)
+    status = dict(zip(table["trial_id"], table["status"], strict=True))
+    for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000):
+        outcome = status.get(run.data.tags.get(TRIAL_TAG))
+        if outcome:
+            client.set_tag(run.info.run_id, "tune_status", outcome)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED" if outcome == "ERROR" else "KILLED")
+
+
+def cli_sweep(
+    space: str,
+    num_samples: int,
+    address: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    json: bool = False,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Hook for ``medsam2 sweep --space NAME --num-samples N [--address A] [--config F] [--set k=v] --json``.
+
+    Returns a JSON-serialisable dict (``parent_run_id``, ``best_config``, ``best_val_dice``, ``trials``,
+    ``stopped_early``, ``errored``, ``wall_s``, ...); the CLI prints it. ``json=True`` quiets Tune's progress
+    tables and worker log forwarding so the JSON stays the last stdout line. Per-trial resources default to
+    the space's ``SPACE_RESOURCES``; extra keyword arguments go to :func:`run_sweep`.
+    """
+    SPACES.get(space)  # unknown space: fail before starting anything
+    opts = {**SPACE_RESOURCES.get(space, {}), **kwargs}
+    opts.setdefault("quiet", json)
+    result = run_sweep(
+        space,
+        num_samples,
+        base_cfg=load_config(config),
+        overrides=list(overrides or []),
+        address=address,
+        **opts,
+    )
+    return result.to_dict()
