@@ -47,7 +47,7 @@ def kvasir_workdir(tmp_path_factory) -> Path:
     return build_kvasir_workdir(tmp_path_factory.mktemp("semisup"))
 
 
-def tiny_cfg(workdir: Path, out: Path, *overrides: str) -> ExperimentCfg:
+def make_tiny_cfg(workdir: Path, out: Path, *overrides: str) -> ExperimentCfg:
     """hiera_t at 64 px, batch 2, 2 steps, half the labels hidden, no progress bar."""
     return load_config(
         overrides=[
@@ -66,3 +66,9 @@ def tiny_cfg(workdir: Path, out: Path, *overrides: str) -> ExperimentCfg:
             *overrides,
         ]
     )
+
+
+@pytest.fixture
+def tiny_cfg():
+    """The :func:`make_tiny_cfg` factory."""
+    return make_tiny_cfg
