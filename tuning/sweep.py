@@ -34,6 +34,9 @@ from tuning.report import parallel_coordinates, results_table
 from tuning.spaces import SPACE_RESOURCES, SPACES, apply_params
 from tuning.trainable import CONFIG_FILE, TRIAL_TAG, SweepContext, run_trial, trial_config, trial_output_dir
 
+STORAGE_ENV = "MEDSAM2_TUNE_STORAGE"
+"""Default Tune storage: a path all nodes see, or ``s3://bucket/prefix``.
+Unset: ``$MEDSAM2_HOME/ray_results``."""
 FORWARDED_ENV_PREFIXES = ("MEDSAM2_", "MLFLOW_", "AWS_")
 """Driver env vars shipped to every trial (S3 endpoint and keys, tracking settings, test hooks)."""
 
@@ -91,10 +94,23 @@ def _runtime_env(local: bool) -> dict[str, Any]:
     return {"env_vars": env}
 
 
+def _refresh_ray_auth() -> None:
+    """Ray reads ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN`` once, when it is imported; re-read them so values set
+    later in a long-lived process (a test session, a notebook, a Prefect worker) are the ones used."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # pragma: no cover - private API moved: Ray's import-time reading still applies
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def _init_ray(address: str | None, num_cpus: int | None, quiet: bool) -> bool:
     """Start or join Ray; returns True when this call started it (and so must shut it down)."""
     if ray.is_initialized():
         return False
+    if os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN"):
+        _refresh_ray_auth()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, runtime_env=_runtime_env(local=False), log_to_driver=not quiet)
@@ -164,7 +180,7 @@ def run_sweep(
     pinned = set(parse_overrides_flat(overrides))
     param_space = {k: v for k, v in param_space.items() if k not in pinned}
     cfg = prepare_config(space, base_cfg, overrides)
-    storage = storage_path or str(tracking.medsam2_home() / "ray_results")
+    storage = storage_path or os.environ.get(STORAGE_ENV) or str(tracking.medsam2_home() / "ray_results")
     storage = str(Path(storage).resolve()) if "://" not in storage else storage
     name = name or _experiment_name(space, cfg, storage, resume)
     local_out = Path(storage) / name if _is_local(storage) else tracking.medsam2_home() / "sweeps" / name

@@ -41,18 +41,20 @@ def kvasir_workdir(tmp_path_factory) -> str:
     return str(workdir)
 
 
+# Ray 2.60 enables token auth by default. Pin it explicitly for the whole session — one token in the env of
+# the local Ray, the `ray start` nodes and the driver — so no test reads or writes ~/.ray/auth_token. Set at
+# import (before any test imports ray), because Ray reads these variables when it is imported.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
 @pytest.fixture(scope="session")
 def ray_token() -> str:
-    """Ray 2.60 enables token auth by default. Pin it explicitly for the whole session — one token in the
-    env for the local Ray, the `ray start` nodes and the driver — so nothing reads or writes ~/.ray/auth_token
-    (the C++ token loader caches the first token a process sees, hence one token per session)."""
+    """The session's Ray auth token (see above); no ambient RAY_ADDRESS may redirect the local sweeps."""
     mp = pytest.MonkeyPatch()
-    token = secrets.token_hex(32)
-    mp.setenv("RAY_AUTH_MODE", "token")
-    mp.setenv("RAY_AUTH_TOKEN", token)
-    mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     mp.delenv("RAY_ADDRESS", raising=False)
-    yield token
+    yield os.environ.get("RAY_AUTH_TOKEN", "")
     mp.undo()
 
 
