@@ -180,5 +180,24 @@ def retrain_check(
     _emit(res, json_, "new labels: retrain" if res["retrain"] else "skipped: no new labels")
 
 
+@app.command()
+def champion(
+    model_name: Annotated[str, typer.Option(help="Registered model name.")] = "medsam2", json_: JsonOpt = False
+) -> None:
+    """Show the champion model version, its tags and its test metrics beside the baselines."""
+    from medsam2.tracking import champion_summary
+
+    res = champion_summary(model_name) or {"model_name": model_name, "version": None}
+    if res.get("version") is None:
+        _emit(res, json_, f"no champion for model {model_name!r} yet")
+        raise typer.Exit(1)
+    m = res["metrics"]
+    human = (f"champion {model_name} v{res['version']} (data {res['tags'].get('data_version')}): "
+             f"test Dice {m.get('test_dice', float('nan')):.4f} [95% CI {m.get('test_dice_ci_low', float('nan')):.4f}"
+             f"–{m.get('test_dice_ci_high', float('nan')):.4f}], IoU {m.get('test_iou', float('nan')):.4f}; "
+             f"ellipse-in-box baseline Dice {m.get('baseline_ellipse_in_box_dice', float('nan')):.4f}")
+    _emit(res, json_, human)
+
+
 if __name__ == "__main__":
     app()

@@ -84,6 +84,8 @@ class TrainCfg(_Cfg):
     """Checkpoints go here; rerunning with the same dir resumes from its last checkpoint."""
     checkpoint_every: int = Field(50, ge=1)
     eval_every: int = Field(100, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    """Wall-clock budget: stop (with a final checkpoint) once training has run this long. None = no limit."""
     early_stop_patience: int = Field(0, ge=0)
     """Evaluations without val-Dice improvement before stopping (0 = never stop early)."""
     device: str = "auto"

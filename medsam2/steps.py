@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 def run_ingest(source: str, workdir: str, **kwargs: Any) -> dict[str, Any]:
     from medsam2.data.ingest import ingest
+    from medsam2.data.sample import resolve_source
 
-    return ingest(source, workdir, **kwargs).to_dict()
+    return ingest(resolve_source(source), workdir, **kwargs).to_dict()
 
 
 def run_validate(workdir: str, data_docs_dir: str | None = None) -> dict[str, Any]:
@@ -127,13 +128,16 @@ def run_promote(model_uri: str, eval_run_id: str, cfg: ExperimentCfg, workdir: s
 
 
 def labels_changed_since_champion(cfg: ExperimentCfg) -> dict[str, Any]:
-    """Compare the current labelled-data version with the champion's ``data_version`` tag."""
+    """Retrain only if the labelled-data version is new: neither the champion nor the last challenger was
+    trained on it (so a rejected challenger is not retrained on the same data every night)."""
     from medsam2 import tracking
     from medsam2.data.selection import training_data_version
 
     tracking.setup(cfg)
     current = training_data_version(cfg.data)
-    champ = tracking.alias_version(cfg.promotion.model_name, tracking.CHAMPION)
-    champ_version = champ.tags.get("data_version") if champ is not None else None
-    return {"retrain": champ_version != current, "data_version": current, "champion_data_version": champ_version,
-            "champion_version": int(champ.version) if champ is not None else None}
+    seen = {}
+    for alias in (tracking.CHAMPION, tracking.CHALLENGER):
+        mv = tracking.alias_version(cfg.promotion.model_name, alias)
+        seen[alias] = mv.tags.get("data_version") if mv is not None else None
+    return {"retrain": current not in seen.values(), "data_version": current,
+            "champion_data_version": seen[tracking.CHAMPION], "challenger_data_version": seen[tracking.CHALLENGER]}

@@ -309,3 +309,26 @@ def champion_summary(model_name: str = "medsam2") -> dict[str, Any] | None:
         metrics = mlflow.get_run(mv.tags["eval_run_id"]).data.metrics
     return {"model_name": model_name, "version": int(mv.version), "tags": dict(mv.tags),
             "metrics": {k: metrics[k] for k in sorted(metrics) if k.startswith(("test_", "baseline_"))}}
+
+
+def start_parent_run(cfg, name: str, tags: dict[str, str] | None = None) -> str:
+    """Create (not activate) a pipeline parent run; stages nest under it via ``mlflow.parentRunId``."""
+    exp_id = setup(cfg)
+    run = _client().create_run(exp_id, run_name=name, tags={"medsam2.kind": "pipeline", **(tags or {})})
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
+    client = _client()
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, v)
+    client.set_terminated(run_id, status)
+
+
+def run_url(run_id: str) -> str | None:
+    """Link to a run in the MLflow UI when tracking goes to a server."""
+    uri = tracking_uri()
+    if not uri.startswith("http"):
+        return None
+    run = _client().get_run(run_id)
+    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

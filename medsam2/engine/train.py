@@ -129,8 +129,9 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     last = out_dir / LAST
     if last.exists():
         blob = read_checkpoint(last)
-        if blob.get("config_hash") != config_hash(cfg):
-            raise ValueError(f"{last} was written by a different config; use another train.output_dir")
+        if blob.get("config_hash") != config_hash(cfg) or blob.get("data_version", data_version) != data_version:
+            raise ValueError(f"{last} was written by a different config or data version; "
+                             "use another train.output_dir")
         model.load_state_dict(blob["model"], strict=True)
         opt.load_state_dict(blob["optimizer"])
         sched.load_state_dict(blob["scheduler"])
@@ -195,7 +196,10 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
             history.append({"step": step, **logs})
             cbs.on_step(step, logs)
             progress(step, logs)
-        if val_loader is not None and (step % tc.eval_every == 0 or step == tc.max_steps):
+        if tc.max_minutes is not None and time.perf_counter() - t0 > 60 * tc.max_minutes:
+            log.info("train.max_minutes=%s reached at step %d", tc.max_minutes, step)
+            stopped = True
+        if val_loader is not None and (step % tc.eval_every == 0 or step == tc.max_steps or stopped):
             if ema is not None:
                 ema.swap(model)
             dice = validate_dice(model, val_loader, device, tc.precision)
@@ -207,6 +211,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
             history.append({"step": step, "val_dice": dice})
             if tc.early_stop_patience and bad_evals >= tc.early_stop_patience:
                 stopped = True
+
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or stopped:
             state = {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -214,7 +219,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
                 "extra": [m.state_dict() for m in extra],
                 "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema else None,
                 "rng": torch.get_rng_state(), "step": step, "best": best, "history": history,
-                "bad_evals": bad_evals, "config_hash": config_hash(cfg),
+                "bad_evals": bad_evals, "config_hash": config_hash(cfg), "data_version": data_version,
             }
             atomic_save(state, last)
             cbs.on_checkpoint(step, str(last))

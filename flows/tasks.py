@@ -1,0 +1,48 @@
+"""Prefect tasks: each is a thin wrapper over one ``medsam2.steps`` function and exchanges only paths, URIs,
+run ids and small dicts. I/O tasks retry; training never retries, is never cached, and holds the ``gpu``
+global concurrency slot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+
+from medsam2 import steps
+from medsam2.config import ExperimentCfg
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def ingest_task(source: str, workdir: str) -> dict[str, Any]:
+    return steps.run_ingest(source, workdir)
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_task(workdir: str) -> dict[str, Any]:
+    res = steps.run_validate(workdir)
+    if not res["success"]:
+        raise ValueError("data validation failed:\n- " + "\n- ".join(res["failures"]))
+    return res
+
+
+@task(name="train", retries=0, cache_policy=NO_CACHE)
+def train_task(cfg: ExperimentCfg, parent_run_id: str | None) -> dict[str, Any]:
+    with concurrency("gpu", occupy=1):
+        return steps.run_train(cfg, parent_run_id=parent_run_id)
+
+
+@task(name="evaluate", retries=1, cache_policy=NO_CACHE)
+def evaluate_task(model_uri: str, run_id: str | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    return steps.run_evaluate(model_uri, overrides, run_id=run_id)
+
+
+@task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def promote_task(model_uri: str, eval_run_id: str, cfg: ExperimentCfg) -> dict[str, Any]:
+    return steps.run_promote(model_uri, eval_run_id, cfg)
+
+
+@task(name="check-new-labels", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def check_labels_task(cfg: ExperimentCfg) -> dict[str, Any]:
+    return steps.labels_changed_since_champion(cfg)
