@@ -68,7 +68,7 @@ def make_tiny_cfg(workdir: Path, out: Path, *overrides: str) -> ExperimentCfg:
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_cfg():
     """The :func:`make_tiny_cfg` factory."""
     return make_tiny_cfg
