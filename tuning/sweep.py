@@ -32,7 +32,15 @@ from medsam2 import tracking
 from medsam2.config import ExperimentCfg, config_hash, load_config, parse_overrides, with_overrides
 from tuning.report import parallel_coordinates, results_table
 from tuning.spaces import SPACE_RESOURCES, SPACES, apply_params
-from tuning.trainable import CONFIG_FILE, TRIAL_TAG, SweepContext, run_trial, trial_config, trial_output_dir
+from tuning.trainable import (
+    CONFIG_FILE,
+    TRIAL_TAG,
+    SweepContext,
+    run_trial,
+    trial_config,
+    trial_dirname,
+    trial_output_dir,
+)
 
 STORAGE_ENV = "MEDSAM2_TUNE_STORAGE"
 """Default Tune storage: a path all nodes see, or ``s3://bucket/prefix``.
@@ -224,7 +232,7 @@ def run_sweep(
             experiment_id=exp_id,
             parent_run_id=parent_id,
             sweep_name=name,
-            local_storage=_is_local(storage),
+            storage_path=storage,
         )
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, ctx=ctx), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
@@ -283,7 +291,7 @@ def _tuner(
             num_samples=num_samples,
             search_alg=_searcher(search, seed),
             max_concurrent_trials=max_concurrent,
-            trial_dirname_creator=trial_dirname,
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -295,9 +303,8 @@ def _tuner(
     )
 
 
-def trial_dirname(trial) -> str:
-    """Short trial dirs (``trial_<id>``): Tune's default embeds every param and blows path-length limits."""
-    return f"trial_{trial.trial_id}"
+def _trial_dirname(trial) -> str:
+    return trial_dirname(trial.trial_id)
 
 
 def _summarise(grid, cfg, ctx, local_out: Path, storage, name, exp_id, parent_id, uri, t0) -> SweepResult:
@@ -357,8 +364,8 @@ def _resolved_config(result, ctx: SweepContext) -> str:
             f = Path(d) / CONFIG_FILE
             if f.exists():
                 return f.read_text()
-    trial_name = Path(result.path).name
-    cfg = trial_config(ctx.base_cfg, result.config, trial_output_dir(ctx, result.path, trial_name))
+    trial_id = Path(result.path).name.removeprefix("trial_")
+    cfg = trial_config(ctx.base_cfg, result.config, trial_output_dir(ctx, trial_id))
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 

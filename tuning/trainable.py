@@ -49,17 +49,35 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     sweep_name: str
-    local_storage: bool
-    """True when the sweep's storage path is a local/shared filesystem path (trial dirs are real dirs)."""
+    storage_path: str
+    """Tune's storage: a local/shared path (trial dirs are real dirs) or a URI such as ``s3://…``."""
+
+    @property
+    def local_storage(self) -> bool:
+        return "://" not in self.storage_path or self.storage_path.startswith("file://")
 
 
-def trial_output_dir(ctx: SweepContext, trial_dir: str, trial_name: str) -> Path:
-    """Where a trial's ``train`` writes ``last.pt``/``final.pt``: stable across retries and driver restarts,
-    because the path is part of the config hash that ``train`` checks on resume."""
+def trial_dirname(trial_id: str) -> str:
+    """Tune trial dir name (``trial_dirname_creator``); short, because Tune's default embeds every param."""
+    return f"trial_{trial_id}"
+
+
+def trial_output_dir(ctx: SweepContext, trial_id: str) -> Path:
+    """Where a trial's ``train`` writes ``last.pt``/``final.pt``: ``<storage>/<sweep>/trial_<id>/train``.
+
+    Not Tune's per-session working dir (which Tune copies to storage as artifacts and which changes when a
+    sweep is resumed): the path is part of the config hash ``train`` checks before resuming from ``last.pt``,
+    so it must be the same for every attempt of the trial. Remote storage: a node-local dir instead, and a
+    trial restarted elsewhere gets ``last.pt`` back from its Tune checkpoint."""
     if ctx.local_storage:
-        return Path(trial_dir) / "train"
+        return (
+            Path(ctx.storage_path.removeprefix("file://"))
+            / ctx.sweep_name
+            / trial_dirname(trial_id)
+            / "train"
+        )
     root = Path(os.environ.get("MEDSAM2_TUNE_LOCAL_DIR", Path(tempfile.gettempdir()) / "medsam2-tune"))
-    return root / ctx.sweep_name / trial_name / "train"
+    return root / ctx.sweep_name / trial_dirname(trial_id) / "train"
 
 
 def trial_config(
@@ -213,7 +231,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     """Tune function trainable (bind ``ctx`` with ``tune.with_parameters``)."""
     tctx = tune.get_context()
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
-    out = trial_output_dir(ctx, tctx.get_trial_dir(), trial_name)
+    out = trial_output_dir(ctx, trial_id)
     cfg = trial_config(ctx.base_cfg, params, out)
     _restore_last(out)
     reporter = TuneReport(cfg)
