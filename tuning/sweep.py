@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +47,10 @@ STORAGE_ENV = "MEDSAM2_TUNE_STORAGE"
 """Default Tune storage: a path all nodes see, or ``s3://bucket/prefix``.
 Unset: ``$MEDSAM2_HOME/ray_results``."""
 FORWARDED_ENV_PREFIXES = ("MEDSAM2_", "MLFLOW_", "AWS_")
-"""Driver env vars shipped to every trial (S3 endpoint and keys, tracking settings, test hooks)."""
+"""Driver env vars shipped to every trial (S3 endpoint, tracking settings, test hooks) via ``runtime_env``."""
+SECRET_ENV = re.compile(r"SECRET|PASSWORD|TOKEN|_KEY|SALT")
+"""Never shipped: ``runtime_env`` is visible in the Ray dashboard. Local workers inherit the driver's env;
+cluster nodes get secrets from their own environment (compose ``.env``, Kubernetes secrets)."""
 
 
 @dataclass
@@ -94,7 +98,11 @@ def _is_local(path: str) -> bool:
 
 
 def _runtime_env(local: bool) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(FORWARDED_ENV_PREFIXES) and not SECRET_ENV.search(k)
+    }
     if local:  # same machine: pin the home dir (relative by default) and make the checkout importable
         env["MEDSAM2_HOME"] = str(tracking.medsam2_home())
         root = str(Path(__file__).resolve().parents[1])
@@ -277,6 +285,8 @@ def parse_overrides_flat(overrides: list[str] | None) -> dict[str, Any]:
 def _tuner(
     trainable, param_space, cfg, num_samples, storage, name, max_failures, search, max_concurrent, seed, quiet
 ) -> tune.Tuner:
+    if quiet:  # Tune warns about frequent experiment snapshots when every report carries a checkpoint
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     max_t = cfg.train.max_steps
     scheduler = ASHAScheduler(
         time_attr="step", max_t=max_t, grace_period=min(cfg.train.eval_every, max_t), reduction_factor=2

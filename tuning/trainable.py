@@ -103,13 +103,19 @@ def trial_metrics(
 
 class TuneReport(Callback):
     """Reports every evaluation to Tune. When the loop also writes ``last.pt`` at that step (it does so right
-    after evaluating), the report waits for it and carries it as the trial's checkpoint."""
+    after evaluating), the report waits for it and carries it as the trial's checkpoint.
+
+    The last evaluation (``step == max_steps``) is reported from ``on_train_end``, after ``final.pt`` and
+    the MLflow run are complete: ASHA answers a trial's report at ``max_t`` with STOP, and Tune carries
+    that out by raising ``SystemExit`` inside ``tune.report``, which would cut the trial's ending short."""
 
     def __init__(self, cfg: ExperimentCfg) -> None:
         self.cfg = cfg
         self.reported = 0
+        self.last_step = 0
         self.resumed_from = 0
         self._pending: dict[str, float] | None = None
+        self._final: tuple[dict[str, Any], Path | None] | None = None
 
     def on_train_start(self, info: dict[str, Any]) -> None:
         self.resumed_from = int(info.get("resumed_from", 0))
@@ -127,15 +133,22 @@ class TuneReport(Callback):
         if self._pending is None or self._pending["step"] != step:
             return
         report, self._pending = self._pending, None
-        self._report(report, Path(path))
+        if step >= self.cfg.train.max_steps:
+            self._final = (report, Path(path))
+        else:
+            self._report(report, Path(path))
 
     def on_train_end(self, result: Any) -> None:
         if self._pending is not None:
             report, self._pending = self._pending, None
             self._report(report, None)
+        if self._final is not None:
+            (report, path), self._final = self._final, None
+            self._report(report, path if path.exists() else None)
 
     def _report(self, metrics: dict[str, Any], last_pt: Path | None) -> None:
         self.reported += 1
+        self.last_step = int(metrics["step"])
         if last_pt is None:
             tune.report(metrics)
             return
@@ -236,15 +249,16 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     _restore_last(out)
     reporter = TuneReport(cfg)
     child = MlflowChild(ctx, trial_id, trial_name, params)
-    callbacks: list[Callback] = [reporter, child]
+    callbacks: list[Callback] = [child, reporter]  # child first: its on_train_end precedes the final report
     if os.environ.get(FAULT_ENV):
         callbacks.append(FailOnce(os.environ[FAULT_ENV]))
     child.start()
     try:
         result = train(cfg, callbacks=callbacks)
     except SystemExit:  # Tune ends a stopped trial (ASHA) with sys.exit inside tune.report
-        mlflow.set_tag("tune_status", "STOPPED_EARLY")
-        child.finish("KILLED")
+        done = reporter.last_step >= cfg.train.max_steps  # STOP at max_t, answering the final report
+        mlflow.set_tag("tune_status", "COMPLETED" if done else "STOPPED_EARLY")
+        child.finish("FINISHED" if done else "KILLED")
         raise
     except BaseException:
         child.finish("FAILED")
