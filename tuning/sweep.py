@@ -163,7 +163,7 @@ def _experiment_name(space: str, cfg: ExperimentCfg, storage: str, resume: bool)
         if not found:
             raise FileNotFoundError(f"no sweep {prefix}-* under {storage} to resume")
         return found[-1]
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
 
 
 def run_sweep(
@@ -197,10 +197,10 @@ def run_sweep(
     param_space = {k: v for k, v in param_space.items() if k not in pinned}
     cfg = prepare_config(space, base_cfg, overrides)
     storage = storage_path or os.environ.get(STORAGE_ENV) or str(tracking.medsam2_home() / "ray_results")
+    storage = storage.removeprefix("file://")
     storage = str(Path(storage).resolve()) if "://" not in storage else storage
     name = name or _experiment_name(space, cfg, storage, resume)
     local_out = Path(storage) / name if _is_local(storage) else tracking.medsam2_home() / "sweeps" / name
-    local_out = Path(str(local_out).removeprefix("file://"))
     local_out.mkdir(parents=True, exist_ok=True)
 
     exp_id = tracking.setup(cfg)  # creates the store and experiment once, before any trial touches them
@@ -212,8 +212,11 @@ def run_sweep(
     parent = (
         mlflow.start_run(run_id=parent_id)
         if parent_id
-        else mlflow.start_run(
-            experiment_id=exp_id, run_name=name, tags={"medsam2.kind": "sweep", "medsam2.space": space}
+        else mlflow.start_run(  # nested: a caller's active run (a flow's, say) becomes the sweep's parent
+            experiment_id=exp_id,
+            run_name=name,
+            nested=True,
+            tags={"medsam2.kind": "sweep", "medsam2.space": space},
         )
     )
     parent_id = parent.info.run_id

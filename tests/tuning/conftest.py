@@ -67,3 +67,43 @@ def sweep_env(tmp_path, monkeypatch, ray_token, kvasir_workdir):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return {"uri": uri, "overrides": [f"data.workdir={kvasir_workdir}", f"tracking.tracking_uri={uri}"]}
+
+
+def child_runs(uri: str, parent_id: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_run(parent_id).info.experiment_id
+    return client, client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def _check_sweep_tracking(res, uri: str, n_trials: int) -> None:
+    """Parent run FINISHED with the results table, plot and best config; one ended child run per trial."""
+    import pandas as pd
+
+    from medsam2.config import load_config
+    from tuning.trainable import TRIAL_TAG
+
+    client, children = child_runs(uri, res.parent_run_id)
+    parent = client.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials"] == n_trials
+    arts = {a.path for a in client.list_artifacts(res.parent_run_id, "sweep")}
+    assert {"sweep/results.csv", "sweep/results.json", "sweep/best_config.yaml"} <= arts
+    assert "sweep/parallel_coordinates.png" in arts
+    assert len(children) == n_trials
+    assert len({c.data.tags[TRIAL_TAG] for c in children}) == n_trials
+    for c in children:
+        expected = {"COMPLETED": "FINISHED", "STOPPED_EARLY": "KILLED"}[c.data.tags["tune_status"]]
+        assert c.info.status == expected, (c.data.tags["tune_status"], c.info.status)
+        assert client.get_metric_history(c.info.run_id, "val_dice"), "every trial logs val_dice per eval"
+        assert c.data.params["model.backbone"] == "hiera_t"
+    best = load_config(res.best_config)
+    assert best.model.image_size == 64 and best.tracking.tracking_uri == uri
+    assert best.model.adapter in {"decoder_only", "lora"} and best.model.decoder in {"sam2", "multiscale"}
+    assert res.best_val_dice == pytest.approx(pd.read_csv(res.results_csv)["best_val_dice"].max())
+
+
+@pytest.fixture
+def check_sweep_tracking():
+    return _check_sweep_tracking

@@ -23,8 +23,6 @@ import pytest
 from medsam2.config import load_config
 from tuning.sweep import run_sweep
 
-from .test_sweep import check_sweep_tracking
-
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -126,7 +124,7 @@ def ray_cluster(ray_token, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sweep_on_two_node_cluster(ray_cluster, sweep_env, tmp_path):
+def test_sweep_on_two_node_cluster(ray_cluster, sweep_env, tmp_path, check_sweep_tracking):
     cfg = load_config(None, sweep_env["overrides"])
     res = run_sweep(
         "smoke", 4, base_cfg=cfg, address=ray_cluster, storage_path=str(tmp_path / "ray"), seed=0, quiet=True

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-import pytest
 from mlflow import MlflowClient
 
 from medsam2.config import load_config
 from tuning.sweep import cli_sweep, run_sweep
-from tuning.trainable import FAULT_ENV, TRIAL_TAG
+from tuning.trainable import FAULT_ENV
 
 # Random search seed for the smoke sweep: sampled configs and their (CPU, seeded) val Dice are deterministic,
 # and with this seed a later trial lands strictly below the first two at the first rung, so ASHA must stop
@@ -18,35 +17,7 @@ from tuning.trainable import FAULT_ENV, TRIAL_TAG
 SMOKE_SEED = 0
 
 
-def _children(uri: str, parent_id: str):
-    client = MlflowClient(uri)
-    exp = client.get_run(parent_id).info.experiment_id
-    return client, client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
-
-
-def check_sweep_tracking(res, uri: str, n_trials: int) -> None:
-    """Parent run FINISHED with the results table, plot and best config; one ended child run per trial."""
-    client, children = _children(uri, res.parent_run_id)
-    parent = client.get_run(res.parent_run_id)
-    assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["trials"] == n_trials
-    arts = {a.path for a in client.list_artifacts(res.parent_run_id, "sweep")}
-    assert {"sweep/results.csv", "sweep/results.json", "sweep/best_config.yaml"} <= arts
-    assert "sweep/parallel_coordinates.png" in arts
-    assert len(children) == n_trials
-    assert len({c.data.tags[TRIAL_TAG] for c in children}) == n_trials
-    for c in children:
-        expected = {"COMPLETED": "FINISHED", "STOPPED_EARLY": "KILLED"}[c.data.tags["tune_status"]]
-        assert c.info.status == expected, (c.data.tags["tune_status"], c.info.status)
-        assert client.get_metric_history(c.info.run_id, "val_dice"), "every trial logs val_dice per eval"
-        assert c.data.params["model.backbone"] == "hiera_t"
-    best = load_config(res.best_config)
-    assert best.model.image_size == 64 and best.tracking.tracking_uri == uri
-    assert best.model.adapter in {"decoder_only", "lora"} and best.model.decoder in {"sam2", "multiscale"}
-    assert res.best_val_dice == pytest.approx(pd.read_csv(res.results_csv)["best_val_dice"].max())
-
-
-def test_smoke_sweep_asha_stops_trials_early(sweep_env, tmp_path):
+def test_smoke_sweep_asha_stops_trials_early(sweep_env, tmp_path, check_sweep_tracking):
     cfg = load_config(None, sweep_env["overrides"])
     res = run_sweep(
         "smoke", 4, base_cfg=cfg, num_cpus=2, storage_path=str(tmp_path / "ray"), seed=SMOKE_SEED, quiet=True
@@ -85,6 +56,8 @@ def test_failed_trial_is_retried_and_resumes(sweep_env, tmp_path, monkeypatch):
         assert key in out
     row = pd.read_csv(out["results_csv"]).iloc[0]
     assert row["resumed_from"] == 2 and row["step"] == 4  # failed after step 2's checkpoint, resumed there
-    client, children = _children(sweep_env["uri"], out["parent_run_id"])
+    client = MlflowClient(sweep_env["uri"])
+    exp = client.get_run(out["parent_run_id"]).info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
     assert len(children) == 1, "the retry reopens the trial's child run"
     assert children[0].info.status == "FINISHED" and children[0].data.tags.get("retried") == "true"
