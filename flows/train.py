@@ -7,6 +7,7 @@ Prefect UI. With ``only_if_new_labels`` (schedules and the new-labels trigger) t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,18 @@ from medsam2.config import ExperimentCfg, load_config
 
 
 def resolve_cfg(config: str | None, overrides: list[str] | None, workdir: str | None) -> ExperimentCfg:
-    """Config file paths are relative to the project root (where prefect.yaml lives) unless absolute."""
+    """Config file paths are relative to the project root (where prefect.yaml lives) unless absolute.
+
+    Order: config file ← flow ``overrides`` ← ``workdir`` ← worker-level ``MEDSAM2_OVERRIDES`` (whitespace-
+    separated ``key=value``; e.g. a GPU worker sets ``train.batch_size=32``, a test worker shrinks the model).
+    """
     path = None
     if config:
         path = Path(config)
         if not path.is_absolute() and not path.exists():
             path = Path(__file__).resolve().parents[1] / config
     extra = list(overrides or []) + ([f"data.workdir={workdir}"] if workdir else [])
+    extra += os.environ.get("MEDSAM2_OVERRIDES", "").split()
     return load_config(path, extra)
 
 

@@ -16,7 +16,9 @@ start() {  # name, command...
   echo $! >"$RUN/$name.pid"
 }
 
+fresh_prefect=0
 if ! curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1; then
+  fresh_prefect=1
   start prefect-server prefect server start --host 127.0.0.1 --port "$MEDSAM2_PREFECT_PORT"
 fi
 if ! curl -fsS "$MLFLOW_TRACKING_URI/health" >/dev/null 2>&1; then
@@ -30,6 +32,12 @@ wait_http "$PREFECT_API_URL/health" "Prefect server" 120
 wait_http "$MLFLOW_TRACKING_URI/health" "MLflow server" 120
 
 prefect work-pool inspect medsam2-process >/dev/null 2>&1 || prefect work-pool create medsam2-process --type process >/dev/null
-prefect global-concurrency-limit inspect gpu >/dev/null 2>&1 || prefect global-concurrency-limit create gpu --limit 1 >/dev/null
+if prefect global-concurrency-limit inspect gpu >/dev/null 2>&1; then
+  # Leases live in the server's memory: a server stopped mid-training leaves the slot taken forever. Nothing can
+  # hold it right after a fresh start, so release it.
+  [ "$fresh_prefect" = 1 ] && prefect global-concurrency-limit update gpu --active-slots 0 >/dev/null
+else
+  prefect global-concurrency-limit create gpu --limit 1 >/dev/null
+fi
 start prefect-worker prefect worker start --pool medsam2-process --type process
 echo "Prefect UI: http://127.0.0.1:$MEDSAM2_PREFECT_PORT   MLflow UI: $MLFLOW_TRACKING_URI"

@@ -1,0 +1,76 @@
+"""Shared test fixtures: the real sample data (skipped with a reason when absent), a tiny ingested Kvasir work
+dir, and a tiny-config factory (hiera_t at 64 px on CPU)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from medsam2.config import ExperimentCfg, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sample_root() -> Path | None:
+    p = Path(os.environ.get("MEDSAM2_SAMPLE_DATA", REPO.parent / "shared" / "data"))
+    return p if p.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    root = sample_root()
+    if root is None:
+        pytest.skip("real sample data not found: set MEDSAM2_SAMPLE_DATA to the shared data folder")
+    return root
+
+
+def copy_kvasir_subset(dest: Path, n_train: int = 6, n_val: int = 2, n_test: int = 3) -> Path:
+    """Copy real Kvasir pairs to ``dest``: train/val stems picked by their patient split bucket (so the split
+    is known in advance) and test stems from the frozen PraNet list (written as the source's test list)."""
+    from medsam2.data.splits import DEFAULT_VAL_FRACTION, split_bucket
+
+    src = sample_root() / "kvasir-seg"
+    other = (src / "split_other.txt").read_text().split()
+    cut = round(DEFAULT_VAL_FRACTION * 1000)
+    val = [s for s in other if split_bucket(f"kvasir-seg:{s}") < cut][:n_val]
+    train = [s for s in other if split_bucket(f"kvasir-seg:{s}") >= cut][:n_train]
+    test = (src / "split_pranet_test.txt").read_text().split()[:n_test]
+    (dest / "images").mkdir(parents=True)
+    (dest / "masks").mkdir()
+    for stem in train + val + test:
+        shutil.copy(src / "images" / f"{stem}.jpg", dest / "images")
+        shutil.copy(src / "masks" / f"{stem}.jpg", dest / "masks")
+    (dest / "split_pranet_test.txt").write_text("\n".join(test) + "\n")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def kvasir_workdir(sample_data, tmp_path_factory) -> Path:
+    """An ingested work dir with 6 train, 2 val and 3 test real Kvasir images (shared, treat as read-only)."""
+    from medsam2.data.ingest import ingest
+
+    root = tmp_path_factory.mktemp("kvasir")
+    copy_kvasir_subset(root / "kvasir-seg")
+    ingest(str(root / "kvasir-seg"), root / "work")
+    return root / "work"
+
+
+def tiny_cfg(workdir: Path, out: Path, *overrides: str) -> ExperimentCfg:
+    """hiera_t at 64 px, batch 2, 3 steps, fp32 CPU, no progress bar; extra dotted overrides win."""
+    return load_config(overrides=[
+        f"data.workdir={workdir}", f"train.output_dir={out}", "model.image_size=64", "train.max_steps=3",
+        "train.batch_size=2", "train.warmup_steps=1", "train.eval_every=3", "train.checkpoint_every=1",
+        "train.progress=false", "train.device=cpu", "data.augment=none", *overrides,
+    ])
+
+
+@pytest.fixture
+def tracking_env(tmp_path, monkeypatch) -> Path:
+    """A private MEDSAM2_HOME + SQLite MLflow store for one test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MEDSAM2_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home

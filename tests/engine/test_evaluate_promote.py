@@ -1,0 +1,108 @@
+"""Evaluation report + baselines, the pure promotion gate, and promotion/rollback against a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medsam2.config import PromotionCfg
+from medsam2.promotion import decide
+
+
+def _per_image(dice, hd95=None):
+    return pd.DataFrame({"image_id": [f"i{k}" for k in range(len(dice))], "dice": dice, "method": "model",
+                         "condition": "clean", "hd95": hd95 if hd95 is not None else [1.0] * len(dice)})
+
+
+def test_gate_first_model_is_promoted():
+    d = decide(_per_image([0.5, 0.6]), None, PromotionCfg())
+    assert d.promote and "no champion" in d.reasons[0]
+
+
+def test_gate_rejects_worse_and_equal_challengers_with_reasons():
+    champ = _per_image([0.8, 0.82, 0.79, 0.85])
+    worse = decide(_per_image([0.6, 0.62, 0.59, 0.65]), champ, PromotionCfg())
+    assert not worse.promote and "not above the margin" in worse.reasons[0]
+    assert worse.stats["mean_diff"] == pytest.approx(-0.2)
+    tie = decide(champ.copy(), champ, PromotionCfg())
+    assert not tie.promote
+
+
+def test_gate_margin_confidence_and_guarded_metric():
+    champ = _per_image([0.80, 0.80, 0.80, 0.80], hd95=[5, 5, 5, 5])
+    better = _per_image([0.83, 0.84, 0.82, 0.83], hd95=[5, 5, 5, 5])
+    assert decide(better, champ, PromotionCfg(margin=0.02)).promote
+    assert not decide(better, champ, PromotionCfg(margin=0.05)).promote
+    assert decide(better, champ, PromotionCfg(confidence=0.95, n_bootstrap=500)).promote
+    worse_hd = _per_image([0.83, 0.84, 0.82, 0.83], hd95=[9, 9, 9, 9])
+    d = decide(worse_hd, champ, PromotionCfg(guarded={"hd95": 1.0}))
+    assert not d.promote and any("guarded hd95 regressed by 4.0000" in r for r in d.reasons)
+    d = decide(better, champ, PromotionCfg(guarded={"robust_drop_s3_max": 0.01}),
+               challenger_summary={"robust_drop_s3_max": 0.10}, champion_summary={"robust_drop_s3_max": 0.02})
+    assert not d.promote and any("robust_drop_s3_max" in r for r in d.reasons)
+
+
+def test_gate_refuses_to_compare_different_image_sets():
+    d = decide(_per_image([0.9, 0.9, 0.9]), _per_image([0.1, 0.1]), PromotionCfg())
+    assert not d.promote and "re-evaluate" in d.reasons[0]
+
+
+def test_evaluate_train_promote_rollback_end_to_end(kvasir_workdir, tmp_path, tracking_env):
+    """CLI-level stages against a real SQLite MLflow store: first model → champion; a worse one → challenger
+    with reasons stored on the version; rollback gives champion back to the previous one."""
+    from medsam2 import steps, tracking
+    from tests.conftest import tiny_cfg
+
+    cfg = tiny_cfg(kvasir_workdir, tmp_path / "run1", "train.max_steps=2")
+    t1 = steps.run_train(cfg)
+    assert {"run_id", "model_uri", "checkpoint", "steps", "metrics", "trainable_params", "total_params"} <= set(t1)
+    e1 = steps.run_evaluate(t1["model_uri"], run_id=t1["run_id"], report_dir=str(tmp_path / "rep1"))
+    m = e1["metrics"]
+    assert 0 <= m["test_dice"] <= 1 and m["test_dice_ci_low"] <= m["test_dice"] <= m["test_dice_ci_high"]
+    assert m["baseline_ellipse_in_box_dice"] > 0.6  # real polyp masks: the box-ellipse is a strong baseline
+    per_image = pd.read_csv(tmp_path / "rep1" / "per_image.csv")
+    assert set(per_image["method"]) == {"model", "ellipse_in_box", "fill_box"}
+    assert len(per_image[per_image["method"] == "model"]) == 3  # the 3 frozen test images, nothing else
+    assert (tmp_path / "rep1" / "report.html").stat().st_size > 1000
+    json.loads((tmp_path / "rep1" / "report.json").read_text())
+
+    p1 = steps.run_promote(t1["model_uri"], e1["run_id"], cfg)
+    assert p1["promoted"] and p1["alias"] == "champion" and p1["version"] == 1
+
+    # A deliberately worse challenger: rewrite its per-image results to Dice 0 (the fault cannot be trained
+    # reliably into a 2-step model, so we plant it in its evaluation table).
+    t2 = steps.run_train(tiny_cfg(kvasir_workdir, tmp_path / "run2", "train.max_steps=1", "train.seed=7"))
+    e2 = steps.run_evaluate(t2["model_uri"], run_id=t2["run_id"], report_dir=str(tmp_path / "rep2"))
+    bad = pd.read_csv(tmp_path / "rep2" / "per_image.csv")
+    bad.loc[bad["method"] == "model", "dice"] = 0.0
+    import mlflow
+
+    bad.to_csv(tmp_path / "rep2" / "per_image.csv", index=False)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    with mlflow.start_run(run_id=e2["run_id"]):
+        mlflow.log_artifact(str(tmp_path / "rep2" / "per_image.csv"), "eval")
+    p2 = steps.run_promote(t2["model_uri"], e2["run_id"], cfg)
+    assert not p2["promoted"] and p2["alias"] == "challenger"
+    mv = tracking.alias_version("medsam2", "challenger")
+    assert mv.tags["gate_decision"] == "rejected" and "not above the margin" in mv.tags["gate_reasons"]
+    assert int(tracking.alias_version("medsam2", "champion").version) == 1
+
+    # A better one (planted perfect scores) is promoted; the old champion becomes `previous`; rollback.
+    good = bad.copy()
+    good.loc[good["method"] == "model", "dice"] = 1.0
+    good.to_csv(tmp_path / "rep2" / "per_image.csv", index=False)
+    with mlflow.start_run(run_id=e2["run_id"]):
+        mlflow.log_artifact(str(tmp_path / "rep2" / "per_image.csv"), "eval")
+    p3 = steps.run_promote(t2["model_uri"], e2["run_id"], cfg)
+    assert p3["promoted"] and int(tracking.alias_version("medsam2", "previous").version) == 1
+    rb = tracking.rollback("medsam2")
+    assert rb["champion"] == 1 and int(tracking.alias_version("medsam2", "champion").version) == 1
+
+    # the registered champion serves through MLflow's pyfunc
+    model = mlflow.pyfunc.load_model("models:/medsam2@champion")
+    img = np.zeros((80, 100, 3), np.uint8)
+    masks = model.predict({"image": img, "box": [10, 10, 60, 50]})
+    assert masks[0].shape == (80, 100) and set(np.unique(masks[0])) <= {0, 1}

@@ -1,0 +1,79 @@
+"""The training loop: a few CPU steps on real images, resume after kill -9 equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from medsam2.engine.checkpoint import read_checkpoint
+from medsam2.engine.train import lr_lambda, train
+from tests.conftest import tiny_cfg
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert lr_lambda(0, 10, 100) == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 100) == pytest.approx(1.0)
+    assert lr_lambda(55, 10, 100) < 1.0
+    assert lr_lambda(100, 10, 100) == pytest.approx(0.05)
+
+
+def test_train_few_steps_on_real_images(kvasir_workdir, tmp_path):
+    cfg = tiny_cfg(kvasir_workdir, tmp_path / "run", "data.augment=light", "train.ema_decay=0.9")
+    res = train(cfg)
+    assert res.steps == 3
+    assert res.trainable_params < res.total_params
+    assert res.base_weights["source"] == "none"
+    assert 0.0 <= res.metrics["best_val_dice"] <= 1.0
+    assert res.metrics["final_loss"] == res.metrics["final_loss"]  # finite, not NaN
+    blob = read_checkpoint(res.checkpoint)
+    assert blob["full"] is True and blob["config"]["train"]["max_steps"] == 3
+    assert (tmp_path / "run" / "last.pt").exists()
+    again = train(cfg)  # rerun with the same output dir: already finished, nothing retrained
+    assert again.steps == 3 and again.resumed_from == 3
+
+
+def test_changed_config_refuses_to_resume_into_the_same_dir(kvasir_workdir, tmp_path):
+    train(tiny_cfg(kvasir_workdir, tmp_path / "run", "train.max_steps=1"))
+    with pytest.raises(ValueError, match="different config"):
+        train(tiny_cfg(kvasir_workdir, tmp_path / "run", "train.max_steps=1", "train.lr=0.1"))
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    from medsam2.engine.callbacks import Callback
+    from medsam2.engine.train import train
+    from tests.conftest import tiny_cfg
+
+    class Kill(Callback):  # the crash we want: SIGKILL right after the step-{at} checkpoint hits the disk
+        def on_checkpoint(self, step, path):
+            if step == {at}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    train(tiny_cfg({workdir!r}, {out!r}, "train.max_steps=4", "data.augment=light"), callbacks=[Kill()])
+""")
+
+
+def test_resume_after_kill_9_reaches_the_same_weights(kvasir_workdir, tmp_path):
+    """kill -9 mid-run (a real SIGKILL of a child process), rerun → same final weights as one straight run."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    crashed = tmp_path / "crashed"
+    script = KILLER.format(root=root, workdir=str(kvasir_workdir), out=str(crashed), at=2)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert read_checkpoint(crashed / "last.pt")["step"] == 2
+    assert not (crashed / "final.pt").exists()
+
+    resumed = train(tiny_cfg(kvasir_workdir, crashed, "train.max_steps=4", "data.augment=light"))
+    straight = train(tiny_cfg(kvasir_workdir, tmp_path / "straight", "train.max_steps=4", "data.augment=light"))
+    assert resumed.resumed_from == 2 and resumed.steps == straight.steps == 4
+    a, b = read_checkpoint(resumed.checkpoint)["model"], read_checkpoint(straight.checkpoint)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
