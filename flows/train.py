@@ -15,7 +15,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.tasks import (
-    check_labels_task, evaluate_task, ingest_task, promote_task, train_task, validate_task,
+    check_labels_task,
+    evaluate_task,
+    ingest_task,
+    promote_task,
+    train_task,
+    validate_task,
 )
 from medsam2 import tracking
 from medsam2.config import ExperimentCfg, load_config
@@ -49,6 +54,7 @@ def run_scoped(cfg: ExperimentCfg) -> ExperimentCfg:
 
 def _summary_md(res: dict[str, Any]) -> str:
     m, t, p = res["eval"]["metrics"], res["train"], res["promotion"]
+    nan = float("nan")
     url = tracking.run_url(t["run_id"]) or t["run_id"]
     return "\n".join([
         "# MedSAM2 training pipeline",
@@ -60,8 +66,8 @@ def _summary_md(res: dict[str, Any]) -> str:
         "",
         "| metric | model | ellipse-in-box baseline |",
         "|---|---|---|",
-        f"| Dice | {m.get('test_dice', float('nan')):.4f} | {m.get('baseline_ellipse_in_box_dice', float('nan')):.4f} |",
-        f"| IoU | {m.get('test_iou', float('nan')):.4f} | {m.get('baseline_ellipse_in_box_iou', float('nan')):.4f} |",
+        *(f"| {name} | {m.get(f'test_{key}', nan):.4f} | {m.get(f'baseline_ellipse_in_box_{key}', nan):.4f} |"
+          for name, key in (("Dice", "dice"), ("IoU", "iou"))),
     ])
 
 

@@ -91,6 +91,9 @@ class TrainCfg(_Cfg):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    """torch.compile the image encoder (GPU; compile time is logged; falls back to eager on failure)."""
+    activation_checkpointing: bool = False
+    """Recompute Hiera block activations in backward (hiera_l / large batches at 1024 px)."""
     progress: bool = True
 
 

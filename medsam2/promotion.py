@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import pandas as pd
 
 from medsam2.config import PromotionCfg

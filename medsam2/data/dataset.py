@@ -32,7 +32,9 @@ def load_cached(workdir: Path, row: pd.Series) -> tuple[np.ndarray, np.ndarray |
     return image, mask
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+def resize_pair(
+    image: np.ndarray, mask: np.ndarray | None, size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Resize image (area/linear) and mask (nearest) to size×size."""
     interp = cv2.INTER_AREA if min(image.shape[:2]) > size else cv2.INTER_LINEAR
     img = cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interp)
@@ -79,7 +81,9 @@ class SegDataset(Dataset):
             img, msk = np.clip(out["image"], 0, 1).astype(np.float32), out["mask"]
         return self.make_sample(img, msk, rng, i)
 
-    def make_sample(self, img: np.ndarray, msk: np.ndarray, rng: np.random.Generator | None, index: int) -> dict:
+    def make_sample(
+        self, img: np.ndarray, msk: np.ndarray, rng: np.random.Generator | None, index: int
+    ) -> dict:
         """img (S,S,3) float32 [0,1], msk (S,S) {0,1} → the sample dict described in the module docstring."""
         s = self.size
         box = mask_box(msk)
@@ -127,5 +131,7 @@ class StepSampler(Sampler):
                 if epoch not in perms:
                     perms.clear()
                     perms[epoch] = np.random.default_rng((self.seed, epoch)).permutation(self.n)
-                batch.append((int(perms[epoch][pos]), int(np.random.SeedSequence((self.seed, k)).generate_state(1)[0])))
+                batch.append(
+                    (int(perms[epoch][pos]), int(np.random.SeedSequence((self.seed, k)).generate_state(1)[0]))
+                )
             yield batch

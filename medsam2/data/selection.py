@@ -26,12 +26,16 @@ def select_rows(dc: DataCfg, split: str, *, seed: int = 0) -> tuple[pd.DataFrame
     """
     df = read_manifest(dc.workdir)
     if df.empty:
-        raise FileNotFoundError(f"no manifest in {dc.workdir}: run `medsam2 ingest SRC --workdir {dc.workdir}`")
+        raise FileNotFoundError(
+            f"no manifest in {dc.workdir}: run `medsam2 ingest SRC --workdir {dc.workdir}`"
+        )
     datasets = dc.train_datasets if split != "test" else (dc.eval_datasets or dc.train_datasets)
     if datasets:
         unknown = sorted(set(datasets) - set(df["dataset"]))
         if unknown:
-            raise ValueError(f"datasets {unknown} are not in the manifest (have {sorted(set(df['dataset']))})")
+            raise ValueError(
+                f"datasets {unknown} are not in the manifest (have {sorted(set(df['dataset']))})"
+            )
         df = df[df["dataset"].isin(datasets)]
     df = df[df["split"] == split].sort_values("image_id")
     labelled = df[df["label_kind"].isin(LABELLED_KINDS)]

@@ -25,7 +25,14 @@ from medsam2.data.dataset import SegDataset, StepSampler
 from medsam2.data.selection import select_rows, training_data_version
 from medsam2.engine.callbacks import Callback, CallbackList
 from medsam2.engine.checkpoint import LAST, atomic_save, model_payload, read_checkpoint
-from medsam2.engine.runtime import autocast, collate, pick_device, to_device
+from medsam2.engine.runtime import (
+    autocast,
+    collate,
+    compile_encoder,
+    enable_activation_checkpointing,
+    pick_device,
+    to_device,
+)
 from medsam2.metrics import batch_dice
 from medsam2.model.segmenter import build_segmenter
 from medsam2.semisup import STRATEGIES
@@ -117,6 +124,11 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     data_version = training_data_version(dc)
     model, base = build_segmenter(cfg.model, seed=tc.seed)
     model.to(device).train()
+    if tc.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    compile_error = compile_encoder(model) if tc.compile else None
+    if compile_error:
+        log.warning("torch.compile failed, training eager: %s", compile_error)
     strategy = STRATEGIES.create(cfg.semisup.method, model, cfg)
     extra = [m.to(device) for m in strategy.extra_modules()]
     params = [p for p in model.parameters() if p.requires_grad] + [p for m in extra for p in m.parameters()]

@@ -148,7 +148,7 @@ def test_checkpoint_round_trip(tmp_path, adapter, from_file):
     cfg = ExperimentCfg(model=_cfg(adapter=adapter, checkpoint=ckpt))
     model, base = build_segmenter(cfg.model)
     with torch.no_grad():  # make the adapter non-trivial so the round trip is meaningful
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.01 * torch.randn_like(p))
     payload = model_payload(model, cfg, base)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
 from medsam2.model.adapters import ADAPTERS
@@ -22,6 +21,8 @@ def lora(model: nn.Module, cfg) -> None:
 
     With ``cfg.lora_decoder`` the decoder's transformer attention also gets LoRA and its base weights freeze.
     """
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: peft pulls in transformers (~10 s import)
+
     pattern = TRUNK_QKV if not cfg.lora_decoder else f"({TRUNK_QKV})|({DECODER_ATTN})"
     config = LoraConfig(r=cfg.adapter_rank, lora_alpha=2 * cfg.adapter_rank, target_modules=pattern, lora_dropout=0.0)
     inject_adapter_in_model(config, model.sam)
