@@ -105,7 +105,7 @@ def evaluate(
     if robustness:
         overrides.append("eval.robustness=true")
     if cross_dataset:
-        overrides += ["eval.cross_dataset=true", "data.eval_datasets=null"]
+        overrides.append("eval.cross_dataset=true")
     res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report)
     m = res["metrics"]
     _emit(res, json_, f"test Dice {m.get('test_dice', float('nan')):.4f} "

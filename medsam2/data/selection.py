@@ -57,3 +57,16 @@ def training_data_version(dc: DataCfg) -> str:
     if dc.train_datasets:
         df = df[df["dataset"].isin(dc.train_datasets)]
     return dataset_version(df[df["split"].isin(["train", "val"])])
+
+
+def cross_dataset_rows(dc: DataCfg) -> pd.DataFrame:
+    """Every labelled dataset in the manifest, for cross-dataset evaluation: the test rows of the datasets the
+    model trained on, and all labelled rows of the datasets it never saw (they are external test sets)."""
+    df = read_manifest(dc.workdir)
+    df = df[df["label_kind"].isin(LABELLED_KINDS)]
+    trained = set(dc.train_datasets or df.loc[df["split"] != "test", "dataset"].unique())
+    seen = df["dataset"].isin(trained)
+    rows = pd.concat([df[seen & (df["split"] == "test")], df[~seen]]).sort_values(["dataset", "image_id"])
+    if dc.max_eval_images is not None:
+        rows = rows.groupby("dataset", group_keys=False).head(dc.max_eval_images)
+    return rows.reset_index(drop=True)

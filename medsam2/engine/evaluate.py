@@ -20,7 +20,7 @@ import pandas as pd
 from medsam2.config import ExperimentCfg
 from medsam2.data.dataset import load_cached
 from medsam2.data.prompts import mask_box, sample_points
-from medsam2.data.selection import select_rows
+from medsam2.data.selection import cross_dataset_rows, select_rows
 from medsam2.engine.predict import predict
 from medsam2.eval.baselines import ellipse_in_box, fill_box
 from medsam2.eval.report import write_report
@@ -157,13 +157,25 @@ def flat_metrics(per_image: pd.DataFrame, prefix: str = "test") -> dict[str, flo
     return out
 
 
+def leakage(cfg: ExperimentCfg, *, near_duplicates: bool) -> pd.DataFrame:
+    """Train/val ↔ test pairs sharing content (sha256) or, optionally, near-identical pixels (dHash)."""
+    from medsam2.data.manifest import read_manifest
+    from medsam2.eval.leakage import find_leaks
+
+    workdir = Path(cfg.data.workdir)
+    return find_leaks(read_manifest(workdir), near_duplicates=near_duplicates,
+                      image_loader=lambda uri: np.load(workdir / uri, mmap_mode="r"))
+
+
 def evaluate(
     model: Segmenter, cfg: ExperimentCfg, out_dir: str | Path, *, rows: pd.DataFrame | None = None,
     title: str = "MedSAM2 evaluation", context: dict | None = None,
 ) -> EvalResult:
     """Evaluate on ``cfg.eval.split`` rows of the eval datasets (or ``rows``); write the report to ``out_dir``."""
     ec = cfg.eval
-    if rows is None:
+    if rows is None and ec.cross_dataset:
+        rows = cross_dataset_rows(cfg.data)
+    elif rows is None:
         rows, _ = select_rows(cfg.data, ec.split, seed=cfg.train.seed)
         if cfg.data.max_eval_images is not None:
             rows = rows.iloc[: cfg.data.max_eval_images]
@@ -176,7 +188,13 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     per_image.to_csv(out_dir / "per_image.csv", index=False)
+    leaks = leakage(cfg, near_duplicates=ec.cross_dataset)
+    leaks.to_csv(out_dir / "leakage.csv", index=False)
     report = write_report(per_image, out_dir, title=title, summary=context, gallery=gallery)
     metrics = flat_metrics(per_image)
+    metrics["leakage_exact_pairs"] = float((leaks["kind"] == "exact").sum()) if len(leaks) else 0.0
+    metrics["leakage_near_pairs"] = float((leaks["kind"] == "near").sum()) if len(leaks) else 0.0
+    if len(leaks):
+        log.warning("%d train/test leak pairs found (see leakage.csv)", len(leaks))
     log.info("test dice %.4f on %d images", metrics.get("test_dice", float("nan")), len(rows))
     return EvalResult(metrics=metrics, per_image=per_image, report=report, n_images=len(rows))
