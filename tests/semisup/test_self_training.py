@@ -53,9 +53,7 @@ def test_round_manifest_hides_pool_and_adds_pseudo_rows(kvasir_workdir, teacher,
     )
     st.write_round_manifest(kvasir_workdir, tmp_path / "work", pool, acc)
     rcfg = cfg.model_copy(
-        update={
-            "data": cfg.data.model_copy(update={"workdir": str(tmp_path / "work"), "label_fraction": 1.0})
-        }
+        update={"data": cfg.data.model_copy(update={"workdir": str(tmp_path / "work"), "label_fraction": 1.0})}
     )
     rlab, rpool = select_rows(rcfg.data, "train")
     assert set(rlab["image_id"]) == set(lab["image_id"]) | {pool["image_id"].iloc[0]}
@@ -65,6 +63,7 @@ def test_round_manifest_hides_pool_and_adds_pseudo_rows(kvasir_workdir, teacher,
     assert mask is not None and image.shape[:2] == mask.shape
 
 
+@pytest.mark.slow  # two tiny student trainings + pseudo-labelling + val evaluations
 def test_two_rounds_smoke(kvasir_workdir, teacher, tmp_path, monkeypatch):
     ckpt, cfg = teacher
     cfg = cfg.model_copy(update={"semisup": cfg.semisup.model_copy(update={"threshold": 0.0})})
