@@ -30,6 +30,10 @@ class DataCfg(_Cfg):
     """Datasets whose ``test`` rows are evaluated (None = the train datasets)."""
     label_fraction: float = Field(1.0, gt=0, le=1)
     """Fraction of labelled train rows kept as labelled (rest become unlabelled), for label-efficiency runs."""
+    weak_labels: bool = False
+    """Also train on weak labels: box-only rows (box-supervised loss) and image-level "no finding" rows (empty
+    mask). With ``label_fraction`` < 1 the hidden-mask rows keep their box as a weak label instead of joining
+    the unlabelled pool."""
     augment: Literal["none", "light", "strong"] = "light"
     num_workers: int = Field(0, ge=0)
     max_train_images: int | None = None

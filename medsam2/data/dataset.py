@@ -7,6 +7,8 @@ A sample is a dict:
     box     (4,) float32 x0,y0,x1,y1 in S×S pixel coords (exclusive end); full image when the mask is empty
     points  (N,2) float32, point_labels (N,) int32 (1 fg, 0 bg, -1 padding), N = num_pos + num_neg (≥1)
     index   int — row position in the dataset's table
+    weak_box () bool — the row has a box-only label (mask is empty and ``valid`` all False; see gt_box)
+    gt_box  (4,) float32 — the annotated box in S×S coords (for box rows; the prompt box otherwise)
 Images are resized to S×S ignoring aspect ratio, exactly as SAM2's own transforms do.
 """
 
@@ -22,6 +24,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medsam2.config import ModelCfg
 from medsam2.data.prompts import jitter_box, mask_box, sample_points
+from medsam2.semisup.weak import box_label_mask, negative_fields, weak_box_fields, with_weak_defaults
 
 
 def load_cached(workdir: Path, row: pd.Series) -> tuple[np.ndarray, np.ndarray | None]:
@@ -69,8 +72,12 @@ class SegDataset(Dataset):
     def __getitem__(self, key) -> dict:
         i, seed = key if isinstance(key, tuple) else (key, None)
         row = self.rows.iloc[i]
-        image, mask = load_cached(self.workdir, row)
-        if mask is None:
+        kind = row.get("label_kind", "mask")
+        weak = kind == "box"
+        image, mask = load_cached(self.workdir, row) if not weak else (load_cached(self.workdir, row)[0], None)
+        if weak:  # box-only label: augment the box's raster with the image, then take its tight box
+            mask = box_label_mask(row["box"], image.shape[:2])
+        elif mask is None:
             mask = np.zeros(image.shape[:2], np.uint8)
         img, msk = resize_pair(image, mask, self.size)
         img = img.astype(np.float32) / 255.0
@@ -79,7 +86,12 @@ class SegDataset(Dataset):
             self.augment.set_random_seed(int(rng.integers(2**31)))
             out = self.augment(image=img, mask=msk)
             img, msk = np.clip(out["image"], 0, 1).astype(np.float32), out["mask"]
-        return self.make_sample(img, msk, rng, i)
+        sample = self.make_sample(img, msk, rng, i)
+        if weak:
+            sample.update(weak_box_fields(mask_box(msk), self.size))
+        elif kind == "image":  # image-level "no finding": an empty mask over the whole image
+            sample.update(negative_fields(self.size))
+        return with_weak_defaults(sample)
 
     def make_sample(
         self, img: np.ndarray, msk: np.ndarray, rng: np.random.Generator | None, index: int

@@ -10,6 +10,7 @@ from medsam2.config import DataCfg
 from medsam2.data.manifest import dataset_version, read_manifest
 
 LABELLED_KINDS = ("mask",)
+WEAK_KINDS = ("box", "image")  # box-only annotations; image-level "no finding" (flag no_finding) negatives
 
 
 def _stable_rank(ids: pd.Series, seed: int) -> pd.Series:
@@ -38,13 +39,21 @@ def select_rows(dc: DataCfg, split: str, *, seed: int = 0) -> tuple[pd.DataFrame
             )
         df = df[df["dataset"].isin(datasets)]
     df = df[df["split"] == split].sort_values("image_id")
-    labelled = df[df["label_kind"].isin(LABELLED_KINDS)]
-    unlabelled = df[~df["label_kind"].isin(LABELLED_KINDS)]
+    kinds = LABELLED_KINDS + (WEAK_KINDS if dc.weak_labels and split != "test" else ())
+    is_negative = (df["label_kind"] == "image") & df["flags"].fillna("").str.contains("no_finding")
+    usable = df["label_kind"].isin(kinds) & ((df["label_kind"] != "image") | is_negative)
+    labelled, unlabelled = df[usable], df[~usable]
     if split == "train" and dc.label_fraction < 1:
-        order = labelled.assign(_r=_stable_rank(labelled["image_id"], seed)).sort_values("_r")
+        masks = labelled[labelled["label_kind"] == "mask"]
+        order = masks.assign(_r=_stable_rank(masks["image_id"], seed)).sort_values("_r").drop(columns="_r")
         keep = max(1, round(len(order) * dc.label_fraction))
-        labelled = order.iloc[:keep].drop(columns="_r").sort_values("image_id")
-        unlabelled = pd.concat([unlabelled, order.iloc[keep:].drop(columns="_r")]).sort_values("image_id")
+        hidden = order.iloc[keep:]
+        labelled = labelled[~labelled["image_id"].isin(hidden["image_id"])]
+        if dc.weak_labels:  # the hidden rows keep their box: a realistic cheap annotation
+            labelled = pd.concat([labelled, hidden.assign(label_kind="box", mask_uri=None)])
+        else:
+            unlabelled = pd.concat([unlabelled, hidden])
+        labelled, unlabelled = labelled.sort_values("image_id"), unlabelled.sort_values("image_id")
     cap = dc.max_eval_images if split == "test" else dc.max_train_images
     if cap is not None:
         labelled = labelled.iloc[:cap]

@@ -43,7 +43,12 @@ class Supervised:
         else:
             loss = self.loss_fn(logits, batch["mask"], valid)
             losses = {"loss_mask": loss}
-        loss_iou = iou_prediction_loss(out["iou_pred"], logits, batch["mask"], valid)
+        strong = ~weak if weak is not None else torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        if bool(strong.any()):  # box-only rows have no true mask for the IoU head to learn from
+            loss_iou = iou_prediction_loss(out["iou_pred"][strong], logits[strong], batch["mask"][strong],
+                                           valid[strong])
+        else:
+            loss_iou = logits.sum() * 0.0
         losses["loss_iou"] = loss_iou
         losses["loss"] = loss + 0.1 * loss_iou
         return losses, out
