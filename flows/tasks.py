@@ -33,6 +33,12 @@ def train_task(cfg: ExperimentCfg, parent_run_id: str | None) -> dict[str, Any]:
         return steps.run_train(cfg, parent_run_id=parent_run_id)
 
 
+@task(name="self-training", retries=0, cache_policy=NO_CACHE)
+def self_training_task(cfg: ExperimentCfg, teacher_checkpoint: str, parent_run_id: str | None) -> dict[str, Any]:
+    with concurrency("gpu", occupy=1):
+        return steps.run_self_training(cfg, teacher_checkpoint, parent_run_id=parent_run_id)
+
+
 @task(name="evaluate", retries=1, cache_policy=NO_CACHE)
 def evaluate_task(model_uri: str, run_id: str | None, overrides: list[str] | None = None) -> dict[str, Any]:
     return steps.run_evaluate(model_uri, overrides, run_id=run_id)

@@ -19,6 +19,7 @@ from flows.tasks import (
     evaluate_task,
     ingest_task,
     promote_task,
+    self_training_task,
     train_task,
     validate_task,
 )
@@ -97,12 +98,19 @@ def train_medsam2(
     status = "FAILED"
     try:
         trained = train_task(cfg, parent)
-        evaluated = evaluate_task(trained["model_uri"], trained["run_id"])
-        promoted = promote_task(trained["model_uri"], evaluated["run_id"], cfg)
+        candidate, cand_run = trained["model_uri"], trained["run_id"]
+        selftrained = None
+        if cfg.semisup.self_training_rounds > 0:
+            selftrained = self_training_task(cfg, trained["checkpoint"], parent)
+            if selftrained["improved"]:
+                candidate, cand_run = selftrained["model_uri"], selftrained["run_id"]
+        evaluated = evaluate_task(candidate, cand_run)
+        promoted = promote_task(candidate, evaluated["run_id"], cfg)
         status = "FINISHED"
     finally:
         tracking.end_run(parent, status)
     res = {"ingest": ingested, "validate": {"success": validated["success"]}, "train": trained,
+           "self_training": selftrained,
            "eval": evaluated, "promotion": promoted, "parent_run_id": parent}
     create_markdown_artifact(_summary_md(res), key="train-medsam2-summary")
     create_table_artifact([{"metric": k, "value": round(v, 5)} for k, v in sorted(evaluated["metrics"].items())],

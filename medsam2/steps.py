@@ -141,3 +141,38 @@ def labels_changed_since_champion(cfg: ExperimentCfg) -> dict[str, Any]:
         seen[alias] = mv.tags.get("data_version") if mv is not None else None
     return {"retrain": current not in seen.values(), "data_version": current,
             "champion_data_version": seen[tracking.CHAMPION], "challenger_data_version": seen[tracking.CHALLENGER]}
+
+
+def run_self_training(cfg: ExperimentCfg, teacher_checkpoint: str, *, parent_run_id: str | None = None) -> dict:
+    """Self-training rounds; each round is an MLflow child run with pseudo-label count, acceptance rate and
+    (where the pool's masks are hidden ground truth) pseudo-label Dice. The best model is logged as a pyfunc."""
+    import mlflow
+
+    from medsam2 import tracking
+    from medsam2.semisup.self_training import best_checkpoint
+    from medsam2.semisup.self_training import run_self_training as rounds_fn
+
+    tracking.setup(cfg)
+    cbs: dict[int, tracking.ChildRunCallback] = {}
+
+    def factory(r: int):
+        cbs[r] = tracking.ChildRunCallback(parent_run_id, f"self-train-round-{r}")
+        return [cbs[r]]
+
+    results = rounds_fn(cfg, cfg.semisup.self_training_rounds, teacher_checkpoint, factory)
+    client = tracking._client()
+    for res in results:
+        run_id = cbs[res.round].run_id
+        for k, v in res.metrics.items():
+            if isinstance(v, int | float) and v == v:
+                client.log_metric(run_id, k, float(v))
+        client.set_tag(run_id, "improved", str(res.improved).lower())
+    best = best_checkpoint(results, teacher_checkpoint)
+    if best == teacher_checkpoint:
+        return {"improved": False, "rounds": [r.to_dict() for r in results], "checkpoint": best, "model_uri": None}
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+    with mlflow.start_run(run_name="self-training-best", tags=tags) as run:
+        tracking.log_config(cfg)
+        model_uri = tracking.log_model(best)
+    return {"improved": True, "rounds": [r.to_dict() for r in results], "checkpoint": best,
+            "model_uri": model_uri, "run_id": run.info.run_id}

@@ -332,3 +332,22 @@ def run_url(run_id: str) -> str | None:
         return None
     run = _client().get_run(run_id)
     return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+class ChildRunCallback(MlflowCallback):
+    """Opens a child run (under ``parent_run_id``) when training starts and closes it when it ends: one MLflow
+    run per self-training round, created by the training loop the round calls."""
+
+    def __init__(self, parent_run_id: str | None, name: str, extra_metrics: dict[str, float] | None = None):
+        self.parent, self.name, self.extra = parent_run_id, name, dict(extra_metrics or {})
+        self.run_id: str | None = None
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        tags = {"mlflow.parentRunId": self.parent} if self.parent else {}
+        self.run_id = mlflow.start_run(run_name=self.name, tags=tags, nested=mlflow.active_run() is not None
+                                       ).info.run_id
+        super().on_train_start(info)
+
+    def on_train_end(self, result: Any) -> None:
+        super().on_train_end(result)
+        mlflow.end_run()
