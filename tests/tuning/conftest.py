@@ -14,13 +14,11 @@ N_TEST = 2
 
 
 def sample_data_root() -> Path:
-    return Path(
-        os.environ.get("MEDSAM2_SAMPLE_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
-    )
+    return Path(os.environ.get("MEDSAM2_SAMPLE_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
-def kvasir_workdir(tmp_path_factory) -> str:
+def tune_workdir(tmp_path_factory) -> str:
     """12 real Kvasir-SEG images ingested with a 30 % val share (≈7 train / 3 val / 2 test)."""
     src = sample_data_root() / "kvasir-seg"
     if not (src / "images").is_dir():
@@ -59,14 +57,14 @@ def ray_token() -> str:
 
 
 @pytest.fixture
-def sweep_env(tmp_path, monkeypatch, ray_token, kvasir_workdir):
+def sweep_env(tmp_path, monkeypatch, ray_token, tune_workdir):
     """MEDSAM2_HOME and a file-backed SQLite MLflow store under tmp_path; returns URI + base overrides."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("MEDSAM2_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    return {"uri": uri, "overrides": [f"data.workdir={kvasir_workdir}", f"tracking.tracking_uri={uri}"]}
+    return {"uri": uri, "overrides": [f"data.workdir={tune_workdir}", f"tracking.tracking_uri={uri}"]}
 
 
 def child_runs(uri: str, parent_id: str):

@@ -63,7 +63,7 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
@@ -93,8 +93,6 @@ def ray_cluster(ray_token, tmp_path_factory):
     head = _start(
         [
             "--head",
-            "--node-ip-address",
-            "127.0.0.1",
             "--port",
             str(gcs),
             "--include-dashboard",
@@ -110,11 +108,7 @@ def ray_cluster(ray_token, tmp_path_factory):
     procs = [head]
     try:
         time.sleep(3)
-        procs.append(
-            _start(
-                ["--address", address, "--node-ip-address", "127.0.0.1", *_node_ports()], logs / "worker.log"
-            )
-        )
+        procs.append(_start(["--address", address, *_node_ports()], logs / "worker.log"))
         _wait_for_nodes(address, 2)
         yield address
     finally:

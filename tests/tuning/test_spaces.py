@@ -15,11 +15,7 @@ from tuning.sweep import parse_overrides_flat, prepare_config
 def _sample(space: dict, rng: random.Random) -> dict:
     out = {}
     for k, dom in space.items():
-        out[k] = (
-            dom.sample(random_state=rng.randrange(2**31))
-            if isinstance(dom, tune.search.sample.Domain)
-            else dom
-        )
+        out[k] = dom.sample(random_state=rng.randrange(2**31)) if isinstance(dom, tune.search.sample.Domain) else dom
     return out
 
 
