@@ -7,11 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
 from medsam2 import steps
 from medsam2.config import ExperimentCfg
+from medsam2.engine.callbacks import Callback
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -27,10 +29,21 @@ def validate_task(workdir: str) -> dict[str, Any]:
     return res
 
 
+class ProgressArtifact(Callback):
+    """Training progress (percent of max_steps, latest loss) as a Prefect progress artifact."""
+
+    def __init__(self, max_steps: int) -> None:
+        self.max_steps = max_steps
+        self.artifact_id = create_progress_artifact(0.0, key="train-progress", description="training steps")
+
+    def on_step(self, step: int, logs: dict[str, float]) -> None:
+        update_progress_artifact(self.artifact_id, 100.0 * step / self.max_steps)
+
+
 @task(name="train", retries=0, cache_policy=NO_CACHE)
 def train_task(cfg: ExperimentCfg, parent_run_id: str | None) -> dict[str, Any]:
     with concurrency("gpu", occupy=1):
-        return steps.run_train(cfg, parent_run_id=parent_run_id)
+        return steps.run_train(cfg, parent_run_id=parent_run_id, callbacks=[ProgressArtifact(cfg.train.max_steps)])
 
 
 @task(name="self-training", retries=0, cache_policy=NO_CACHE)

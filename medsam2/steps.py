@@ -48,7 +48,8 @@ def model_card(cfg: ExperimentCfg, result: Any, modality: str = "see manifest") 
 """
 
 
-def run_train(cfg: ExperimentCfg, *, parent_run_id: str | None = None, run_name: str | None = None) -> dict:
+def run_train(cfg: ExperimentCfg, *, parent_run_id: str | None = None, run_name: str | None = None,
+              callbacks: list | None = None) -> dict:
     """Train inside an MLflow run (nested under ``parent_run_id`` if given) and log the model as a pyfunc."""
     import mlflow
 
@@ -58,7 +59,7 @@ def run_train(cfg: ExperimentCfg, *, parent_run_id: str | None = None, run_name:
     tracking.setup(cfg)
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
     with mlflow.start_run(run_name=run_name or f"train-{config_hash(cfg)}", tags=tags) as run:
-        result = train(cfg, callbacks=[tracking.MlflowCallback()])
+        result = train(cfg, callbacks=[tracking.MlflowCallback(), *(callbacks or [])])
         model_uri = tracking.log_model(result.checkpoint, model_card(cfg, result))
         return {"run_id": run.info.run_id, "model_uri": model_uri, **result.to_dict()}
 
