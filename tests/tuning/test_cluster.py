@@ -84,10 +84,18 @@ def _wait_for_nodes(address: str, n: int, timeout: float = 120) -> None:
     assert out.stdout.strip().splitlines()[-1:] == [str(n)], out.stdout + out.stderr
 
 
+def _wait_for_log(proc: subprocess.Popen, log: Path, needle: str, timeout: float = 120) -> None:
+    t0 = time.time()
+    while needle not in log.read_text():
+        if proc.poll() is not None or time.time() - t0 > timeout:
+            raise RuntimeError(f"ray start failed or hung:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(ray_token, tmp_path_factory):
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
-    gcs, client = _free_ports(2)
+    (gcs,) = _free_ports(1)
     address = f"127.0.0.1:{gcs}"
     logs = tmp_path_factory.mktemp("ray-nodes")
     head = _start(
@@ -97,8 +105,6 @@ def ray_cluster(ray_token, tmp_path_factory):
             str(gcs),
             "--include-dashboard",
             "false",
-            "--ray-client-server-port",
-            str(client),
             "--temp-dir",
             temp,
             *_node_ports(),
@@ -107,7 +113,7 @@ def ray_cluster(ray_token, tmp_path_factory):
     )
     procs = [head]
     try:
-        time.sleep(3)
+        _wait_for_log(head, logs / "head.log", "Ray runtime started")
         procs.append(_start(["--address", address, *_node_ports()], logs / "worker.log"))
         _wait_for_nodes(address, 2)
         yield address
