@@ -8,7 +8,7 @@ t0=$(date +%s)
 prefect --no-prompt deploy --all >"$MEDSAM2_HOME/logs/deploy.log" 2>&1 || { cat "$MEDSAM2_HOME/logs/deploy.log"; exit 1; }
 echo "deployed: $(grep -c "Deployment '" "$MEDSAM2_HOME/logs/deploy.log" || true) deployments (log: $MEDSAM2_HOME/logs/deploy.log)"
 prefect deployment run train-medsam2/demo --watch --watch-timeout 1800 | tee "$MEDSAM2_HOME/logs/demo-run.log"
-if ! grep -q "COMPLETED" "$MEDSAM2_HOME/logs/demo-run.log"; then
+if ! grep -q "finished successfully" "$MEDSAM2_HOME/logs/demo-run.log"; then
   echo "the demo flow run did not complete; worker log: $MEDSAM2_HOME/logs/prefect-worker.log" >&2
   exit 1
 fi

@@ -85,7 +85,7 @@ def test_deployment_run_trigger_and_skip(stack, tmp_path):
     workdir = str(tmp_path / "work")
 
     out = _run(env, "train-medsam2/demo", {"source": str(data), "workdir": workdir})
-    assert "COMPLETED" in out, out[-3000:]
+    assert "finished successfully" in out, out[-3000:]
     champ = _champion(env)
     assert champ["version"] == 1 and champ["tags"]["gate_decision"] == "promoted"
     assert "test_dice" in champ["metrics"] and "baseline_ellipse_in_box_dice" in champ["metrics"]
@@ -93,7 +93,7 @@ def test_deployment_run_trigger_and_skip(stack, tmp_path):
     # New labelled images arrive: ingest-data emits the event, the on-new-labels trigger retrains (gated).
     extra = copy_kvasir_subset(tmp_path / "more" / "kvasir-seg", n_train=6, n_val=2, n_test=2)
     out = _run(env, "ingest-data/default", {"source": str(extra), "workdir": workdir})
-    assert "COMPLETED" in out, out[-3000:]
+    assert "finished successfully" in out, out[-3000:]
     deadline = time.time() + 900
     triggered = []
     while time.time() < deadline:
@@ -112,5 +112,5 @@ def test_deployment_run_trigger_and_skip(stack, tmp_path):
 
     # Nothing new: the retraining flow skips without training.
     out = _run(env, "retrain-on-new-labels/default", {"workdir": workdir})
-    assert "COMPLETED" in out, out[-3000:]
+    assert "finished successfully" in out, out[-3000:]
     assert Path(home, "logs", "prefect-worker.log").read_text().count("skipped: no new labels") >= 1
