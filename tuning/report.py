@@ -35,11 +35,7 @@ def results_table(grid) -> pd.DataFrame:
     for r in grid:
         m = r.metrics or {}
         hist = r.metrics_dataframe
-        vals = (
-            hist["val_dice"].dropna()
-            if hist is not None and "val_dice" in hist
-            else pd.Series([], dtype=float)
-        )
+        vals = hist["val_dice"].dropna() if hist is not None and "val_dice" in hist else pd.Series([], dtype=float)
         rows.append(
             {
                 "trial_id": Path(r.path).name.removeprefix("trial_"),  # see tuning.sweep.trial_dirname
@@ -47,9 +43,7 @@ def results_table(grid) -> pd.DataFrame:
                 "val_dice": m.get("val_dice", math.nan),
                 "best_val_dice": float(vals.max()) if len(vals) else math.nan,
                 "step": m.get("step", 0),
-                "resumed_from": int(hist["resumed_from"].max())
-                if hist is not None and "resumed_from" in hist
-                else 0,
+                "resumed_from": int(hist["resumed_from"].max()) if hist is not None and "resumed_from" in hist else 0,
                 "reports": len(vals),
                 "val_dice_by_step": json.dumps(_by_step(hist)),
                 "error": str(r.error)[:300] if r.error is not None else "",

@@ -98,11 +98,7 @@ def _is_local(path: str) -> bool:
 
 
 def _runtime_env(local: bool) -> dict[str, Any]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k.startswith(FORWARDED_ENV_PREFIXES) and not SECRET_ENV.search(k)
-    }
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and not SECRET_ENV.search(k)}
     if local:  # same machine: pin the home dir (relative by default) and make the checkout importable
         env["MEDSAM2_HOME"] = str(tracking.medsam2_home())
         root = str(Path(__file__).resolve().parents[1])
@@ -206,9 +202,7 @@ def run_sweep(
     exp_id = tracking.setup(cfg)  # creates the store and experiment once, before any trial touches them
     uri = cfg.tracking.tracking_uri
     state_file = local_out / "sweep.json"
-    parent_id = (
-        json.loads(state_file.read_text())["parent_run_id"] if resume and state_file.exists() else None
-    )
+    parent_id = json.loads(state_file.read_text())["parent_run_id"] if resume and state_file.exists() else None
     parent = (
         mlflow.start_run(run_id=parent_id)
         if parent_id
@@ -383,15 +377,17 @@ def _resolved_config(result, ctx: SweepContext) -> str:
 
 
 def _close_child_runs(uri: str, exp_id: str, parent_id: str, table) -> None:
-    """Trials stopped by ASHA are killed mid-run; end their MLflow runs as KILLED and tag the Tune outcome."""
+    """Tag every child run with its Tune outcome and end the runs a trial could not end itself: Tune ends a
+    stopped trial's process (ASHA stops at a rung, and at ``max_t`` on the final report) right away."""
     client = MlflowClient(uri)
     status = dict(zip(table["trial_id"], table["status"], strict=True))
     for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000):
         outcome = status.get(run.data.tags.get(TRIAL_TAG))
         if outcome:
             client.set_tag(run.info.run_id, "tune_status", outcome)
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "FAILED" if outcome == "ERROR" else "KILLED")
+        if run.info.status == "RUNNING":  # the trial's process was ended before it could close its run
+            status = {"COMPLETED": "FINISHED", "ERROR": "FAILED"}.get(outcome, "KILLED")
+            client.set_terminated(run.info.run_id, status)
 
 
 def cli_sweep(

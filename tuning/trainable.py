@@ -70,12 +70,7 @@ def trial_output_dir(ctx: SweepContext, trial_id: str) -> Path:
     so it must be the same for every attempt of the trial. Remote storage: a node-local dir instead, and a
     trial restarted elsewhere gets ``last.pt`` back from its Tune checkpoint."""
     if ctx.local_storage:
-        return (
-            Path(ctx.storage_path.removeprefix("file://"))
-            / ctx.sweep_name
-            / trial_dirname(trial_id)
-            / "train"
-        )
+        return Path(ctx.storage_path.removeprefix("file://")) / ctx.sweep_name / trial_dirname(trial_id) / "train"
     root = Path(os.environ.get("MEDSAM2_TUNE_LOCAL_DIR", Path(tempfile.gettempdir()) / "medsam2-tune"))
     return root / ctx.sweep_name / trial_dirname(trial_id) / "train"
 
@@ -88,9 +83,7 @@ def trial_config(
     return apply_params(base, {**params, "train.output_dir": str(output_dir)})
 
 
-def trial_metrics(
-    val_dice: float, best: float, step: int, max_steps: int, resumed_from: int
-) -> dict[str, Any]:
+def trial_metrics(val_dice: float, best: float, step: int, max_steps: int, resumed_from: int) -> dict[str, Any]:
     """One Tune report. ``step`` is ASHA's time attribute; ``max_steps`` tells the driver a trial finished."""
     return {
         "val_dice": float(val_dice),
@@ -194,9 +187,7 @@ class MlflowChild(Callback):
     def start(self) -> str:
         mlflow.set_tracking_uri(self.ctx.tracking_uri)
         client = MlflowClient(self.ctx.tracking_uri)
-        query = (
-            f"tags.mlflow.parentRunId = '{self.ctx.parent_run_id}' and tags.`{TRIAL_TAG}` = '{self.trial_id}'"
-        )
+        query = f"tags.mlflow.parentRunId = '{self.ctx.parent_run_id}' and tags.`{TRIAL_TAG}` = '{self.trial_id}'"
         found = client.search_runs([self.ctx.experiment_id], query, max_results=1)
         if found:  # a retried or restored trial continues its own run
             run = mlflow.start_run(run_id=found[0].info.run_id)
