@@ -165,7 +165,7 @@ def sweep(
         from tuning.sweep import cli_sweep
     except ImportError as exc:  # tuning/ ships with the same distribution; this only fires on a broken install
         raise typer.BadParameter(f"the tuning package is not importable: {exc}") from exc
-    res = cli_sweep(space=space, num_samples=num_samples, address=address, config=config, overrides=set_)
+    res = cli_sweep(space=space, num_samples=num_samples, address=address, config=config, overrides=set_, json=json_)
     _emit(res, json_, f"best val Dice {res.get('best_val_dice')} → {res.get('best_config')}")
 
 
