@@ -5,7 +5,8 @@ A sample is a dict:
     mask    (1,S,S) float32 in {0,1}
     valid   (1,S,S) bool — pixels whose label is known (partial labels mark the rest False)
     box     (4,) float32 x0,y0,x1,y1 in S×S pixel coords (exclusive end); full image when the mask is empty
-    points  (N,2) float32, point_labels (N,) int32 (1 fg, 0 bg, -1 padding), N = num_pos + num_neg (≥1)
+    points  (N,2) float32, point_labels (N,) int32 (1 fg, 0 bg, -1 padding); N = num_pos + num_neg for
+            prompt "points", else one padding point
     index   int — row position in the dataset's table
     weak_box () bool — the row has a box-only label (mask is empty and ``valid`` all False; see gt_box)
     gt_box  (4,) float32 — the annotated box in S×S coords (for box rows; the prompt box otherwise)
@@ -103,10 +104,10 @@ class SegDataset(Dataset):
             box = np.array([0, 0, s, s], np.float32)
         elif rng is not None:
             box = jitter_box(box, self.cfg.box_jitter, (s, s), rng)
-        n_pos, n_neg = self.cfg.num_pos_points, self.cfg.num_neg_points
-        if n_pos + n_neg == 0:
-            n_pos = 1
-        points, labels = sample_points(msk, n_pos, n_neg, rng)
+        if self.cfg.prompt == "points":
+            points, labels = sample_points(msk, self.cfg.num_pos_points, self.cfg.num_neg_points, rng)
+        else:  # unused by the model; a fixed padding point keeps batches collatable (and skips a distance map)
+            points, labels = np.zeros((1, 2), np.float32), -np.ones(1, np.int32)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
             "mask": torch.from_numpy(msk.astype(np.float32))[None],

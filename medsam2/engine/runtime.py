@@ -62,6 +62,11 @@ def compile_encoder(model) -> str | None:
     """``torch.compile`` the image encoder in place (keys unchanged). Returns None, or the error that made it
     fall back to eager."""
     try:
+        # SAM2's position encoding fills a cache on its first call; warming it eagerly first avoids a second,
+        # full recompile of the encoder on the next call.
+        p = next(model.parameters())
+        with torch.no_grad():
+            model.sam.image_encoder(torch.zeros(1, 3, model.image_size, model.image_size, device=p.device))
         model.sam.image_encoder.compile()
         return None
     except Exception as exc:  # noqa: BLE001 - any backend failure means: run eager
