@@ -485,3 +485,19 @@ def short_error(exc: BaseException, limit: int = 600) -> str:
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def measure(res: dict[str, Any], run: Callable[[dict], Any], synth: dict, real, cfg, batch: int, args,
+            device: torch.device, flops: int, peak: float | None, warmup: int) -> None:
+    """Time ``run(batch)`` on the synthetic batch ("model only") and, when ``real`` is given, on real batches
+    through the DataLoader ("with loader", the headline figure); fill ``res`` with throughput and memory."""
+    secs = time_steps(lambda: run(synth), warmup, args.steps, device)
+    res["model_only"] = throughput_fields(batch * args.steps, secs, flops, args.steps, peak)
+    res["with_loader"] = None
+    if real is not None:
+        nxt = real.next_fn(batch, cfg)
+        secs = time_steps(lambda: run(nxt()), max(2, args.warmup), args.steps, device)
+        res["with_loader"] = throughput_fields(batch * args.steps, secs, flops, args.steps, peak)
+    head = res["with_loader"] or res["model_only"]
+    res.update(img_s=head["img_s"], mfu=head["mfu"], data="real" if real is not None else "synthetic")
+    res.update(peak_memory(device))

@@ -102,16 +102,7 @@ def run_variant(backbone: str, compiled: bool, args, device, real, precision: st
                    compile_backend=args.compile_backend or "inductor", compile_mode=args.compile_mode)
         warmup = max(1, warmup - 1)
 
-    secs = bench.time_steps(lambda: forward(synth), warmup, args.steps, device)
-    res["model_only"] = bench.throughput_fields(args.batch * args.steps, secs, flops, args.steps, peak)
-    res["with_loader"] = None
-    if real is not None:
-        nxt = real.next_fn(args.batch, cfg)
-        secs = bench.time_steps(lambda: forward(nxt()), max(2, args.warmup), args.steps, device)
-        res["with_loader"] = bench.throughput_fields(args.batch * args.steps, secs, flops, args.steps, peak)
-    head = res["with_loader"] or res["model_only"]
-    res.update(img_s=head["img_s"], mfu=head["mfu"], data="real" if real is not None else "synthetic")
-    res.update(bench.peak_memory(device))
+    bench.measure(res, forward, synth, real, cfg, args.batch, args, device, flops, peak, warmup)
     if (device.type == "cuda" and "H100" in torch.cuda.get_device_name(device) and args.image_size == 1024
             and args.batch == 16 and precision == "bf16" and not compiled and backbone in REFERENCE_H100):
         res["reference_img_s_model_only"] = REFERENCE_H100[backbone]

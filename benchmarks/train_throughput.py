@@ -215,16 +215,7 @@ def run_variant(v: Variant, args, device, real, flops_cache: dict, peak: float |
                    compile_backend=args.compile_backend or "inductor", compile_mode=args.compile_mode)
         warmup = max(1, warmup - 1)
 
-    secs = bench.time_steps(lambda: step(synth), warmup, args.steps, device)
-    res["model_only"] = bench.throughput_fields(v.batch * args.steps, secs, flops, args.steps, peak)
-    res["with_loader"] = None
-    if real is not None:
-        nxt = real.next_fn(v.batch, cfg)
-        secs = bench.time_steps(lambda: step(nxt()), max(2, args.warmup), args.steps, device)
-        res["with_loader"] = bench.throughput_fields(v.batch * args.steps, secs, flops, args.steps, peak)
-    head = res["with_loader"] or res["model_only"]
-    res.update(img_s=head["img_s"], mfu=head["mfu"], data="real" if real is not None else "synthetic")
-    res.update(bench.peak_memory(device))
+    bench.measure(res, step, synth, real, cfg, v.batch, args, device, flops, peak, warmup)
     ref = REFERENCE_H100.get((v.name, v.batch))
     if ref and device.type == "cuda" and "H100" in torch.cuda.get_device_name(device) and args.image_size == 1024:
         res["reference_img_s_model_only"] = ref

@@ -57,6 +57,7 @@ from medsam2.data.process import INGEST_VERSION, UnitOutput, dataset_prefix, pro
 from medsam2.data.readers import QuarantineError, read_nifti, sniff_kind
 from medsam2.data.splits import DEFAULT_VAL_FRACTION, assign_splits, split_bucket
 from medsam2.data.storage import SourceFile, Storage, open_storage
+from medsam2.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +142,6 @@ class StatCache:
         atomic_write_bytes(self.path, json.dumps(blob, separators=(",", ":")).encode())
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Source:
@@ -164,7 +159,7 @@ class _Source:
     def sha(self, rel: str) -> str:
         e = self.entry(rel)
         if "sha" not in e:
-            e["sha"] = _sha256_file(self.storage.local_path(rel))
+            e["sha"] = file_sha256(self.storage.local_path(rel))
         return e["sha"]
 
     def path(self, rel: str) -> Path:

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medsam2.hashing import file_sha256
+
 log = logging.getLogger(__name__)
 
 BACKBONE_CONFIG = {"hiera_t": "t", "hiera_s": "s", "hiera_b+": "b+", "hiera_l": "l"}
@@ -140,14 +142,6 @@ def resolve_checkpoint(source: str) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {source!r} does not exist")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

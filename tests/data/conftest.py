@@ -1,28 +1,15 @@
-"""Fixtures for the data-platform tests: the shared real sample data and small copies of it in tmp_path."""
+"""Fixtures for the data-platform tests: small copies of the shared real data in tmp_path (``sample_data`` comes
+from tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 SALT = "test-salt"
-
-
-def sample_root() -> Path | None:
-    p = Path(os.environ.get("MEDSAM2_SAMPLE_DATA", "/work/shared/data"))
-    return p if p.is_dir() else None
-
-
-@pytest.fixture(scope="session")
-def sample_data() -> Path:
-    root = sample_root()
-    if root is None:
-        pytest.skip("real sample data not found: set MEDSAM2_SAMPLE_DATA to the shared data folder")
-    return root
 
 
 def copy_kvasir(sample: Path, dest: Path, n_test: int = 3, n_other: int = 7) -> Path:
