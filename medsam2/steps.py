@@ -58,7 +58,8 @@ def run_train(cfg: ExperimentCfg, *, parent_run_id: str | None = None, run_name:
 
     tracking.setup(cfg)
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-    with mlflow.start_run(run_name=run_name or f"train-{config_hash(cfg)}", tags=tags) as run:
+    with mlflow.start_run(run_name=run_name or f"train-{config_hash(cfg)}", tags=tags,
+                          log_system_metrics=True) as run:
         result = train(cfg, callbacks=[tracking.MlflowCallback(), *(callbacks or [])])
         model_uri = tracking.log_model(result.checkpoint, model_card(cfg, result))
         return {"run_id": run.info.run_id, "model_uri": model_uri, **result.to_dict()}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.data
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
@@ -105,6 +106,7 @@ class MlflowCallback(Callback):
         mlflow.log_params({"trainable_params": info["trainable_params"], "total_params": info["total_params"],
                            "train_images": info["train_images"], "val_images": info["val_images"],
                            "unlabelled_images": info["unlabelled_images"]})
+        _log_dataset(info["config"], info["data_version"])
         if random_init:
             mlflow.set_tag("mlflow.note.content",
                            "RANDOM INIT: no pretrained SAM2 weights were loaded (model.checkpoint=none).")
@@ -120,6 +122,20 @@ class MlflowCallback(Callback):
                             for k, v in result.metrics.items() if np.isfinite(v)})
         mlflow.log_metric("train_wall_s", result.wall_s)
         _log_loss_curve(result.history)
+
+
+def _log_dataset(cfg: ExperimentCfg, data_version: str) -> None:
+    """The training manifest rows as an MLflow dataset input (name = data version), visible in the run's UI."""
+    from medsam2.data.manifest import read_manifest
+
+    df = read_manifest(cfg.data.workdir)
+    if cfg.data.train_datasets:
+        df = df[df["dataset"].isin(cfg.data.train_datasets)]
+    cols = ["image_id", "dataset", "split", "label_kind", "modality", "width", "height", "sha256"]
+    df = df[df["split"].isin(["train", "val"])][cols].astype(str).reset_index(drop=True)
+    ds = mlflow.data.from_pandas(df, source=str(Path(cfg.data.workdir).resolve() / "manifest.parquet"),
+                                 name=f"manifest-{data_version}")
+    mlflow.log_input(ds, context="training")
 
 
 def _log_loss_curve(history: list[dict]) -> None:

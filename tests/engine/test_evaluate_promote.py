@@ -69,6 +69,13 @@ def test_evaluate_train_promote_rollback_end_to_end(kvasir_workdir, tmp_path, tr
     assert (tmp_path / "rep1" / "report.html").stat().st_size > 1000
     json.loads((tmp_path / "rep1" / "report.json").read_text())
 
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    run1 = mlflow.get_run(t1["run_id"])
+    assert run1.inputs.dataset_inputs and run1.inputs.dataset_inputs[0].dataset.name.startswith("manifest-")
+    assert {"config_hash", "git_commit", "data_version", "random_init"} <= set(run1.data.tags)
+    assert run1.data.params["trainable_params"] and run1.data.params["total_params"]
     p1 = steps.run_promote(t1["model_uri"], e1["run_id"], cfg)
     assert p1["promoted"] and p1["alias"] == "champion" and p1["version"] == 1
 
@@ -78,8 +85,6 @@ def test_evaluate_train_promote_rollback_end_to_end(kvasir_workdir, tmp_path, tr
     e2 = steps.run_evaluate(t2["model_uri"], run_id=t2["run_id"], report_dir=str(tmp_path / "rep2"))
     bad = pd.read_csv(tmp_path / "rep2" / "per_image.csv")
     bad.loc[bad["method"] == "model", "dice"] = 0.0
-    import mlflow
-
     bad.to_csv(tmp_path / "rep2" / "per_image.csv", index=False)
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with mlflow.start_run(run_id=e2["run_id"]):
