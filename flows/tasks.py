@@ -29,6 +29,10 @@ def validate_task(workdir: str) -> dict[str, Any]:
     return res
 
 
+# The holder renews its lease while it runs; a killed worker's slot frees itself this long after the crash.
+GPU_LEASE_S = 60
+
+
 class ProgressArtifact(Callback):
     """Training progress (percent of max_steps, latest loss) as a Prefect progress artifact."""
 
@@ -42,13 +46,13 @@ class ProgressArtifact(Callback):
 
 @task(name="train", retries=0, cache_policy=NO_CACHE)
 def train_task(cfg: ExperimentCfg, parent_run_id: str | None) -> dict[str, Any]:
-    with concurrency("gpu", occupy=1):
+    with concurrency("gpu", occupy=1, lease_duration=GPU_LEASE_S):
         return steps.run_train(cfg, parent_run_id=parent_run_id, callbacks=[ProgressArtifact(cfg.train.max_steps)])
 
 
 @task(name="self-training", retries=0, cache_policy=NO_CACHE)
 def self_training_task(cfg: ExperimentCfg, teacher_checkpoint: str, parent_run_id: str | None) -> dict[str, Any]:
-    with concurrency("gpu", occupy=1):
+    with concurrency("gpu", occupy=1, lease_duration=GPU_LEASE_S):
         return steps.run_self_training(cfg, teacher_checkpoint, parent_run_id=parent_run_id)
 
 

@@ -30,16 +30,16 @@ from medsam2.config import ExperimentCfg, load_config
 def resolve_cfg(config: str | None, overrides: list[str] | None, workdir: str | None) -> ExperimentCfg:
     """Config file paths are relative to the project root (where prefect.yaml lives) unless absolute.
 
-    Order: config file ← flow ``overrides`` ← ``workdir`` ← worker-level ``MEDSAM2_OVERRIDES`` (whitespace-
-    separated ``key=value``; e.g. a GPU worker sets ``train.batch_size=32``, a test worker shrinks the model).
+    Order: config file ← worker-level ``MEDSAM2_OVERRIDES`` (whitespace-separated ``key=value``; e.g. a GPU
+    worker sets ``train.batch_size=32``, a test worker shrinks the model) ← flow ``overrides`` ← ``workdir``.
     """
     path = None
     if config:
         path = Path(config)
         if not path.is_absolute() and not path.exists():
             path = Path(__file__).resolve().parents[1] / config
-    extra = list(overrides or []) + ([f"data.workdir={workdir}"] if workdir else [])
-    extra += os.environ.get("MEDSAM2_OVERRIDES", "").split()
+    extra = os.environ.get("MEDSAM2_OVERRIDES", "").split() + list(overrides or [])
+    extra += [f"data.workdir={workdir}"] if workdir else []
     return load_config(path, extra)
 
 

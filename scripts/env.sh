@@ -11,6 +11,7 @@ export PREFECT_UI_API_URL="$PREFECT_API_URL"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MEDSAM2_MLFLOW_PORT"
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 export DO_NOT_TRACK=1
+export PREFECT_LOGGING_EXTRA_LOGGERS="${PREFECT_LOGGING_EXTRA_LOGGERS:-medsam2}"  # library logs in the Prefect UI
 if [ -z "${MEDSAM2_SAMPLE_DATA:-}" ] && [ -d "$ROOT/../shared/data" ]; then
   export MEDSAM2_SAMPLE_DATA="$(cd "$ROOT/../shared/data" && pwd)"
 fi
