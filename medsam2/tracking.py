@@ -102,6 +102,7 @@ class MlflowCallback(Callback):
         mlflow.set_tags({
             "base_weights": info["base_weights"]["source"], "base_weights_sha256": info["base_weights"]["sha256"],
             "random_init": str(random_init).lower(), "device": info["device"],
+            "resumed_from_step": str(info["resumed_from"]),
         })
         mlflow.log_params({"trainable_params": info["trainable_params"], "total_params": info["total_params"],
                            "train_images": info["train_images"], "val_images": info["val_images"],
