@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -40,23 +41,25 @@ class SourceFile:
     detail: str = ""
 
 
-class Storage:
+class Storage(ABC):
     """Abstract source: ``list()`` once, then ``local_path(rel)`` for files the ingest needs to read."""
 
     uri: str
     name: str
 
+    @abstractmethod
     def list(self) -> list[SourceFile]:
-        raise NotImplementedError
+        """Every file under the source root (relative paths), with size and mtime."""
 
+    @abstractmethod
     def local_path(self, rel: str) -> Path:
-        raise NotImplementedError
+        """A local file holding ``rel``'s bytes (the file itself, or a downloaded copy)."""
 
     def uri_of(self, rel: str) -> str:
         return f"{self.uri.rstrip('/')}/{rel}"
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook: only remote storages hold resources
+        """Release temporary downloads (remote storages); nothing to do for local folders."""
 
     def __enter__(self) -> Storage:
         return self
