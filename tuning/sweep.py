@@ -380,14 +380,14 @@ def _close_child_runs(uri: str, exp_id: str, parent_id: str, table) -> None:
     """Tag every child run with its Tune outcome and end the runs a trial could not end itself: Tune ends a
     stopped trial's process (ASHA stops at a rung, and at ``max_t`` on the final report) right away."""
     client = MlflowClient(uri)
-    status = dict(zip(table["trial_id"], table["status"], strict=True))
+    outcomes = dict(zip(table["trial_id"], table["status"], strict=True))
     for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000):
-        outcome = status.get(run.data.tags.get(TRIAL_TAG))
+        outcome = outcomes.get(run.data.tags.get(TRIAL_TAG))
         if outcome:
             client.set_tag(run.info.run_id, "tune_status", outcome)
         if run.info.status == "RUNNING":  # the trial's process was ended before it could close its run
-            status = {"COMPLETED": "FINISHED", "ERROR": "FAILED"}.get(outcome, "KILLED")
-            client.set_terminated(run.info.run_id, status)
+            end_status = {"COMPLETED": "FINISHED", "ERROR": "FAILED"}.get(outcome, "KILLED")
+            client.set_terminated(run.info.run_id, end_status)
 
 
 def cli_sweep(
