@@ -137,6 +137,9 @@ def _log_dataset(cfg: ExperimentCfg, data_version: str) -> None:
     ds = mlflow.data.from_pandas(df, source=str(Path(cfg.data.workdir).resolve() / "manifest.parquet"),
                                  name=f"manifest-{data_version}")
     mlflow.log_input(ds, context="training")
+    docs = Path(cfg.data.workdir) / "data_docs"
+    if (docs / "index.html").exists():  # the great-expectations report of the data this run trained on
+        mlflow.log_artifacts(str(docs), "data_docs")
 
 
 def _log_loss_curve(history: list[dict]) -> None:
