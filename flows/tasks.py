@@ -69,3 +69,12 @@ def promote_task(model_uri: str, eval_run_id: str, cfg: ExperimentCfg) -> dict[s
 @task(name="check-new-labels", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def check_labels_task(cfg: ExperimentCfg) -> dict[str, Any]:
     return steps.labels_changed_since_champion(cfg)
+
+
+@task(name="sweep", retries=0, cache_policy=NO_CACHE)
+def sweep_task(space: str, num_samples: int, address: str | None, config: str | None,
+               overrides: list[str] | None) -> dict[str, Any]:
+    from tuning.sweep import cli_sweep
+
+    return cli_sweep(space=space, num_samples=num_samples, address=address, config=config, overrides=overrides,
+                     json=True)
