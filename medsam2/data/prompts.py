@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from medsam2.eval.baselines import mask_to_box
+
 
 def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """Tight box of a (H,W) binary mask as float32 (4,), or None for an empty mask."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
+    """Tight box of a (H,W) binary mask as float32 (4,), or None for an empty mask (``eval.baselines.mask_to_box``)."""
+    box = mask_to_box(mask)
+    return None if box is None else np.asarray(box, dtype=np.float32)
 
 
 def jitter_box(box: np.ndarray, jitter: float, hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
