@@ -1,10 +1,11 @@
 """The one training loop: ``train(cfg, callbacks) -> TrainResult``. CLI, flows, Tune trials and tests call it.
 
 Per step: deterministic batch (``StepSampler``) → normalise on device → bf16 autocast on GPU (fp32 on CPU) →
-strategy losses → backward (grad accumulation) → clip → fused AdamW (GPU) → warmup+cosine LR → EMA. Every
-``checkpoint_every`` steps an atomic ``last.pt`` is written; a rerun with the same ``train.output_dir`` resumes
-from it and reaches the same weights as an uninterrupted run (same seed, CPU). Loss values are synced to the host
-only every ``LOG_EVERY`` steps so the GPU is never stalled by ``.item()``.
+strategy losses → backward (grad accumulation) → clip → fused AdamW (GPU) → warmup+cosine LR (over the steps or
+the time budget, whichever ends first) → EMA. Every ``checkpoint_every`` steps an atomic ``last.pt`` is written;
+a rerun with the same ``train.output_dir`` resumes from it and reaches the same weights as an uninterrupted run
+(same seed, CPU, no time budget). Loss values are synced to the host only every ``LOG_EVERY`` steps so the GPU is
+never stalled by ``.item()``.
 """
 
 from __future__ import annotations
@@ -64,11 +65,15 @@ class TrainResult:
         return d
 
 
-def lr_lambda(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1, then cosine to 0.05 at ``total``."""
+def lr_factor(step: int, warmup: int, total: int, time_frac: float = 0.0) -> float:
+    """LR multiplier: linear warmup to 1 over ``warmup`` steps, then cosine to 0.05 at the end of training.
+
+    The end is whichever comes first: step ``total`` or the time budget; ``time_frac`` in [0, 1] is the fraction of
+    ``train.max_minutes`` used so far (0 without a budget), so a run stopped by its budget ends annealed, not
+    mid-cosine."""
     if step < warmup:
         return (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
+    t = max((step - warmup) / max(1, total - warmup), time_frac)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
@@ -133,11 +138,11 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     extra = [m.to(device) for m in strategy.extra_modules()]
     params = [p for p in model.parameters() if p.requires_grad] + [p for m in extra for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps))
+    budget_s = 60 * tc.max_minutes if tc.max_minutes is not None else None
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     counts = model.param_count()
 
-    start, best, history, bad_evals = 0, -1.0, [], 0
+    start, best, history, bad_evals, spent_before = 0, -1.0, [], 0, 0.0
     last = out_dir / LAST
     if last.exists():
         blob = read_checkpoint(last)
@@ -146,13 +151,13 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
                              "use another train.output_dir")
         model.load_state_dict(blob["model"], strict=True)
         opt.load_state_dict(blob["optimizer"])
-        sched.load_state_dict(blob["scheduler"])
         for m, state in zip(extra, blob.get("extra", []), strict=False):
             m.load_state_dict(state)
         if ema is not None and blob.get("ema"):
             ema.shadow = {k: v.to(device) for k, v in blob["ema"].items()}
         torch.set_rng_state(blob["rng"])
         start, best, history, bad_evals = blob["step"], blob["best"], blob["history"], blob.get("bad_evals", 0)
+        spent_before = blob.get("elapsed_s", 0.0)
         log.info("resuming from %s at step %d", last, start)
     if start >= tc.max_steps and (out_dir / "final.pt").exists():
         return _result(out_dir / "final.pt", cfg, counts, base, data_version, start, history, 0.0, 0, start)
@@ -181,6 +186,10 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     t0, seen, step, stopped = time.perf_counter(), 0, start, False
     progress = _progress(tc.progress, start, tc.max_steps)
     for step, batch in enumerate(loader, start=start + 1):
+        elapsed = spent_before + time.perf_counter() - t0  # the time budget survives a crash + resume
+        lr = tc.lr * lr_factor(step - 1, tc.warmup_steps, tc.max_steps, elapsed / budget_s if budget_s else 0.0)
+        for g in opt.param_groups:
+            g["lr"] = lr
         batch = to_device(batch, device)
         unl = to_device(next(unl_iter), device) if unl_iter is not None else None
         chunks = _split(batch, tc.grad_accum)
@@ -194,23 +203,22 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
             torch.nn.utils.clip_grad_norm_(params, tc.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sched.step()
         strategy.after_step(model)
         if ema is not None:
             ema.update(model)
         seen += batch["image"].shape[0]
-        if step % LOG_EVERY == 0 or step == tc.max_steps:
+        if budget_s is not None and spent_before + time.perf_counter() - t0 > budget_s:
+            log.info("train.max_minutes=%s reached at step %d", tc.max_minutes, step)
+            stopped = True
+        if step % LOG_EVERY == 0 or step == tc.max_steps or stopped:
             n = LOG_EVERY if step % LOG_EVERY == 0 else step % LOG_EVERY
             logs = {k: float(v) / n for k, v in running.items()}  # the only host sync: every LOG_EVERY steps
-            logs["lr"] = sched.get_last_lr()[0]
+            logs["lr"] = lr
             logs["images_per_s"] = seen / max(1e-9, time.perf_counter() - t0)
             running = {}
             history.append({"step": step, **logs})
             cbs.on_step(step, logs)
             progress(step, logs)
-        if tc.max_minutes is not None and time.perf_counter() - t0 > 60 * tc.max_minutes:
-            log.info("train.max_minutes=%s reached at step %d", tc.max_minutes, step)
-            stopped = True
         if val_loader is not None and (step % tc.eval_every == 0 or step == tc.max_steps or stopped):
             if ema is not None:
                 ema.swap(model)
@@ -227,7 +235,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or stopped:
             state = {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "optimizer": opt.state_dict(), "elapsed_s": spent_before + time.perf_counter() - t0,
                 "extra": [m.state_dict() for m in extra],
                 "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema else None,
                 "rng": torch.get_rng_state(), "step": step, "best": best, "history": history,

@@ -12,15 +12,32 @@ import pytest
 import torch
 
 from medsam2.engine.checkpoint import read_checkpoint
-from medsam2.engine.train import lr_lambda, train
+from medsam2.engine.train import lr_factor, train
 from tests.conftest import tiny_cfg
 
 
 def test_lr_schedule_warms_up_then_decays():
-    assert lr_lambda(0, 10, 100) == pytest.approx(0.1)
-    assert lr_lambda(9, 10, 100) == pytest.approx(1.0)
-    assert lr_lambda(55, 10, 100) < 1.0
-    assert lr_lambda(100, 10, 100) == pytest.approx(0.05)
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) < 1.0
+    assert lr_factor(100, 10, 100) == pytest.approx(0.05)
+
+
+def test_lr_schedule_follows_the_time_budget_when_it_ends_first():
+    # step 20 of 1000 but 100 % of max_minutes used: annealed, as at the last step
+    assert lr_factor(20, 10, 1000, time_frac=1.0) == pytest.approx(0.05)
+    assert lr_factor(20, 10, 1000, time_frac=0.5) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(900, 10, 1000, time_frac=0.1) == pytest.approx(lr_factor(900, 10, 1000))  # steps end first
+    assert lr_factor(5, 10, 1000, time_frac=0.9) == pytest.approx(0.6)  # warmup is by steps
+
+
+def test_time_budget_anneals_the_lr_and_stops(kvasir_workdir, tmp_path):
+    cfg = tiny_cfg(kvasir_workdir, tmp_path / "run", "train.max_steps=100000", "train.max_minutes=0.05",
+                   "train.warmup_steps=1")
+    res = train(cfg)
+    assert 1 <= res.steps < 100000
+    lrs = [h["lr"] for h in res.history if "lr" in h]
+    assert lrs and lrs[-1] < 0.3 * cfg.train.lr, lrs  # near the 0.05 floor, not the ~1.0 a step schedule gives
 
 
 def test_train_few_steps_on_real_images(kvasir_workdir, tmp_path):
