@@ -406,6 +406,36 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def add_model_args(ap: argparse.ArgumentParser, *, batch: int, warmup: int, steps: int, reserve_s: int) -> None:
+    """The model, compile and timing options shared by the throughput scripts (defaults differ per script)."""
+    ap.add_argument("--compile-backbones", default="hiera_t", help="backbones that also run compiled ('' = none)")
+    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; quick: eager)")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    ap.add_argument("--compile-reserve-s", type=float, default=None, help="with --budget-s: skip a compile "
+                    f"variant unless this much budget is left (default {reserve_s} s)")
+    ap.add_argument("--image-size", type=int, default=None, help=f"default 1024 (quick: {QUICK_IMAGE_SIZE})")
+    ap.add_argument("--batch", type=int, default=None, help=f"default {batch} (quick: {QUICK_BATCH})")
+    ap.add_argument("--warmup", type=int, default=None, help=f"untimed steps per variant (default {warmup}; quick: 1)")
+    ap.add_argument("--steps", type=int, default=None, help=f"timed steps per variant (default {steps}; "
+                    f"quick: {QUICK_STEPS})")
+    ap.add_argument("--decoder", default="sam2")
+    ap.add_argument("--prompt", default="box")
+
+
+def resolve_model_args(args: argparse.Namespace, *, batch: int, warmup: int, steps: int) -> None:
+    """Fill the defaults of :func:`add_model_args` (and the loader workers) for quick or full mode, in place."""
+    q = args.quick
+    if q:
+        args.device = "cpu"
+    args.image_size = args.image_size or (QUICK_IMAGE_SIZE if q else 1024)
+    args.batch = args.batch or (QUICK_BATCH if q else batch)
+    args.warmup = args.warmup if args.warmup is not None else (1 if q else warmup)
+    args.steps = args.steps or (QUICK_STEPS if q else steps)
+    args.compile_backend = args.compile_backend or ("eager" if q else None)
+    if args.num_workers is None:
+        args.num_workers = 0 if q else max(0, min(12, (os.cpu_count() or 2) - 2))
+
+
 def csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 

@@ -12,7 +12,6 @@ the error in the JSON.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
@@ -29,29 +28,10 @@ TARGET_IMG_S = 300.0  # BENCHMARKS.md: inference >= 300 img/s on one H100
 def parse_args(argv: list[str] | None):
     ap = bench.base_parser(__doc__.splitlines()[0])
     ap.add_argument("--backbones", default=None, help="comma list (default hiera_t,hiera_b+; quick: hiera_t)")
-    ap.add_argument("--compile-backbones", default="hiera_t", help="backbones that also run compiled ('' = none)")
-    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; quick: eager)")
-    ap.add_argument("--compile-mode", default=None)
-    ap.add_argument("--compile-reserve-s", type=float, default=None,
-                    help="with --budget-s: skip a compile variant unless this much budget is left (default 120 s)")
-    ap.add_argument("--image-size", type=int, default=None, help="default 1024 (quick: 64)")
-    ap.add_argument("--batch", type=int, default=None, help="default 16 (quick: 2)")
-    ap.add_argument("--warmup", type=int, default=None, help="default 3 (quick: 1)")
-    ap.add_argument("--steps", type=int, default=None, help="default 20 (quick: 2)")
-    ap.add_argument("--decoder", default="sam2")
-    ap.add_argument("--prompt", default="box")
+    bench.add_model_args(ap, batch=16, warmup=3, steps=20, reserve_s=120)
     args = ap.parse_args(argv)
-    q = args.quick
-    if q:
-        args.device = "cpu"
-    args.backbones = args.backbones or ("hiera_t" if q else "hiera_t,hiera_b+")
-    args.image_size = args.image_size or (bench.QUICK_IMAGE_SIZE if q else 1024)
-    args.batch = args.batch or (bench.QUICK_BATCH if q else 16)
-    args.warmup = args.warmup if args.warmup is not None else (1 if q else 3)
-    args.steps = args.steps or (bench.QUICK_STEPS if q else 20)
-    args.compile_backend = args.compile_backend or ("eager" if q else None)
-    if args.num_workers is None:
-        args.num_workers = 0 if q else max(0, min(12, (os.cpu_count() or 2) - 2))
+    bench.resolve_model_args(args, batch=16, warmup=3, steps=20)
+    args.backbones = args.backbones or ("hiera_t" if args.quick else "hiera_t,hiera_b+")
     return args
 
 

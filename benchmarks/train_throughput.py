@@ -20,7 +20,6 @@ variant, so a run cut short by a timeout keeps what it measured.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -74,36 +73,18 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--backbones", default=None, help="comma list (default hiera_t,hiera_b+,hiera_l; quick: hiera_t)")
     ap.add_argument("--variants", default=None,
                     help=f"comma list of {ALL_VARIANTS} (default all; quick: all but bf16, slow on CPU)")
-    ap.add_argument("--compile-backbones", default="hiera_t", help="backbones that get the compile variant")
     ap.add_argument("--ckpt-backbones", default=None, help="backbones that get activation checkpointing "
                     "(default hiera_l; quick: hiera_t)")
-    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; quick: eager)")
-    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
-    ap.add_argument("--compile-reserve-s", type=float, default=None,
-                    help="with --budget-s: skip a compile variant unless this much budget is left (default 150 s)")
-    ap.add_argument("--image-size", type=int, default=None, help="default 1024 (quick: 64)")
-    ap.add_argument("--batch", type=int, default=None, help="default 8 (quick: 2)")
     ap.add_argument("--batch-large", type=int, default=4, help="batch of hiera_l")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 5; quick: 1)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 20; quick: 2)")
-    ap.add_argument("--decoder", default="sam2")
-    ap.add_argument("--prompt", default="box")
+    bench.add_model_args(ap, batch=8, warmup=5, steps=20, reserve_s=150)
     args = ap.parse_args(argv)
+    bench.resolve_model_args(args, batch=8, warmup=5, steps=20)
     q = args.quick
-    if q:
-        args.device = "cpu"
     args.backbones = args.backbones or ("hiera_t" if q else "hiera_t,hiera_b+,hiera_l")
     args.ckpt_backbones = args.ckpt_backbones or ("hiera_t" if q else "hiera_l")
-    args.image_size = args.image_size or (bench.QUICK_IMAGE_SIZE if q else 1024)
-    args.batch = args.batch or (bench.QUICK_BATCH if q else 8)
     if q:
         args.batch_large = min(args.batch_large, args.batch)
-    args.warmup = args.warmup if args.warmup is not None else (1 if q else 5)
-    args.steps = args.steps or (bench.QUICK_STEPS if q else 20)
-    args.compile_backend = args.compile_backend or ("eager" if q else None)
     args.variants = args.variants or ",".join(v for v in ALL_VARIANTS if not (q and v == "bf16"))
-    if args.num_workers is None:
-        args.num_workers = 0 if q else max(0, min(12, (os.cpu_count() or 2) - 2))
     unknown = set(bench.csv(args.variants)) - set(ALL_VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; choose from {ALL_VARIANTS}")

@@ -53,16 +53,22 @@ def run_deployment(env, deployment: str, params: dict) -> str:
     return proc.stdout + proc.stderr
 
 
-def flow_runs(env, flow_name: str) -> list[dict]:
-    code = ("import asyncio, json\nfrom prefect.client.orchestration import get_client\n"
-            "from prefect.client.schemas.filters import FlowFilter, FlowFilterName\n"
-            "async def main():\n  async with get_client() as c:\n"
-            f"    runs = await c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[{flow_name!r}])))\n"
-            "    print(json.dumps([{'id': str(r.id), 'state': r.state_type.value, 'deployment': str(r.deployment_id),"
-            " 'params': r.parameters} for r in runs]))\nasyncio.run(main())")
+def python_json(env, code: str):
+    """Run ``code`` in the project's venv against the stack (``env``) and parse the JSON of its last stdout line."""
     out = subprocess.run([str(REPO / ".venv/bin/python"), "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def flow_runs(env, flow_name: str) -> list[dict]:
+    return python_json(env, (
+        "import asyncio, json\nfrom prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import FlowFilter, FlowFilterName\n"
+        "async def main():\n  async with get_client() as c:\n"
+        f"    runs = await c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[{flow_name!r}])))\n"
+        "    print(json.dumps([{'id': str(r.id), 'state': r.state_type.value, 'deployment': str(r.deployment_id),"
+        " 'params': r.parameters} for r in runs]))\nasyncio.run(main())"))
 
 
 def champion(env) -> dict:

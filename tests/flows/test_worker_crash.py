@@ -3,7 +3,6 @@ untouched; a rerun of the same deployment resumes from the last checkpoint and c
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, copy_kvasir_subset
-from tests.flows.conftest import run_deployment
+from tests.flows.conftest import python_json, run_deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -30,10 +29,7 @@ def _versions(env, workdir: Path) -> list[dict]:
             f"    if r and r.data.params.get('data.workdir') == {str(workdir)!r}:\n"
             "        out.append({'version': int(v.version), 'resumed': int(r.data.tags.get('resumed_from_step', 0))})\n"
             "print(json.dumps(out))")
-    out = subprocess.run([str(REPO / ".venv/bin/python"), "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return python_json(env, code)
 
 
 def _descendants(pid: int) -> list[int]:
