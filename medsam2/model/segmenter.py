@@ -76,8 +76,10 @@ class Segmenter(nn.Module):
         if not coords:  # no prompt: one padding point per image (label -1), as SAM2Base does
             coords = [torch.zeros(batch, 1, 2, device=device)]
             labels = [-torch.ones(batch, 1, dtype=torch.int32, device=device)]
+        masks = box_raster(boxes, self.sam.sam_prompt_encoder.mask_input_size, self.image_size) \
+            if self.cfg.box_mask else None
         return self.sam.sam_prompt_encoder(
-            points=(torch.cat(coords, 1), torch.cat(labels, 1)), boxes=None, masks=None
+            points=(torch.cat(coords, 1), torch.cat(labels, 1)), boxes=None, masks=masks
         )
 
     def forward(self, images, boxes=None, points=None, point_labels=None) -> dict[str, torch.Tensor]:
@@ -94,6 +96,17 @@ class Segmenter(nn.Module):
         """Only what training changes: parameters with ``requires_grad`` (adapters, decoder, heads)."""
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if k in names}
+
+
+def box_raster(boxes: torch.Tensor, size: tuple[int, int], image_size: int) -> torch.Tensor:
+    """(B,4) x0,y0,x1,y1 in [0,S] → (B,1,h,w) float mask: 1 where a cell's centre lies in the box, else 0."""
+    h, w = size
+    ys = (torch.arange(h, device=boxes.device, dtype=torch.float32) + 0.5) * (image_size / h)
+    xs = (torch.arange(w, device=boxes.device, dtype=torch.float32) + 0.5) * (image_size / w)
+    b = boxes.float()
+    inside_y = (ys[None, :] >= b[:, 1:2]) & (ys[None, :] <= b[:, 3:4])  # (B,h)
+    inside_x = (xs[None, :] >= b[:, 0:1]) & (xs[None, :] <= b[:, 2:3])  # (B,w)
+    return (inside_y[:, :, None] & inside_x[:, None, :]).float().unsqueeze(1)
 
 
 def normalize(images_01: torch.Tensor) -> torch.Tensor:

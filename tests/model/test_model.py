@@ -171,3 +171,28 @@ def test_config_rejects_inconsistent_model_settings():
     with pytest.raises(ValueError):
         ModelCfg(adapterr="full")  # extra keys are errors
     assert copy.deepcopy(ModelCfg()) == ModelCfg()
+
+
+def test_box_raster_marks_the_cells_inside_the_box():
+    from medsam2.model.segmenter import box_raster
+
+    m = box_raster(torch.tensor([[0.0, 0, 64, 32], [10, 10, 20, 20]]), (32, 32), 128)
+    assert m.shape == (2, 1, 32, 32) and set(m.unique().tolist()) == {0.0, 1.0}
+    assert m[0, 0, :8, :16].all() and m[0].sum() == 8 * 16  # 4 px per cell
+    assert m[1, 0].nonzero().tolist() == [[y, x] for y in (2, 3, 4) for x in (2, 3, 4)]  # centres 10, 14, 18
+
+
+def test_box_mask_prompt_feeds_the_box_as_a_dense_prompt():
+    with pytest.raises(ValueError, match="box_mask"):
+        ModelCfg(prompt="points", box_mask=True)
+    model, _ = build_segmenter(_cfg(box_mask=True))
+    x, kw = _inputs()
+    _, dense = model.prompt_embeddings(2, x.device, boxes=kw["boxes"])
+    _, dense_moved = model.prompt_embeddings(2, x.device, boxes=kw["boxes"] + 8)
+    plain, _ = build_segmenter(_cfg())
+    _, dense_plain = plain.prompt_embeddings(2, x.device, boxes=kw["boxes"])
+    assert not torch.allclose(dense, dense_moved)  # the dense prompt follows the box
+    assert torch.allclose(dense_plain, dense_plain[:1].expand_as(dense_plain))  # without it: one no-mask embedding
+    out = model(x, boxes=kw["boxes"])
+    out["logits"].mean().backward()
+    assert model.sam.sam_prompt_encoder.mask_downscaling[0].weight.grad.abs().sum() > 0  # and it trains
