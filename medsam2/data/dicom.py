@@ -14,8 +14,9 @@ OpenJPEG; a transfer syntax no installed plugin can decode → ``unsupported_tra
 
 DICOM-SEG (Modality SEG): each frame is matched to its source image through
 ``PerFrameFunctionalGroupsSequence[i].DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID``
-(falling back to ``ReferencedSeriesSequence`` for single-frame SEGs of a single image) and carries a
-``ReferencedSegmentNumber``; :func:`read_seg_frames` returns {(source SOPInstanceUID, segment number): mask}.
+(and its ``ReferencedFrameNumber`` when the source is multi-frame; falling back to ``ReferencedSeriesSequence``
+for single-frame SEGs of a single image) and carries a ``ReferencedSegmentNumber``; :func:`read_seg_frames`
+returns {(source SOPInstanceUID, source frame or None, segment number): mask}.
 No header value other than :data:`medsam2.data.deid.SAFE_DICOM_FIELDS` leaves this module (see deid.py).
 """
 
@@ -162,18 +163,32 @@ def decode_image(path: Path) -> tuple[list[np.ndarray], dict[str, Any], Any]:
     return out, used, ds
 
 
-def _ref_uid(item: Any) -> str | None:
+def _ref_source(item: Any) -> tuple[str | None, int | None]:
+    """(ReferencedSOPInstanceUID, ReferencedFrameNumber or None) of a SEG frame's first source image."""
+    from pydicom.multival import MultiValue
+
     try:
-        return str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        src = item.DerivationImageSequence[0].SourceImageSequence[0]
     except (AttributeError, IndexError, KeyError):
-        return None
+        return None, None
+    uid = str(src.get("ReferencedSOPInstanceUID", "") or "") or None
+    ref = src.get("ReferencedFrameNumber")
+    if ref is None or ref == "":
+        return uid, None
+    try:
+        return uid, int(ref[0] if isinstance(ref, MultiValue) else ref)  # a SEG frame maps to one source frame
+    except (TypeError, ValueError, IndexError):
+        return uid, None
 
 
-def read_seg_frames(path: Path) -> tuple[dict[tuple[str, int], np.ndarray], dict[int, str]]:
-    """DICOM-SEG → ({(source SOPInstanceUID, segment number): uint8 (H, W) {0,1}}, {segment number: label}).
+def read_seg_frames(path: Path) -> tuple[dict[tuple[str, int | None, int], np.ndarray], dict[int, str]]:
+    """DICOM-SEG → ({(source SOPInstanceUID, source frame number or None, segment number): uint8 (H, W) {0,1}},
+    {segment number: label}).
 
-    Frames of the same (source, segment) are OR-ed. FRACTIONAL segmentations are thresholded at half of
-    ``MaximumFractionalValue``. Frames without a resolvable source reference → ``mask_without_image``.
+    The frame number (1-based ``ReferencedFrameNumber``) is set when the SEG frame references one frame of a
+    multi-frame source image, else None. Frames of the same key are OR-ed. FRACTIONAL segmentations are
+    thresholded at half of ``MaximumFractionalValue``. Frames without a resolvable source reference →
+    ``mask_without_image``.
     """
     ds, arr, phi = _pixels(path)
     n = int(ds.get("NumberOfFrames", 1) or 1)
@@ -193,10 +208,10 @@ def read_seg_frames(path: Path) -> tuple[dict[tuple[str, int], np.ndarray], dict
         pass
     frac = str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL"
     maxv = float(ds.get("MaximumFractionalValue", 255) or 255)
-    out: dict[tuple[str, int], np.ndarray] = {}
+    out: dict[tuple[str, int | None, int], np.ndarray] = {}
     for i in range(arr.shape[0]):
         item = per_frame[i] if i < len(per_frame) else None
-        uid = _ref_uid(item) if item is not None else None
+        uid, frame = _ref_source(item) if item is not None else (None, None)
         uid = uid or fallback
         try:
             seg_no = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) if item else 1
@@ -208,6 +223,6 @@ def read_seg_frames(path: Path) -> tuple[dict[tuple[str, int], np.ndarray], dict
             m = (arr[i] > maxv / 2).astype(np.uint8)
         else:
             m, _ = binarise_mask(arr[i])
-        key = (uid, seg_no)
+        key = (uid, frame, seg_no)
         out[key] = m if key not in out else np.maximum(out[key], m)
     return out, labels

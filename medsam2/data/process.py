@@ -271,21 +271,26 @@ def _process_dicom(c: _Ctx, u: Unit, paths: dict[str, str], out: UnitOutput) -> 
     frames, used, ds = dcm.decode_image(Path(paths[u.image]))
     meta = {**safe_dicom_meta(ds), **used}
     sop = hashlib.sha256(str(ds.get("SOPInstanceUID", "") or "").strip().encode()).hexdigest()
-    masks: list[tuple[str, int, str, np.ndarray]] = []
+    masks: dict[int | None, list[tuple[str, int, str, np.ndarray]]] = {}  # source frame (1-based) → masks
     for seg in u.segs:
         try:
             seg_masks, labels = dcm.read_seg_frames(Path(paths[seg]))
         except QuarantineError as e:
             out.rejects.append((seg, e.reason, e.detail))
             continue
-        for (uid, no), m in sorted(seg_masks.items(), key=lambda kv: kv[0][1]):
+        for (uid, ref_frame, no), m in sorted(seg_masks.items(), key=lambda kv: (kv[0][1] or 0, kv[0][2])):
             if hashlib.sha256(uid.encode()).hexdigest() == sop:
-                masks.append((seg, no, labels.get(no, f"segment_{no}"), m))
+                masks.setdefault(ref_frame, []).append((seg, no, labels.get(no, f"segment_{no}"), m))
+    if len(frames) > 1 and None in masks:  # the standard requires ReferencedFrameNumber for multi-frame sources
+        for seg, no, _, _ in masks.pop(None):
+            out.rejects.append((f"{seg}#seg={no}", "mask_without_image",
+                                "SEG frame references a multi-frame image without ReferencedFrameNumber"))
     for fi, rgb in enumerate(frames):
         frame = fi if len(frames) > 1 else -1
+        frame_masks = masks.get(fi + 1, []) + (masks.get(None, []) if len(frames) == 1 else [])
         try:
-            if masks and len(frames) == 1:
-                for seg, no, label, m in masks:
+            if frame_masks:
+                for seg, no, label, m in frame_masks:
                     try:
                         out.rows.append(
                             _build_row(
@@ -307,6 +312,11 @@ def _process_dicom(c: _Ctx, u: Unit, paths: dict[str, str], out: UnitOutput) -> 
                 out.rows.append(_build_row(c, u, rgb, None, rel=u.image, frame=frame, meta=meta))
         except QuarantineError as e:
             out.rejects.append((f"{u.image}#frame={fi}" if len(frames) > 1 else u.image, e.reason, e.detail))
+    stray = sorted(k for k in masks if k is not None and not 1 <= k <= len(frames))
+    for k in stray:
+        for seg, no, _, _ in masks[k]:
+            out.rejects.append((f"{seg}#seg={no}", "mask_without_image", f"SEG references frame {k} of a "
+                                f"{len(frames)}-frame image"))
 
 
 def process_unit(u: Unit, paths: dict[str, str], ctx: dict[str, Any]) -> UnitOutput:
