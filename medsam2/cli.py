@@ -158,6 +158,13 @@ def sweep(
     space: Annotated[str, typer.Option(help="Search space name (see tuning/spaces.py).")] = "smoke",
     num_samples: Annotated[int, typer.Option(help="Number of trials.")] = 4,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (or RAY_ADDRESS).")] = None,
+    search: Annotated[str, typer.Option(help="random | optuna (TPE, seeded by --seed).")] = "random",
+    seed: Annotated[int | None, typer.Option(help="Search seed: the same seed samples the same configs.")] = None,
+    storage: Annotated[str | None, typer.Option(help="Ray results dir or URI (default $MEDSAM2_HOME/ray_results).")
+                       ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the latest sweep of this space + config in --storage "
+                                               "(unfinished and errored trials, same MLflow parent run).")] = False,
+    gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial (default: the space's).")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Ray Tune ASHA sweep over adapter × decoder variants; writes the best config."""
@@ -165,7 +172,11 @@ def sweep(
         from tuning.sweep import cli_sweep
     except ImportError as exc:  # tuning/ ships with the same distribution; this only fires on a broken install
         raise typer.BadParameter(f"the tuning package is not importable: {exc}") from exc
-    res = cli_sweep(space=space, num_samples=num_samples, address=address, config=config, overrides=set_, json=json_)
+    if search not in ("random", "optuna"):
+        raise typer.BadParameter(f"--search must be random or optuna, got {search!r}")
+    extra = {"gpus_per_trial": gpus_per_trial} if gpus_per_trial is not None else {}
+    res = cli_sweep(space=space, num_samples=num_samples, address=address, config=config, overrides=set_, json=json_,
+                    search=search, seed=seed, storage_path=storage, resume=resume, **extra)
     _emit(res, json_, f"best val Dice {res.get('best_val_dice')} → {res.get('best_config')}")
 
 
