@@ -142,7 +142,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     counts = model.param_count()
 
-    start, best, history, bad_evals, spent_before = 0, -1.0, [], 0, 0.0
+    start, best, history, bad_evals, spent_before, finished = 0, -1.0, [], 0, 0.0, False
     last = out_dir / LAST
     if last.exists():
         blob = read_checkpoint(last)
@@ -158,8 +158,9 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
         torch.set_rng_state(blob["rng"])
         start, best, history, bad_evals = blob["step"], blob["best"], blob["history"], blob.get("bad_evals", 0)
         spent_before = blob.get("elapsed_s", 0.0)
+        finished = blob.get("stopped", False) or start >= tc.max_steps  # budget, early stop or all steps done
         log.info("resuming from %s at step %d", last, start)
-    if start >= tc.max_steps and (out_dir / "final.pt").exists():
+    if finished and (out_dir / "final.pt").exists():  # a rerun of a finished run trains nothing more
         return _result(out_dir / "final.pt", cfg, counts, base, data_version, start, history, 0.0, 0, start)
 
     cbs.on_train_start(
@@ -185,9 +186,10 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     running: dict[str, torch.Tensor] = {}
     t0, seen, step, stopped = time.perf_counter(), 0, start, False
     progress = _progress(tc.progress, start, tc.max_steps)
-    for step, batch in enumerate(loader, start=start + 1):
+    for step, batch in enumerate(loader if not finished else [], start=start + 1):  # finished: just write final
         elapsed = spent_before + time.perf_counter() - t0  # the time budget survives a crash + resume
-        lr = tc.lr * lr_factor(step - 1, tc.warmup_steps, tc.max_steps, elapsed / budget_s if budget_s else 0.0)
+        budget_frac = min(1.0, elapsed / budget_s) if budget_s else 0.0
+        lr = tc.lr * lr_factor(step - 1, tc.warmup_steps, tc.max_steps, budget_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         batch = to_device(batch, device)
@@ -214,6 +216,8 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
             n = LOG_EVERY if step % LOG_EVERY == 0 else step % LOG_EVERY
             logs = {k: float(v) / n for k, v in running.items()}  # the only host sync: every LOG_EVERY steps
             logs["lr"] = lr
+            if budget_s:
+                logs["budget_used"] = budget_frac  # fraction of train.max_minutes spent when this step began
             logs["images_per_s"] = seen / max(1e-9, time.perf_counter() - t0)
             running = {}
             history.append({"step": step, **logs})
@@ -240,6 +244,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
                 "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema else None,
                 "rng": torch.get_rng_state(), "step": step, "best": best, "history": history,
                 "bad_evals": bad_evals, "config_hash": config_hash(cfg), "data_version": data_version,
+                "stopped": stopped,
             }
             atomic_save(state, last)
             cbs.on_checkpoint(step, str(last))
