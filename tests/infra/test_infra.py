@@ -253,3 +253,50 @@ def test_readme_covers_the_operator_questions():
         SWEEP_ENTRYPOINT,
     ):
         assert needle in text, needle
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """ENV key=value pairs of infra/Dockerfile (continuation lines joined)."""
+    text = (INFRA / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in re.findall(r"^ENV\s+(.*)$", text, re.M):
+        env.update(dict(re.findall(r"([A-Z0-9_]+)=(\S+)", line)))
+    return env
+
+
+def test_project_root_is_set_wherever_flow_runs_start():
+    """prefect.yaml's pull step changes into $MEDSAM2_ROOT: the image defines it as its WORKDIR (which holds the
+    project), and every job template that starts flow runs from the image passes the same value."""
+    pull = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"]
+    dirs = [s["prefect.deployments.steps.set_working_directory"]["directory"] for s in pull
+            if "prefect.deployments.steps.set_working_directory" in s]
+    assert dirs == ["{{ $MEDSAM2_ROOT }}"]
+    root = _dockerfile_env().get("MEDSAM2_ROOT")
+    assert root, "infra/Dockerfile must set ENV MEDSAM2_ROOT"
+    workdirs = re.findall(r"^WORKDIR\s+(\S+)", (INFRA / "Dockerfile").read_text(), re.M)
+    assert workdirs and workdirs[-1] == root, (workdirs, root)
+    compose = load_yaml("compose.yaml")
+    assert compose["services"]["prefect-worker"]["environment"]["MEDSAM2_ROOT"] == root
+    assert load_yaml("prefect/docker-job-variables.yaml")["env"]["MEDSAM2_ROOT"] == root
+    k8s = json.loads((INFRA / "prefect/k8s-work-pool.json").read_text())
+    assert k8s["variables"]["properties"]["env"]["default"]["MEDSAM2_ROOT"] == root
+
+
+def test_image_holds_the_configs_the_flows_and_deployments_name():
+    """The flows' default config and every config a deployment names are COPY'd into the image."""
+    import inspect
+
+    from flows.lifecycle import promote_model, retrain_on_new_labels, sweep_medsam2
+    from flows.train import train_medsam2
+
+    text = (INFRA / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY\s+(\S+)\s", text, re.M))
+    assert "configs" in copied, "infra/Dockerfile must COPY configs"
+    named = {inspect.signature(f.fn).parameters["config"].default
+             for f in (train_medsam2, promote_model, retrain_on_new_labels, sweep_medsam2)}
+    for dep in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]:
+        named.add((dep.get("parameters") or {}).get("config"))
+    for cfg in sorted(c for c in named if c):
+        assert (ROOT / cfg).is_file(), cfg
+        assert cfg.split("/")[0] in copied, f"{cfg} is not copied into the image"
+    assert "configs" not in (INFRA / "Dockerfile.dockerignore").read_text().split()
