@@ -88,6 +88,10 @@ class TrainCfg(_Cfg):
     clip_grad: float = Field(1.0, ge=0)
     ema_decay: float = Field(0.0, ge=0, lt=1)
     loss: str = "dice_bce"
+    loss_options: dict[str, float] = Field(default_factory=dict)
+    """Keyword options of the loss (``train.loss_options.bce_weight=2``); see ``medsam2.losses``."""
+    iou_weight: float = Field(0.1, ge=0)
+    """Weight of the IoU-head MSE (SAM's predicted IoU, used for pseudo-label confidence) in the total loss."""
     seed: int = 0
     output_dir: str = ".medsam2/runs/default"
     """Checkpoints go here; rerunning with the same dir resumes from its last checkpoint."""
@@ -104,6 +108,16 @@ class TrainCfg(_Cfg):
     activation_checkpointing: bool = False
     """Recompute Hiera block activations in backward (hiera_l / large batches at 1024 px)."""
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _check_loss(self) -> TrainCfg:
+        from medsam2.losses import create_loss
+
+        try:
+            create_loss(self.loss, **self.loss_options)  # unknown loss or option: an error now, not mid-run
+        except (KeyError, TypeError) as e:
+            raise ValueError(str(e).strip("'\"")) from None
+        return self
 
 
 class SemiSupCfg(_Cfg):

@@ -169,3 +169,20 @@ def test_box_projection_loss_gradient_flows():
     x = torch.zeros(2, 1, 8, 8, requires_grad=True)
     box_projection_loss(x, torch.tensor([[1.0, 1.0, 5.0, 6.0], [0.0, 0.0, 8.0, 8.0]])).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_loss_options_and_iou_weight_come_from_the_config():
+    from medsam2.config import load_config
+    from medsam2.losses import bce_loss, dice_loss
+    from medsam2.semisup.supervised import Supervised
+
+    cfg = load_config(None, ["train.loss_options.bce_weight=2.5", "train.iou_weight=0.3"])
+    sup = Supervised(None, cfg)
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(2, 1, 8, 8, generator=g), (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    want = dice_loss(logits, target) + 2.5 * bce_loss(logits, target)
+    assert torch.allclose(sup.loss_fn(logits, target), want) and sup.iou_weight == 0.3
+    with pytest.raises(ValueError, match="no option"):
+        load_config(None, ["train.loss_options.focal_weight=2"])  # an option of focal_dice, not dice_bce
+    with pytest.raises(ValueError, match="unknown loss"):
+        load_config(None, ["train.loss=nope"])

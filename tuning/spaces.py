@@ -83,10 +83,13 @@ def _adapter_decoder_space() -> dict[str, Any]:
 
 @SPACES.register("adapters_x_decoders")
 def adapters_x_decoders() -> SpaceFn:
-    """Adapter × decoder × LR × adapter size × loss × augmentation × resolution (512 or 1024)."""
+    """Adapter × decoder × LR × adapter size × loss × augmentation × resolution (512 or 1024), from the released
+    SAM2.1 hiera-t weights (frozen-trunk adapters on random features would rank nothing; ``--set
+    model.checkpoint=none`` for an offline machine)."""
     space = {**_adapter_decoder_space(), "model.image_size": tune.choice([512, 1024])}
     base = {
         "model.backbone": "hiera_t",
+        "model.checkpoint": "sam2.1_hiera_tiny",
         "train.max_steps": 1500,
         "train.batch_size": 8,
         "train.eval_every": 100,
@@ -100,10 +103,12 @@ def adapters_x_decoders() -> SpaceFn:
 
 @SPACES.register("gpu_h100")
 def gpu_h100() -> SpaceFn:
-    """The adapters × decoders space at 1024 px with realistic steps, four trials per H100 (0.25 GPU each)."""
+    """The adapters × decoders space at 1024 px with realistic steps, four trials per H100 (0.25 GPU each), from the
+    released SAM2.1 hiera-t weights (downloaded once into the weights cache)."""
     space = _adapter_decoder_space()
     base = {
         "model.backbone": "hiera_t",
+        "model.checkpoint": "sam2.1_hiera_tiny",
         "model.image_size": 1024,
         "train.max_steps": 3000,
         "train.batch_size": 8,

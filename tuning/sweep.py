@@ -365,15 +365,21 @@ def _summarise(grid, cfg, ctx, local_out: Path, storage, name, exp_id, parent_id
 
 
 def _resolved_config(result, ctx: SweepContext) -> str:
-    """The best trial's resolved config: from its checkpoint when it has one, else rebuilt from its params."""
+    """The best trial's resolved config (from its checkpoint when it has one, else rebuilt from its params), with
+    a fresh ``train.output_dir`` beside the base config's: training from it must not resume the trial's run."""
+    text = None
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             f = Path(d) / CONFIG_FILE
             if f.exists():
-                return f.read_text()
-    trial_id = Path(result.path).name.removeprefix("trial_")
-    cfg = trial_config(ctx.base_cfg, result.config, trial_output_dir(ctx, trial_id))
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+                text = f.read_text()
+    if text is None:
+        trial_id = Path(result.path).name.removeprefix("trial_")
+        text = yaml.safe_dump(trial_config(ctx.base_cfg, result.config, trial_output_dir(ctx, trial_id))
+                              .model_dump(mode="json"), sort_keys=False)
+    tree = yaml.safe_load(text)
+    tree["train"]["output_dir"] = f"{ctx.base_cfg['train']['output_dir'].rstrip('/')}/{ctx.sweep_name}-best"
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 def _close_child_runs(uri: str, exp_id: str, parent_id: str, table) -> None:

@@ -15,7 +15,8 @@ def forward_batch(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
 
 
 class Supervised:
-    """Mask loss (``train.loss``) on labelled pixels + 0.1 × MSE of SAM's IoU head.
+    """Mask loss (``train.loss`` with ``train.loss_options``) on labelled pixels + ``train.iou_weight`` × MSE of
+    SAM's IoU head.
 
     Samples whose ``label_kind`` is ``box`` (weak box labels) are supervised by the box-projection loss instead
     of a mask loss; their box is also the prompt.
@@ -24,7 +25,8 @@ class Supervised:
     needs_unlabelled = False
 
     def __init__(self, model: nn.Module, cfg) -> None:
-        self.loss_fn = create_loss(cfg.train.loss)
+        self.loss_fn = create_loss(cfg.train.loss, **cfg.train.loss_options)
+        self.iou_weight = cfg.train.iou_weight
 
     def extra_modules(self) -> list[nn.Module]:
         return []
@@ -50,7 +52,7 @@ class Supervised:
         else:
             loss_iou = logits.sum() * 0.0
         losses["loss_iou"] = loss_iou
-        losses["loss"] = loss + 0.1 * loss_iou
+        losses["loss"] = loss + self.iou_weight * loss_iou
         return losses, out
 
     def losses(self, model, batch, unlabelled, step) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ def test_required_spaces_and_values():
     assert set(axd["train.loss"].categories) == {"dice_bce", "focal_dice"}
     gpu_cfg = space_base_cfg("gpu_h100", ExperimentCfg())
     assert gpu_cfg.model.image_size == 1024 and gpu_cfg.train.max_steps >= 1000
+    assert gpu_cfg.model.checkpoint == base["model.checkpoint"] == "sam2.1_hiera_tiny"  # adapters need real features
 
 
 def test_prompt_free_forces_no_prompt():
