@@ -174,6 +174,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> 
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        if fsync:
+            fsync_dir(path.parent)  # the rename itself must survive a power loss too
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
