@@ -184,7 +184,7 @@ def sweep(
 def retrain_check(
     config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False,
 ) -> None:
-    """Is there new labelled data since the champion was trained? (exit 0 either way; see `retrain`)."""
+    """New labelled data since the champion was trained? Exit 0 either way; retrain-on-new-labels acts on it."""
     from medsam2.steps import labels_changed_since_champion
 
     res = labels_changed_since_champion(_cfg(config, set_))

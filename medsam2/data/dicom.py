@@ -143,6 +143,7 @@ def decode_image(path: Path) -> tuple[list[np.ndarray], dict[str, Any], Any]:
             if win is None and "VOILUTSequence" in ds:
                 v = apply_voi_lut(hu, ds).astype(np.float32)
                 win, hu = (float(v.min()), float(v.max())), v
+                used["window_source"] = "voi_lut"
             if win is None:
                 win = percentile_window(hu)
                 used["window_source"] = "percentile"
