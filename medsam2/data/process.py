@@ -57,16 +57,18 @@ def dataset_prefix(dataset: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", dataset) + "__"
 
 
-def make_image_id(dataset: str, rel: str, frame: int = -1, target_key: str | None = None) -> str:
+def make_image_id(dataset: str, rel: str, frame: int = -1, target_key: str | None = None, *,
+                  readable: bool = True) -> str:
     """Stable, file-name-safe id from dataset + relative source path (+ frame/slice) (+ mask/structure key).
 
     ``kvasir-seg__images_cju0qkwl35piu0993l0dewei2__3f2a9c01de``; the hash covers the full key, the readable
-    part is truncated.
+    part is truncated. ``readable=False`` (DICOM: PACS exports name folders after patients) replaces the path
+    part by ``dcm`` so that no path text reaches ids, cache file names, reports or MLflow.
     """
     key = "\0".join([dataset, rel, str(frame), target_key or ""])
     h = hashlib.sha1(key.encode()).hexdigest()[:10]
     p = PurePosixPath(rel)
-    parts = [_slug((p.parent / stem_of(p.name)).as_posix())[-48:]]
+    parts = [_slug((p.parent / stem_of(p.name)).as_posix())[-48:] if readable else "dcm"]
     if frame >= 0:
         parts.append(f"f{frame:04d}")
     if target_key:
@@ -137,7 +139,7 @@ def _build_row(
         box, label_kind = cb, "box"
     else:
         label_kind = "none"
-    image_id = make_image_id(c.dataset, rel, frame, target_key)
+    image_id = make_image_id(c.dataset, rel, frame, target_key, readable=u.kind != "dicom")
     cache = c.workdir / CACHE_DIR
     atomic_save_npy(cache / f"{image_id}.npy", rgb, fsync=False)  # synced once before the manifest write
     mask_uri = None
