@@ -1,30 +1,38 @@
 """Flows around the model lifecycle: ``ingest-data`` (emits ``medsam2.labels.arrived`` when the labelled set
 changes), ``validate-data``, ``evaluate-model``, ``promote-model``, ``retrain-on-new-labels`` and
-``sweep-medsam2``."""
+``sweep-medsam2``. Each run publishes a markdown summary and a metrics table (``flows.artifacts``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
+from pydantic import Field
 
+from flows.artifacts import gate_lines, gate_metrics, publish, run_link
 from flows.tasks import evaluate_task, ingest_task, promote_task, sweep_task, validate_task
-from flows.train import resolve_cfg, train_medsam2
+from flows.train import Override, config_path, resolve_cfg, train_medsam2
 
 LABELS_ARRIVED = "medsam2.labels.arrived"
 
 
 @flow(name="ingest-data", log_prints=True)
 def ingest_data(source: str, workdir: str = ".medsam2/work") -> dict[str, Any]:
-    """Ingest a folder or s3:// prefix; emit ``medsam2.labels.arrived`` if the labelled set's version changed."""
+    """Ingest a folder or s3:// prefix; emit ``medsam2.labels.arrived`` if the labelled set's version changed.
+
+    Args:
+        source: Folder, s3:// prefix or sample:<name>.
+        workdir: Data work dir (manifest + cache).
+    """
     res = ingest_task(source, workdir)
     lines = [f"# Ingest of `{res.get('dataset')}`", f"- added {res['added']}, unchanged {res['unchanged']}, "
              f"updated {res.get('updated', 0)}, rows {res['rows']}, dataset version `{res['dataset_version']}`",
-             "", "| quarantine reason | count |", "|---|---|"]
+             f"- labels changed: {bool(res.get('labels_changed'))}", "",
+             "| quarantine reason | count |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(res["quarantined"].items())] or ["| (none) | 0 |"]
-    create_markdown_artifact("\n".join(lines), key="ingest-summary")
+    counts = {k: res.get(k) for k in ("added", "unchanged", "updated", "rows")}
+    publish("ingest", "\n".join(lines), {**counts, "quarantined": sum(res["quarantined"].values())})
     if res.get("labels_changed"):
         emit_event(LABELS_ARRIVED, resource={"prefect.resource.id": f"medsam2.workdir.{workdir}"},
                    payload={"dataset_version": res["dataset_version"], "workdir": workdir,
@@ -33,37 +41,86 @@ def ingest_data(source: str, workdir: str = ".medsam2/work") -> dict[str, Any]:
 
 
 @flow(name="evaluate-model", log_prints=True)
-def evaluate_model(model: str = "models:/medsam2@champion", overrides: list[str] | None = None) -> dict:
-    return evaluate_task(model, None, overrides)
+def evaluate_model(model: str = "models:/medsam2@champion", overrides: list[Override] | None = None) -> dict:
+    """Evaluate a model on the frozen test set (a new MLflow evaluation run).
+
+    Args:
+        model: MLflow model URI (models:/name@alias, models:/name/version, runs:/…) or checkpoint path.
+        overrides: Dotted key=value overrides of the evaluation config, e.g. data.workdir=….
+    """
+    res = evaluate_task(model, None, overrides)
+    publish("evaluate-model", "\n".join([
+        f"# Evaluation of `{model}`",
+        f"- MLflow evaluation run: {run_link(res['run_id'])}",
+        f"- Report: `{res.get('report_dir')}`",
+    ]), res["metrics"])
+    return res
 
 
 @flow(name="promote-model", log_prints=True)
 def promote_model(model_uri: str, eval_run_id: str, config: str | None = "configs/demo.yaml") -> dict:
-    return promote_task(model_uri, eval_run_id, resolve_cfg(config, None, None))
+    """Register ``model_uri`` and gate it against the champion; the decision and reasons go to the version's
+    tags and to this run's artifacts.
+
+    Args:
+        model_uri: MLflow model URI of the candidate.
+        eval_run_id: MLflow run holding the candidate's evaluation (eval/per_image.csv).
+        config: YAML config with the promotion settings (model name, margin, guarded metrics).
+    """
+    res = promote_task(model_uri, eval_run_id, resolve_cfg(config, None, None))
+    publish("promote-model", "\n".join([
+        f"# Promotion gate for `{model_uri}`",
+        f"- MLflow evaluation run: {run_link(eval_run_id)}",
+        *gate_lines(res),
+    ]), gate_metrics(res))
+    return res
 
 
 @flow(name="retrain-on-new-labels", log_prints=True)
-def retrain_on_new_labels(config: str | None = "configs/demo.yaml", overrides: list[str] | None = None,
+def retrain_on_new_labels(config: str | None = "configs/demo.yaml", overrides: list[Override] | None = None,
                           workdir: str | None = None) -> dict:
-    """Retrain only when the labelled-data version differs from the champion's (else 'skipped')."""
+    """Retrain only when the labelled-data version differs from the champion's (else 'skipped').
+
+    Args:
+        config: YAML config file, relative to the project root.
+        overrides: Dotted key=value config overrides.
+        workdir: Data work dir; empty: the config's.
+    """
     return train_medsam2(source=None, config=config, overrides=overrides, workdir=workdir, only_if_new_labels=True)
 
 
 @flow(name="validate-data", log_prints=True)
 def validate_data(workdir: str = ".medsam2/work") -> dict:
-    """The great-expectations suite over the manifest; fails the run with a readable report on bad data."""
+    """The great-expectations suite over the manifest; fails the run with a readable report on bad data.
+
+    Args:
+        workdir: Data work dir (manifest + cache).
+    """
     res = validate_task(workdir)
-    create_markdown_artifact(f"validation passed; Data Docs: `{res.get('data_docs')}`", key="validate-summary")
+    publish("validate", f"# Validation of `{workdir}`\n- passed; Data Docs: `{res.get('data_docs')}`",
+            {k: v for k, v in (res.get("statistics") or {}).items()})
     return res
 
 
 @flow(name="sweep-medsam2", log_prints=True)
-def sweep_medsam2(space: str = "smoke", num_samples: int = 4, address: str | None = None,
-                  config: str | None = "configs/demo.yaml", overrides: list[str] | None = None) -> dict:
+def sweep_medsam2(space: str = "smoke", num_samples: Annotated[int, Field(ge=1)] = 4, address: str | None = None,
+                  config: str | None = "configs/demo.yaml", overrides: list[Override] | None = None) -> dict:
     """Ray Tune ASHA sweep (local Ray, or the cluster at ``address`` / RAY_ADDRESS); writes best_config.yaml,
-    which ``train-medsam2`` takes as its ``config`` parameter."""
-    res = sweep_task(space, num_samples, address, config, overrides)
-    create_markdown_artifact(f"best val Dice {res.get('best_val_dice')}; best config `{res.get('best_config')}`; "
-                             f"{res.get('trials')} trials, {res.get('stopped_early')} stopped early",
-                             key="sweep-summary")
+    which ``train-medsam2`` takes as its ``config`` parameter (or set its ``sweep`` parameter instead).
+
+    Args:
+        space: Registered search space (tuning.spaces), e.g. smoke, gpu_h100.
+        num_samples: Number of trials.
+        address: Ray cluster address; empty: RAY_ADDRESS or a local Ray.
+        config: Base YAML config, relative to the project root.
+        overrides: Dotted key=value overrides (a sampled key named here is pinned).
+    """
+    path = config_path(config)
+    res = sweep_task(space, num_samples, address, str(path) if path else None, overrides)
+    publish("sweep", "\n".join([
+        f"# Sweep `{space}`",
+        f"- MLflow sweep run: {run_link(res.get('parent_run_id'))}",
+        f"- best val Dice {res.get('best_val_dice')}; best config `{res.get('best_config')}`",
+        f"- {res.get('trials')} trials, {res.get('stopped_early')} stopped early, {res.get('errored')} errored",
+    ]), {k: res.get(k) for k in ("best_val_dice", "trials", "stopped_early", "errored", "wall_s")})
     return res

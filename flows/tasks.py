@@ -4,6 +4,7 @@ global concurrency slot."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prefect import task
@@ -27,6 +28,21 @@ def validate_task(workdir: str) -> dict[str, Any]:
     if not res["success"]:
         raise ValueError("data validation failed:\n- " + "\n- ".join(res["failures"]))
     return res
+
+
+def ensure_concurrency_limit(name: str, limit: int = 1) -> None:
+    """Create the global concurrency limit ``name`` if the server has none (``concurrency()`` silently skips a
+    missing limit unless strict); a concurrent creator winning the race is fine."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
 
 
 # The holder renews its lease while it runs; a killed worker's slot frees itself this long after the crash.

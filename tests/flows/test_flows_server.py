@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, copy_kvasir_subset
-from tests.flows.conftest import champion, flow_runs, run_deployment
+from tests.flows.conftest import champion, flow_runs, python_json, run_deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -32,6 +32,18 @@ def test_deployment_run_trigger_and_skip(stack, tmp_path):
     champ = champion(env)
     assert champ["version"] == 1 and champ["tags"]["gate_decision"] == "promoted"
     assert "test_dice" in champ["metrics"] and "baseline_ellipse_in_box_dice" in champ["metrics"]
+    # The run's artifacts link the MLflow run and the model version in the MLflow UI, with the gate decision.
+    md = python_json(env, (
+        "import json\nfrom prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey("
+        "any_=['train-medsam2-summary', 'train-medsam2-metrics'])))\n"
+        "print(json.dumps({a.key: str(a.data) for a in arts}))"))
+    mlflow_ui = env["MLFLOW_TRACKING_URI"]
+    summary = md["train-medsam2-summary"]
+    assert f"{mlflow_ui}/#/models/medsam2/versions/1" in summary and f"{mlflow_ui}/#/experiments/" in summary
+    assert "Gate decision: **promoted**" in summary and "test_dice" in md["train-medsam2-metrics"]
 
     # New labelled images arrive: ingest-data emits the event, the on-new-labels trigger retrains (gated).
     extra = copy_kvasir_subset(tmp_path / "more" / "kvasir-seg", n_train=6, n_val=2, n_test=2)
