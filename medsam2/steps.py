@@ -147,14 +147,17 @@ def labels_changed_since_champion(cfg: ExperimentCfg) -> dict[str, Any]:
 
 def run_self_training(cfg: ExperimentCfg, teacher_checkpoint: str, *, parent_run_id: str | None = None) -> dict:
     """Self-training rounds; each round is an MLflow child run with pseudo-label count, acceptance rate and
-    (where the pool's masks are hidden ground truth) pseudo-label Dice. The best model is logged as a pyfunc."""
+    (where the pool's masks are hidden ground truth) pseudo-label Dice. The best model is logged as a pyfunc in a
+    ``self-training-best`` run tagged with the data version of ``cfg.data`` (as a training run is)."""
     import mlflow
 
     from medsam2 import tracking
+    from medsam2.data.selection import training_data_version
     from medsam2.semisup.self_training import best_checkpoint
     from medsam2.semisup.self_training import run_self_training as rounds_fn
 
     tracking.setup(cfg)
+    data_version = training_data_version(cfg.data)  # the labelled data, before any round adds pseudo-labels
     cbs: dict[int, tracking.ChildRunCallback] = {}
 
     def factory(r: int):
@@ -174,7 +177,11 @@ def run_self_training(cfg: ExperimentCfg, teacher_checkpoint: str, *, parent_run
         return {"improved": False, "rounds": [r.to_dict() for r in results], "checkpoint": best, "model_uri": None}
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
     with mlflow.start_run(run_name="self-training-best", tags=tags) as run:
-        tracking.log_config(cfg)
+        # the same data_version tag and dataset input as a training run: promotion copies the tag to the model
+        # version, and labels_changed_since_champion compares it with the current labelled data
+        tracking.log_config(cfg, data_version)
+        tracking.log_dataset(cfg, data_version)
+        mlflow.set_tags({"self_training": "true", "teacher_checkpoint": str(teacher_checkpoint)})
         model_uri = tracking.log_model(best)
     return {"improved": True, "rounds": [r.to_dict() for r in results], "checkpoint": best,
             "model_uri": model_uri, "run_id": run.info.run_id}

@@ -107,7 +107,7 @@ class MlflowCallback(Callback):
         mlflow.log_params({"trainable_params": info["trainable_params"], "total_params": info["total_params"],
                            "train_images": info["train_images"], "val_images": info["val_images"],
                            "unlabelled_images": info["unlabelled_images"]})
-        _log_dataset(info["config"], info["data_version"])
+        log_dataset(info["config"], info["data_version"])
         if random_init:
             mlflow.set_tag("mlflow.note.content",
                            "RANDOM INIT: no pretrained SAM2 weights were loaded (model.checkpoint=none).")
@@ -125,7 +125,7 @@ class MlflowCallback(Callback):
         _log_loss_curve(result.history)
 
 
-def _log_dataset(cfg: ExperimentCfg, data_version: str) -> None:
+def log_dataset(cfg: ExperimentCfg, data_version: str) -> None:
     """The training manifest rows as an MLflow dataset input (name = data version), visible in the run's UI."""
     from medsam2.data.manifest import read_manifest
 

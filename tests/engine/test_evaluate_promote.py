@@ -111,3 +111,41 @@ def test_evaluate_train_promote_rollback_end_to_end(kvasir_workdir, tmp_path, tr
     img = np.zeros((80, 100, 3), np.uint8)
     masks = model.predict({"image": img, "box": [10, 10, 60, 50]})
     assert masks[0].shape == (80, 100) and set(np.unique(masks[0])) <= {0, 1}
+
+
+def test_self_trained_champion_carries_the_data_version(kvasir_workdir, tmp_path, tracking_env, monkeypatch):
+    """The self-trained model's run has the data_version a training run has; once it is promoted, the same
+    labelled data does not trigger another retraining."""
+    import mlflow
+
+    from medsam2 import steps, tracking
+    from medsam2.data.selection import training_data_version
+    from medsam2.engine.checkpoint import atomic_save, model_payload
+    from medsam2.model.segmenter import build_segmenter
+    from medsam2.semisup import self_training as st
+    from tests.conftest import tiny_cfg
+
+    cfg = tiny_cfg(kvasir_workdir, tmp_path / "run", "train.max_steps=2", "train.eval_every=2",
+                   "model.adapter=decoder_only", "data.label_fraction=0.5", "semisup.self_training_rounds=1",
+                   "semisup.threshold=0.0")
+    teacher, base = build_segmenter(cfg.model)
+    teacher_ckpt = atomic_save(model_payload(teacher, cfg, base), tmp_path / "teacher" / "final.pt")
+    # whether a 2-step student beats its teacher on 2 val images is chance: fix the val Dice so it does
+    scores = iter([0.0, 1.0])
+    monkeypatch.setattr(st, "val_dice", lambda model, c: next(scores))
+    res = steps.run_self_training(cfg, str(teacher_ckpt))
+    assert res["improved"] and res["model_uri"]
+
+    version = training_data_version(cfg.data)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    run = mlflow.get_run(res["run_id"])
+    assert run.data.tags["data_version"] == version and run.data.tags["self_training"] == "true"
+    assert run.inputs.dataset_inputs[0].dataset.name == f"manifest-{version}"
+    assert steps.labels_changed_since_champion(cfg)["retrain"]  # no champion yet
+
+    ev = steps.run_evaluate(res["model_uri"], run_id=res["run_id"], report_dir=str(tmp_path / "rep"))
+    promoted = steps.run_promote(res["model_uri"], ev["run_id"], cfg)
+    assert promoted["promoted"]
+    assert tracking.alias_version("medsam2", "champion").tags["data_version"] == version
+    check = steps.labels_changed_since_champion(cfg)
+    assert not check["retrain"] and check["champion_data_version"] == version
