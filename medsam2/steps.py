@@ -7,6 +7,7 @@ Each returns a JSON-serialisable dict (what ``--json`` prints and what flow task
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,9 @@ def run_promote(model_uri: str, eval_run_id: str, cfg: ExperimentCfg, workdir: s
 
         net, ccfg = load_for_eval(champion_uri, workdir=workdir or cfg.data.workdir)
         ccfg = with_overrides(ccfg, data=cfg.data.model_dump(), eval=cfg.eval.model_dump())
-        out = Path(tracking.medsam2_home()) / "reports" / "champion-reeval"
+        reports = Path(tracking.medsam2_home()) / "reports"
+        reports.mkdir(parents=True, exist_ok=True)  # one folder per call: promotions may run concurrently
+        out = Path(tempfile.mkdtemp(prefix=f"champion-reeval-{eval_run_id}-", dir=reports))
         return evaluate(net, ccfg, out).per_image
 
     return tracking.promote(model_uri, eval_run_id, cfg, tags=tags, reevaluate=reevaluate)
