@@ -254,6 +254,18 @@ def per_image_results(run_id: str, artifact: str = "eval/per_image.csv") -> pd.D
     return pd.read_csv(path)
 
 
+def registered_version(name: str, model_uri: str):
+    """The version of ``name`` already registered from ``model_uri`` (lowest number if several), or None."""
+    try:
+        versions = _client().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    same = [mv for mv in versions
+            if mv.source == model_uri or (model_id and getattr(mv, "model_id", None) == model_id)]
+    return min(same, key=lambda mv: int(mv.version)) if same else None
+
+
 def promote(
     model_uri: str, eval_run_id: str, cfg, *, tags: dict[str, str] | None = None, reevaluate=None,
 ) -> dict[str, Any]:
@@ -263,6 +275,10 @@ def promote(
     and the new version becomes ``champion``. Decision and reasons are stored as version tags. ``reevaluate``
     (``fn(champion_model_uri) -> per-image DataFrame``) is called when the champion's stored results do not
     cover the challenger's evaluation set.
+
+    Idempotent (a retried task must not register a duplicate): a ``model_uri`` already registered reuses its
+    version — if that version is the champion already, its stored decision is returned and nothing moves;
+    otherwise the gate runs again against the current champion and tags and aliases are re-applied.
     """
     from medsam2.promotion import decide
 
@@ -273,7 +289,12 @@ def promote(
     challenger = per_image_results(eval_run_id)
     if challenger is None:
         raise FileNotFoundError(f"run {eval_run_id} has no eval/per_image.csv: evaluate the model first")
+    existing = registered_version(pc.model_name, model_uri)
     champ = alias_version(pc.model_name, CHAMPION)
+    if existing is not None and champ is not None and champ.version == existing.version:
+        # the champion alias moves last, so every earlier step of that promotion went through
+        log.info("%s is already version %s, the champion: promotion was done before", model_uri, existing.version)
+        return _stored_decision(pc.model_name, champ)
     champ_df, champ_summary = None, None
     if champ is not None:
         champ_run = champ.tags.get("eval_run_id")
@@ -284,7 +305,7 @@ def promote(
         champ_summary = mlflow.get_run(champ_run).data.metrics if champ_run else None
     new_summary = mlflow.get_run(eval_run_id).data.metrics
     decision = decide(challenger, champ_df, pc, challenger_summary=new_summary, champion_summary=champ_summary)
-    mv = mlflow.register_model(model_uri, pc.model_name)
+    mv = existing if existing is not None else mlflow.register_model(model_uri, pc.model_name)
     version_tags = {
         **(tags or {}), "eval_run_id": eval_run_id, "gate_decision": "promoted" if decision.promote else "rejected",
         "gate_reasons": json.dumps(decision.reasons)[:4900],
@@ -303,6 +324,24 @@ def promote(
     return {"model_name": pc.model_name, "version": int(mv.version), "promoted": decision.promote,
             "alias": CHAMPION if decision.promote else CHALLENGER, "reasons": decision.reasons,
             "stats": decision.stats, "previous_champion": int(champ.version) if champ else None}
+
+
+def _stored_decision(name: str, mv) -> dict[str, Any]:
+    """``promote``'s answer rebuilt from the tags of a version that was promoted earlier."""
+    try:
+        reasons = json.loads(mv.tags.get("gate_reasons", "[]"))
+    except json.JSONDecodeError:  # cut at the tag size limit
+        reasons = [mv.tags["gate_reasons"]]
+    stats: dict[str, Any] = {}
+    for k, v in mv.tags.items():
+        if k.startswith("gate_") and k not in ("gate_decision", "gate_reasons"):
+            try:
+                stats[k.removeprefix("gate_")] = float(v)
+            except ValueError:
+                stats[k.removeprefix("gate_")] = v
+    prev = alias_version(name, PREVIOUS)
+    return {"model_name": name, "version": int(mv.version), "promoted": True, "alias": CHAMPION,
+            "reasons": reasons, "stats": stats, "previous_champion": int(prev.version) if prev else None}
 
 
 def rollback(model_name: str = "medsam2") -> dict[str, Any]:

@@ -113,6 +113,57 @@ def test_evaluate_train_promote_rollback_end_to_end(kvasir_workdir, tmp_path, tr
     assert masks[0].shape == (80, 100) and set(np.unique(masks[0])) <= {0, 1}
 
 
+def _log_model_with_results(cfg, dice: list[float], image_ids: list[str], tmp_path, seed: int = 0) -> tuple[str, str]:
+    """An untrained tiny model logged as a pyfunc, and a run holding planted per-image results for it (the gate
+    only reads those): (model_uri, eval_run_id)."""
+    import mlflow
+
+    from medsam2 import tracking
+    from medsam2.engine.checkpoint import atomic_save, model_payload
+    from medsam2.model.segmenter import build_segmenter
+
+    model, base = build_segmenter(cfg.model, seed=seed)
+    ckpt = atomic_save(model_payload(model, cfg, base), tmp_path / f"model-{seed}" / "final.pt")
+    per_image = tmp_path / f"model-{seed}" / "per_image.csv"
+    pd.DataFrame({"image_id": image_ids, "dice": dice, "method": "model", "condition": "clean",
+                  "hd95": 1.0}).to_csv(per_image, index=False)
+    tracking.setup(cfg)
+    with mlflow.start_run() as run:
+        uri = tracking.log_model(ckpt)
+        mlflow.log_artifact(str(per_image), "eval")
+        mlflow.log_metric("test_dice", float(np.mean(dice)))
+    return uri, run.info.run_id
+
+
+def test_promote_is_idempotent_and_reevaluates_into_its_own_folder(kvasir_workdir, tmp_path, tracking_env):
+    """A retried promotion (the flow task has retries) registers no second version and keeps the decision; a
+    champion re-evaluation writes to a folder of its own per call (concurrent promotions do not collide)."""
+    from medsam2 import steps, tracking
+    from medsam2.data.manifest import read_manifest
+    from tests.conftest import tiny_cfg
+
+    cfg = tiny_cfg(kvasir_workdir, tmp_path / "out")
+    client = tracking._client()
+    test_ids = sorted(read_manifest(kvasir_workdir).query("split == 'test'")["image_id"])
+    uri1, eval1 = _log_model_with_results(cfg, [0.5, 0.6], test_ids[:2], tmp_path)
+    first = tracking.promote(uri1, eval1, cfg)
+    retry = tracking.promote(uri1, eval1, cfg)  # e.g. the response of the first call was lost
+    assert first["promoted"] and retry["promoted"] and first["version"] == retry["version"] == 1
+    assert retry["reasons"] == first["reasons"] and retry["alias"] == "champion"
+    assert len(client.search_model_versions("name = 'medsam2'")) == 1
+
+    # a challenger evaluated on images the champion's stored results do not cover: the champion is re-evaluated
+    uri2, eval2 = _log_model_with_results(cfg, [0.0, 0.0, 0.0], test_ids, tmp_path, seed=1)
+    p2 = steps.run_promote(uri2, eval2, cfg)
+    p2_retry = steps.run_promote(uri2, eval2, cfg)
+    assert not p2["promoted"] and not p2_retry["promoted"] and p2["version"] == p2_retry["version"] == 2
+    assert len(client.search_model_versions("name = 'medsam2'")) == 2
+    assert int(tracking.alias_version("medsam2", "champion").version) == 1
+    assert tracking.alias_version("medsam2", "challenger").tags["gate_decision"] == "rejected"
+    reevals = sorted((tracking_env / "reports").glob(f"champion-reeval-{eval2}-*"))
+    assert len(reevals) == 2 and all((d / "per_image.csv").is_file() for d in reevals)
+
+
 def test_self_trained_champion_carries_the_data_version(kvasir_workdir, tmp_path, tracking_env, monkeypatch):
     """The self-trained model's run has the data_version a training run has; once it is promoted, the same
     labelled data does not trigger another retraining."""
