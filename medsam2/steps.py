@@ -73,12 +73,13 @@ def load_for_eval(model: str, cfg_overrides: list[str] | None = None, workdir: s
     from medsam2.engine.checkpoint import load_model
     from medsam2.engine.runtime import pick_device
 
-    path = model
-    if not Path(model).exists():
-        from medsam2.tracking import download_model_checkpoint
+    if Path(model).exists():
+        net, cfg = load_model(model, pick_device("auto"))
+    else:  # an MLflow model: its checkpoint and the base weights logged with it
+        from medsam2.tracking import downloaded_model
 
-        path = str(download_model_checkpoint(model))
-    net, cfg = load_model(path, pick_device("auto"))
+        with downloaded_model(model) as files:
+            net, cfg = load_model(files["checkpoint"], pick_device("auto"), base_weights=files.get("base_weights"))
     sections = parse_overrides(cfg_overrides)
     if workdir:
         sections.setdefault("data", {})["workdir"] = workdir

@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +176,9 @@ class MedSAM2PyFunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from medsam2.engine.checkpoint import load_model
 
-        self.model, self.cfg = load_model(context.artifacts["checkpoint"])
+        # the base weights logged with the model (sha256-checked), not the training machine's file
+        self.model, self.cfg = load_model(context.artifacts["checkpoint"],
+                                          base_weights=context.artifacts.get("base_weights"))
 
     def predict(self, context, model_input, params=None):
         from medsam2.data.readers import read_image_any
@@ -189,29 +194,86 @@ class MedSAM2PyFunc(mlflow.pyfunc.PythonModel):
         return [p.mask.astype(np.uint8) for p in preds]
 
 
-def log_model(checkpoint: str | Path, model_card: str | None = None) -> str:
-    """Log the checkpoint as an MLflow pyfunc model in the active run; returns its model URI."""
-    import torch
+SERVING_EXCLUDE = {"prefect", "ray", "optuna", "great-expectations", "typer", "rich", "mlflow"}
+"""Dependencies of the medsam2 package that serving a model does not need (orchestration, CLI; mlflow adds
+itself)."""
 
+
+def serving_requirements() -> list[str]:
+    """pip requirements of a logged model: medsam2's own pinned dependencies minus :data:`SERVING_EXCLUDE`.
+    medsam2 itself travels as code (``code_paths``), it is not on PyPI."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        reqs = [Requirement(r) for r in requires("medsam2") or []]
+    except PackageNotFoundError:  # running from a model's code copy: the essentials
+        import torch
+
+        return [f"torch=={torch.__version__.split('+')[0]}", "sam2==1.1.0"]
+    return [str(r) for r in reqs if r.marker is None and r.name.lower() not in SERVING_EXCLUDE]
+
+
+def log_model(checkpoint: str | Path, model_card: str | None = None) -> str:
+    """Log the checkpoint as an MLflow pyfunc model in the active run; returns its model URI.
+
+    Self-contained: the medsam2 package goes with it as code, and a checkpoint that holds only its trainable
+    tensors gets the base-weights file it was trained on as the ``base_weights`` artifact (sha256-checked here
+    and again when the model loads), so ``models:/…`` loads where the training machine's files are not.
+    """
+    import medsam2
+    from medsam2.engine.checkpoint import base_weights_file
+
+    artifacts = {"checkpoint": str(checkpoint)}
+    base = base_weights_file(checkpoint)
+    if base is not None:
+        artifacts["base_weights"] = str(base)
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=MedSAM2PyFunc(), artifacts={"checkpoint": str(checkpoint)},
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "sam2==1.1.0", "medsam2"],
+        name="model", python_model=MedSAM2PyFunc(), artifacts=artifacts,
+        code_paths=[str(Path(medsam2.__file__).resolve().parent)], pip_requirements=serving_requirements(),
     )
     if model_card:
         mlflow.log_text(model_card, "model/MODEL_CARD.md")
     return info.model_uri
 
 
-def download_model_checkpoint(uri: str) -> Path:
-    """``models:/medsam2@champion`` / ``runs:/<id>/model`` / ``models:/m-…`` → local checkpoint file."""
+def download_model_files(uri: str, dest: str | Path | None = None) -> dict[str, Path]:
+    """``models:/medsam2@champion`` / ``runs:/<id>/model`` / ``models:/m-…`` → local files (under ``dest``, else a
+    new temporary folder) by artifact name: ``checkpoint`` and, for a checkpoint that needs one, ``base_weights``."""
+    import yaml
+
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_registry_uri(tracking_uri())
-    dest = Path(tempfile.mkdtemp(prefix="medsam2-model-"))
+    dest = dest or tempfile.mkdtemp(prefix="medsam2-model-")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    found = sorted(local.rglob("artifacts/*.pt")) or sorted(local.rglob("*.pt"))
+    if local.is_file():
+        return {"checkpoint": local}
+    for mlmodel in sorted(local.rglob("MLmodel")):
+        flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
+        files = {name: mlmodel.parent / a["path"] for name, a in (flavor.get("artifacts") or {}).items()}
+        if "checkpoint" in files:
+            return files
+    found = sorted(local.rglob("*.pt"))
     if not found:
         raise FileNotFoundError(f"no checkpoint inside model {uri}")
-    return found[0]
+    return {"checkpoint": found[0]}
+
+
+def download_model_checkpoint(uri: str) -> Path:
+    """The checkpoint file of an MLflow model (see :func:`download_model_files`); the caller owns its folder."""
+    return download_model_files(uri)["checkpoint"]
+
+
+@contextmanager
+def downloaded_model(uri: str) -> Iterator[dict[str, Path]]:
+    """:func:`download_model_files` into a temporary folder that is removed when the ``with`` ends (a model with
+    its base weights is hundreds of MB: every evaluation would otherwise leave a copy behind)."""
+    dest = tempfile.mkdtemp(prefix="medsam2-model-")
+    try:
+        yield download_model_files(uri, dest)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def log_evaluation(result, out_dir: Path, prefix: str = "eval") -> None:

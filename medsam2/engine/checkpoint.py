@@ -1,11 +1,13 @@
 """Atomic, resumable checkpoints that hold what training changed.
 
 File layout (``torch.save`` of a dict):
-    model      state dict: only trainable tensors when the base weights can be reloaded from ``base``;
-               the full state when the base was random init (it could not be rebuilt otherwise)
+    model      state dict: only trainable tensors when the base weights can be reloaded from ``base`` (a
+               Meta-format SAM2 file); the full state when the base was random init or the SAM2 part of
+               another of our models (it could not be rebuilt from a single file otherwise)
     full       bool, which of the two ``model`` is
     config     the resolved ``ExperimentCfg`` as a plain dict
-    base       {"source", "sha256"} identity of the weights the model started from
+    base       {"source", "sha256", "kind"} identity of the weights the model started from; a non-full
+               checkpoint only loads on top of a base file with that sha256
     step, optimizer, scheduler, ema, rng, best, history — training state for resume (absent in exports)
 """
 
@@ -19,7 +21,8 @@ from typing import Any
 import torch
 
 from medsam2.config import ExperimentCfg
-from medsam2.model.backbone import BaseWeights, load_state_strict
+from medsam2.hashing import file_sha256
+from medsam2.model.backbone import BaseWeights, CheckpointMismatchError, load_state_strict, resolve_checkpoint
 from medsam2.model.segmenter import Segmenter, build_segmenter
 
 LAST = "last.pt"
@@ -49,7 +52,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
 
 
 def model_payload(model: Segmenter, cfg: ExperimentCfg, base: BaseWeights) -> dict[str, Any]:
-    full = base.random_init
+    full = not base.reloadable
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if full else model.trainable_state_dict()
     return {"model": state, "full": full, "config": cfg.model_dump(mode="json"), "base": vars(base)}
 
@@ -58,27 +61,69 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Segmenter, ExperimentCfg]:
-    """Rebuild the model a checkpoint came from (base weights + adapters) and load its weights strictly."""
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", base_weights: str | Path | None = None
+) -> tuple[Segmenter, ExperimentCfg]:
+    """Rebuild the model a checkpoint came from (base weights + adapters) and load its weights strictly.
+
+    ``base_weights``: a local copy of the base file to use instead of ``model.checkpoint`` of the training config
+    (e.g. the copy logged with an MLflow model); ignored for full checkpoints.
+    """
     blob = read_checkpoint(path)
     if "config" not in blob:
         raise ValueError(f"{path} is not a MedSAM2 checkpoint (no 'config'); use it as model.checkpoint instead")
+    return model_from_payload(blob, f"checkpoint {path}", device, base_weights)
+
+
+def model_from_payload(
+    blob: dict[str, Any], what: str, device: str | torch.device = "cpu", base_weights: str | Path | None = None
+) -> tuple[Segmenter, ExperimentCfg]:
+    """:func:`load_model` on an already-read :func:`model_payload` dict; ``what`` names it in errors.
+
+    A non-full checkpoint is loaded on top of its base file only if that file's sha256 is the one recorded at
+    training time (``CheckpointMismatchError`` otherwise: other base weights would silently change the model).
+    """
     cfg = ExperimentCfg.model_validate(blob["config"])
     model_cfg = cfg.model
-    if blob["full"]:  # random-init base: build without weights, the file has everything
+    recorded = blob.get("base") or {}
+    if blob["full"]:  # random-init or derived base: build without weights, the file has everything
         model_cfg = model_cfg.model_copy(update={"checkpoint": "none"})
-    model, _ = build_segmenter(model_cfg, seed=cfg.train.seed)
+    elif base_weights is not None:
+        _check_base(Path(base_weights), file_sha256(base_weights), recorded, what)
+        model_cfg = model_cfg.model_copy(update={"checkpoint": str(base_weights)})
+    model, base = build_segmenter(model_cfg, seed=cfg.train.seed)
     if blob["full"]:
-        load_state_strict(model, blob["model"], f"checkpoint {path}")
+        load_state_strict(model, blob["model"], what)
     else:
+        _check_base(Path(base.source), base.sha256, recorded, what)
         trainable = model.trainable_state_dict()
         missing = sorted(set(trainable) - set(blob["model"]))
         unexpected = sorted(set(blob["model"]) - set(model.state_dict()))
         if missing or unexpected:
-            from medsam2.model.backbone import CheckpointMismatchError
-
             raise CheckpointMismatchError(
-                f"checkpoint {path}: missing trainable keys {missing[:10]}, unexpected keys {unexpected[:10]}"
+                f"{what}: missing trainable keys {missing[:10]}, unexpected keys {unexpected[:10]}"
             )
         model.load_state_dict(blob["model"], strict=False)
     return model.to(device).eval(), cfg
+
+
+def _check_base(path: Path, sha256: str, recorded: dict[str, str], what: str) -> None:
+    if recorded.get("sha256") and sha256 != recorded["sha256"]:
+        raise CheckpointMismatchError(
+            f"{what} was trained on base weights {recorded.get('source')!r} with sha256 {recorded['sha256']}, but "
+            f"{path} has sha256 {sha256}: these are not the weights it was trained on"
+        )
+
+
+def base_weights_file(path: str | Path) -> Path | None:
+    """The local base-weights file a non-full checkpoint needs (verified against the recorded sha256), or None
+    when the checkpoint is full (it needs no other file)."""
+    blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: tensors are not read
+    if blob.get("full", True):
+        return None
+    recorded = blob["base"]
+    local = resolve_checkpoint(recorded["source"])
+    if local is None:
+        return None
+    _check_base(local, file_sha256(local), recorded, f"checkpoint {path}")
+    return local

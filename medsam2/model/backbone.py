@@ -5,8 +5,11 @@ instantiate ``SAM2Base`` and wrap it (see ``segmenter.py``).
 
 Checkpoint sources (``model.checkpoint``): a local path, ``s3://bucket/key``, ``https://…``, an MLflow model URI
 (``models:/name@alias``, ``runs:/…``), a release name such as ``sam2.1_hiera_tiny``, or ``none`` (random init,
-recorded loudly). Meta's files hold ``{"model": state_dict}``; our own checkpoints hold ``{"model": …,
-"config": …}`` and are handled by ``engine.checkpoint``.
+recorded loudly). Meta's files hold ``{"model": state_dict}``. Our own models (a ``final.pt``, or a registered /
+logged MLflow model) hold ``{"model": …, "config": …}``: used as a base, the model is rebuilt
+(``engine.checkpoint``) and the SAM2 part of it is taken — LoRA merged into the weights it adapts, other injected
+modules (bottleneck adapters) and the decoder head outside SAM2 dropped with a warning — so a new run can
+fine-tune starting from the champion.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,14 +47,21 @@ class CheckpointMismatchError(RuntimeError):
 
 @dataclass(frozen=True)
 class BaseWeights:
-    """Identity of the weights a model started from: ``source`` as given, ``sha256`` of the file (or 'none')."""
+    """Identity of the weights a model started from: ``source`` as given, ``sha256`` of the file (or 'none'),
+    ``kind``: ``sam2`` (a Meta-format file), ``medsam2`` (the SAM2 part of one of our models) or ``none``."""
 
     source: str
     sha256: str
+    kind: str = "sam2"
 
     @property
     def random_init(self) -> bool:
         return self.source == "none"
+
+    @property
+    def reloadable(self) -> bool:
+        """Whether a checkpoint may keep only its trainable tensors and rebuild the rest from ``source``."""
+        return self.kind == "sam2" and not self.random_init
 
 
 def sam2_config_name(backbone: str, version: str) -> str:
@@ -144,6 +157,20 @@ def resolve_checkpoint(source: str) -> Path | None:
     return path
 
 
+@contextmanager
+def local_weights(source: str) -> Iterator[tuple[Path, Path | None]]:
+    """``model.checkpoint`` (not ``none``) → (local file, base-weights file of that model or None) while the
+    ``with`` lasts. Only an MLflow model has the second, the base weights logged with it (``tracking.log_model``);
+    its download is removed afterwards."""
+    if source.startswith(("models:/", "runs:/")):
+        from medsam2.tracking import downloaded_model
+
+        with downloaded_model(source) as files:
+            yield files["checkpoint"], files.get("base_weights")
+    else:
+        yield resolve_checkpoint(source), None
+
+
 def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names the missing and unexpected keys."""
     own = set(module.state_dict().keys())
@@ -170,17 +197,72 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: s
 def load_sam2(
     backbone: str, version: str, image_size: int, checkpoint: str
 ) -> tuple[nn.Module, BaseWeights]:
-    """Build SAM2 and load Meta-format weights strictly. ``checkpoint='none'`` = random init (logged loudly).
+    """Build SAM2 and load weights strictly. ``checkpoint='none'`` = random init (logged loudly).
 
+    Meta-format files load as they are; one of our models contributes its SAM2 part (:func:`medsam2_sam_state`).
     Position embeddings that depend on image size are interpolated by SAM2 itself at run time, so a 1024-px
     release checkpoint loads into a model built for a smaller ``image_size``.
     """
     model = build_sam2_base(backbone, version, image_size)
-    path = resolve_checkpoint(checkpoint)
-    if path is None:
+    if checkpoint in ("none", "", None):
         log.warning("model.checkpoint=none: SAM2 %s is RANDOMLY INITIALISED (no pretrained weights)", backbone)
-        return model, BaseWeights("none", "none")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    state = blob["model"] if isinstance(blob, dict) and "model" in blob else blob
-    load_state_strict(model, state, f"checkpoint {checkpoint!r}")
-    return model, BaseWeights(checkpoint, file_sha256(path))
+        return model, BaseWeights("none", "none", "none")
+    what = f"checkpoint {checkpoint!r}"
+    with local_weights(checkpoint) as (path, model_base):
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(blob, dict) and "config" in blob:  # one of our models: its SAM2 part is the base
+            state = medsam2_sam_state(blob, what, backbone, version, model.state_dict().keys(), model_base)
+            load_state_strict(model, state, what)
+            return model, BaseWeights(checkpoint, file_sha256(path), "medsam2")
+        state = blob["model"] if isinstance(blob, dict) and "model" in blob else blob
+        if any(k.startswith(("sam.", "decoder.")) for k in state):
+            raise CheckpointMismatchError(
+                f"{what} is a MedSAM2 training state (e.g. last.pt: Segmenter weights, no 'config'); "
+                "point model.checkpoint at the run's final.pt or at a logged/registered model instead"
+            )
+        load_state_strict(model, state, what)
+        return model, BaseWeights(checkpoint, file_sha256(path), "sam2")
+
+
+def medsam2_sam_state(
+    blob: dict, what: str, backbone: str, version: str, target_keys, base_weights: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The SAM2 weights of one of our models (a ``model_payload`` dict) under bare SAM2 keys.
+
+    The model is rebuilt (``engine.checkpoint.model_from_payload``, base weights from ``base_weights`` when
+    given), LoRA layers are merged into the weights they wrap, ``base_layer`` wrappers are unwrapped; keys that
+    are still not SAM2 keys (bottleneck adapters) are dropped with a warning, as is the decoder head outside
+    SAM2 (``model.decoder`` ≠ ``sam2``). ``target_keys`` are the state-dict keys of the bare SAM2 to load into.
+    """
+    from medsam2.engine.checkpoint import model_from_payload
+
+    src = blob["config"]["model"]
+    if (src["backbone"], src["sam2_version"]) != (backbone, version):
+        raise CheckpointMismatchError(
+            f"{what} is a MedSAM2 model of SAM2 {src['sam2_version']} {src['backbone']}; set "
+            f"model.backbone={src['backbone']} model.sam2_version={src['sam2_version']} to start from it"
+        )
+    segmenter, _ = model_from_payload(blob, what, base_weights=base_weights)
+    sam = segmenter.sam
+    for module in sam.modules():  # peft LoRA layers: fold B·A·scale into the wrapped weight
+        if hasattr(module, "lora_A") and hasattr(module, "merge") and not getattr(module, "merged", True):
+            module.merge()
+    state, lora, dropped = {}, 0, []
+    target = set(target_keys)
+    for key, value in sam.state_dict().items():
+        bare = re.sub(r"\.base_layer(?=\.)", "", key)
+        if bare in target:
+            state[bare] = value.detach().cpu()
+        elif ".lora_" in key:
+            lora += 1
+        else:
+            dropped.append(key)
+    if dropped:
+        log.warning("%s: %d tensors of injected modules (%s, e.g. %s) are not part of SAM2 and are DROPPED: the "
+                    "new model starts from the source's SAM2 weights without them", what, len(dropped),
+                    src["adapter"], dropped[0])
+    if src["decoder"] != "sam2":
+        log.warning("%s: its %r decoder head is not part of SAM2 and is not carried over", what, src["decoder"])
+    if lora:
+        log.info("%s: LoRA merged into the SAM2 weights it adapts (%d LoRA tensors)", what, lora)
+    return state
