@@ -17,19 +17,24 @@ from tests.flows.conftest import python_json, run_deployment
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
-def _versions(env, workdir: Path) -> list[dict]:
+def _versions(env, workdir: Path) -> tuple[list[dict], list[dict]]:
     """Registered versions whose training run used ``workdir`` (other tests share the registry), with the step
-    their training resumed from."""
-    code = ("import json\nfrom mlflow import MlflowClient\nc = MlflowClient()\nout = []\n"
+    their training resumed from; and every version as seen, for the assertion messages."""
+    code = ("import json\nfrom mlflow import MlflowClient\nc = MlflowClient()\nout, seen = [], []\n"
             "for v in c.search_model_versions(\"name='medsam2'\"):\n"
             "    try:\n"
             "        r = c.get_run(v.run_id) if v.run_id else None\n"
-            "    except Exception:\n"  # a version of another test whose run is gone: not ours either way
+            "    except Exception as e:\n"
             "        r = None\n"
+            "        seen.append({'version': v.version, 'run_id': v.run_id, 'error': str(e)[:200]})\n"
+            "    if r is not None:\n"
+            "        seen.append({'version': v.version, 'run_id': v.run_id, 'source': v.source,\n"
+            "                     'workdir': r.data.params.get('data.workdir'), 'run_name': r.info.run_name})\n"
             f"    if r and r.data.params.get('data.workdir') == {str(workdir)!r}:\n"
             "        out.append({'version': int(v.version), 'resumed': int(r.data.tags.get('resumed_from_step', 0))})\n"
-            "print(json.dumps(out))")
-    return python_json(env, code)
+            "print(json.dumps([out, seen]))")
+    ours, seen = python_json(env, code)
+    return ours, seen
 
 
 def _descendants(pid: int) -> list[int]:
@@ -72,11 +77,12 @@ def test_killed_worker_leaves_registry_untouched_and_rerun_resumes(stack, tmp_pa
         except ProcessLookupError:
             pass
     time.sleep(3)
-    assert _versions(env, tmp_path / "work") == [], "a crashed training must not register anything"
+    ours, seen = _versions(env, tmp_path / "work")
+    assert ours == [], f"a crashed training must not register anything: {seen}"
 
     up = subprocess.run(["bash", "scripts/up.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert up.returncode == 0, up.stderr
     out = run_deployment(env, "train-medsam2/demo", params)
     assert "finished successfully" in out, out[-3000:]
-    registered = _versions(env, tmp_path / "work")
-    assert len(registered) == 1 and registered[0]["resumed"] >= 5, registered  # resumed from a checkpoint
+    registered, seen = _versions(env, tmp_path / "work")
+    assert len(registered) == 1 and registered[0]["resumed"] >= 5, (registered, seen)  # resumed from a checkpoint
