@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,10 @@ def test_dockerfile_installs_the_project_on_cuda_python311():
         assert f"COPY {pkg} " in text
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert ".venv" in ignore and ".git" in ignore
+    # the image serves KubeRay's Job API and dashboard probes, and talks to PostgreSQL: the `cluster` extra
+    assert "['optional-dependencies']['cluster']" in text
+    extra = tomllib.loads((INFRA.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("ray[default") for r in extra["cluster"]) and any("psycopg" in r for r in extra["cluster"])
 
 
 def _ray_specs():
