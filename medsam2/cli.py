@@ -165,6 +165,9 @@ def sweep(
     resume: Annotated[bool, typer.Option(help="Continue the latest sweep of this space + config in --storage "
                                                "(unfinished and errored trials, same MLflow parent run).")] = False,
     gpus_per_trial: Annotated[float | None, typer.Option(help="GPUs per trial (default: the space's).")] = None,
+    cpus_per_trial: Annotated[float | None, typer.Option(help="CPUs per trial (default: the space's).")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of a local Ray started here (default: all).")] = None,
+    max_failures: Annotated[int, typer.Option(help="Retries of a crashed trial (from its checkpoint).")] = 1,
     config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Ray Tune ASHA sweep over adapter × decoder variants; writes the best config."""
@@ -174,7 +177,9 @@ def sweep(
         raise typer.BadParameter(f"the tuning package is not importable: {exc}") from exc
     if search not in ("random", "optuna"):
         raise typer.BadParameter(f"--search must be random or optuna, got {search!r}")
-    extra = {"gpus_per_trial": gpus_per_trial} if gpus_per_trial is not None else {}
+    extra = {k: v for k, v in (("gpus_per_trial", gpus_per_trial), ("cpus_per_trial", cpus_per_trial),
+                               ("num_cpus", num_cpus)) if v is not None}
+    extra["max_failures"] = max_failures
     res = cli_sweep(space=space, num_samples=num_samples, address=address, config=config, overrides=set_, json=json_,
                     search=search, seed=seed, storage_path=storage, resume=resume, **extra)
     _emit(res, json_, f"best val Dice {res.get('best_val_dice')} → {res.get('best_config')}")
