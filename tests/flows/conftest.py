@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -69,6 +70,28 @@ def flow_runs(env, flow_name: str) -> list[dict]:
         f"    runs = await c.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[{flow_name!r}])))\n"
         "    print(json.dumps([{'id': str(r.id), 'state': r.state_type.value, 'deployment': str(r.deployment_id),"
         " 'params': r.parameters} for r in runs]))\nasyncio.run(main())"))
+
+
+def wait_idle(env, timeout_s: float = 900) -> list[dict]:
+    """Wait until no flow run on the stack is scheduled, pending or running (an earlier test's event-triggered run
+    may still be going); returns what is still active at the deadline."""
+    code = ("import json\nfrom prefect.client.orchestration import get_client\n"
+            "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, "
+            "FlowRunFilterStateType\n"
+            "from prefect.client.schemas.objects import StateType\n"
+            "active = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState("
+            "type=FlowRunFilterStateType(any_=active))))\n"
+            "print(json.dumps([{'id': str(r.id), 'name': r.name, 'state': r.state_type.value,"
+            " 'scheduled': str(r.next_scheduled_start_time)} for r in runs]))")
+    deadline = time.time() + timeout_s
+    while True:
+        # cron-scheduled runs of the nightly deployment wait for their time: only imminent ones count
+        active = [r for r in python_json(env, code) if r["state"] != "SCHEDULED"]
+        if not active or time.time() > deadline:
+            return active
+        time.sleep(5)
 
 
 def champion(env) -> dict:

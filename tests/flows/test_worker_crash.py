@@ -12,26 +12,22 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, copy_kvasir_subset
-from tests.flows.conftest import python_json, run_deployment
+from tests.flows.conftest import python_json, run_deployment, wait_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def _versions(env, workdir: Path) -> tuple[list[dict], list[dict]]:
-    """Registered versions whose training run used ``workdir`` (other tests share the registry), with the step
-    their training resumed from; and every version as seen, for the assertion messages."""
-    code = ("import json\nfrom mlflow import MlflowClient\nc = MlflowClient()\nout, seen = [], []\n"
-            "for v in c.search_model_versions(\"name='medsam2'\"):\n"
-            "    try:\n"
-            "        r = c.get_run(v.run_id) if v.run_id else None\n"
-            "    except Exception as e:\n"
-            "        r = None\n"
-            "        seen.append({'version': v.version, 'run_id': v.run_id, 'error': str(e)[:200]})\n"
-            "    if r is not None:\n"
-            "        seen.append({'version': v.version, 'run_id': v.run_id, 'source': v.source,\n"
-            "                     'workdir': r.data.params.get('data.workdir'), 'run_name': r.info.run_name})\n"
-            f"    if r and r.data.params.get('data.workdir') == {str(workdir)!r}:\n"
+    """Registered versions trained on ``workdir`` (other tests share the registry: their versions are never
+    looked at), with the step their training resumed from; and our training runs, for assertion messages."""
+    code = ("import json\nfrom mlflow import MlflowClient\nc = MlflowClient()\n"
+            "exps = [e.experiment_id for e in c.search_experiments()]\n"
+            f"runs = c.search_runs(exps, \"params.`data.workdir` = '{workdir}'\")\n"
+            "out = []\n"
+            "for r in runs:\n"
+            "    for v in c.search_model_versions(f\"name='medsam2' and run_id='{r.info.run_id}'\"):\n"
             "        out.append({'version': int(v.version), 'resumed': int(r.data.tags.get('resumed_from_step', 0))})\n"
+            "seen = [{'run': r.info.run_name, 'id': r.info.run_id, 'status': r.info.status} for r in runs]\n"
             "print(json.dumps([out, seen]))")
     ours, seen = python_json(env, code)
     return ours, seen
@@ -53,6 +49,8 @@ def _descendants(pid: int) -> list[int]:
 
 def test_killed_worker_leaves_registry_untouched_and_rerun_resumes(stack, tmp_path):
     env, home = stack
+    busy = wait_idle(env)  # killing the worker must not hit (or race with) another test's triggered run
+    assert not busy, f"flow runs of earlier tests still active: {busy}"
     data = copy_kvasir_subset(tmp_path / "kvasir-seg", n_train=4, n_val=2, n_test=2)
     params = {"source": str(data), "workdir": str(tmp_path / "work"),
               "overrides": ["train.max_steps=60", "train.checkpoint_every=5",
