@@ -186,9 +186,12 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     running: dict[str, torch.Tensor] = {}
     t0, seen, step, stopped = time.perf_counter(), 0, start, False
     progress = _progress(tc.progress, start, tc.max_steps)
+
+    def elapsed() -> float:  # training seconds so far, including the attempts before a crash + resume
+        return spent_before + time.perf_counter() - t0
+
     for step, batch in enumerate(loader if not finished else [], start=start + 1):  # finished: just write final
-        elapsed = spent_before + time.perf_counter() - t0  # the time budget survives a crash + resume
-        budget_frac = min(1.0, elapsed / budget_s) if budget_s else 0.0
+        budget_frac = min(1.0, elapsed() / budget_s) if budget_s else 0.0
         lr = tc.lr * lr_factor(step - 1, tc.warmup_steps, tc.max_steps, budget_frac)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -209,7 +212,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
         if ema is not None:
             ema.update(model)
         seen += batch["image"].shape[0]
-        if budget_s is not None and spent_before + time.perf_counter() - t0 > budget_s:
+        if budget_s is not None and elapsed() > budget_s:
             log.info("train.max_minutes=%s reached at step %d", tc.max_minutes, step)
             stopped = True
         if step % LOG_EVERY == 0 or step == tc.max_steps or stopped:
@@ -239,7 +242,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or stopped:
             state = {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(), "elapsed_s": spent_before + time.perf_counter() - t0,
+                "optimizer": opt.state_dict(), "elapsed_s": elapsed(),
                 "extra": [m.state_dict() for m in extra],
                 "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema else None,
                 "rng": torch.get_rng_state(), "step": step, "best": best, "history": history,
