@@ -69,8 +69,15 @@ def _run(model, images, prompts, precision, batch_size):
     )
 
 
+#: Manifest columns copied into every per-image result row: the group for cluster bootstraps (``patient_id``: a
+#: CVC-ClinicDB video sequence, a DICOM patient) and the content identity of image and mask, so stored results
+#: are only compared with results on the very same pixels and labels.
+IDENTITY_COLUMNS = ("patient_id", "split", "pixel_sha256", "mask_pixel_sha256")
+
+
 def _row(meta: pd.Series, method: str, condition: str, severity: int, pred, target) -> dict[str, Any]:
-    return {"image_id": meta["image_id"], "dataset": meta["dataset"], "modality": meta["modality"],
+    ident = {c: (str(meta[c]) if c in meta.index and pd.notna(meta[c]) else "") for c in IDENTITY_COLUMNS}
+    return {"image_id": meta["image_id"], "dataset": meta["dataset"], "modality": meta["modality"], **ident,
             "method": method, "condition": condition, "severity": severity,
             **segmentation_metrics(pred, target)}
 
