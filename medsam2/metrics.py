@@ -145,6 +145,16 @@ def batch_dice(
     return torch.where(denom > 0, 2.0 * inter / denom.clamp_min(1.0), torch.ones_like(denom))
 
 
+def _cluster_labels(df: pandas.DataFrame) -> np.ndarray | None:
+    """Bootstrap cluster of each row: its ``patient_id``, or a label of its own when that is empty; shape (N,)."""
+    if "patient_id" not in df.columns:
+        return None
+    pid = df["patient_id"].to_numpy(dtype=object)
+    own = np.array([f"\x00row{i}" for i in range(len(df))], dtype=object)
+    missing = np.array([p is None or (isinstance(p, float) and np.isnan(p)) or str(p) == "" for p in pid])
+    return np.where(missing, own, np.array([str(p) for p in pid], dtype=object))
+
+
 def summarize(
     rows: Sequence[dict] | pandas.DataFrame,
     metrics: Sequence[str] = METRIC_NAMES,
@@ -153,8 +163,14 @@ def summarize(
 ) -> dict[str, dict[str, float]]:
     """Mean and 95 % bootstrap CI of each metric over per-image rows.
 
+    When the rows carry a ``patient_id`` column the CI is a cluster bootstrap over patients (all images of a
+    patient — e.g. the frames of one CVC-ClinicDB video — are resampled together); rows with an empty or missing
+    ``patient_id`` are each their own cluster. Without the column, images are resampled one by one. With one
+    image per patient (Kvasir-SEG) both give the same interval for the same seed.
+
     Args:
-        rows: one dict per image (or a DataFrame with one row per image) holding the metric columns.
+        rows: one dict per image (or a DataFrame with one row per image) holding the metric columns and
+            optionally ``patient_id``.
         metrics: metric names to summarise; each must be a column/key of ``rows``.
         n_boot, seed: bootstrap resamples and seed (see :func:`medsam2.eval.stats.bootstrap_ci`).
 
@@ -173,6 +189,7 @@ def summarize(
     missing = [m for m in metrics if m not in df.columns]
     if missing:
         raise KeyError(f"metrics {missing} not in rows; available: {sorted(map(str, df.columns))}")
+    groups = _cluster_labels(df)
     out: dict[str, dict[str, float]] = {}
     for m in metrics:
         vals = pd.to_numeric(df[m], errors="coerce").to_numpy(dtype=np.float64)
@@ -181,6 +198,6 @@ def summarize(
             nan = float("nan")
             out[m] = {"mean": nan, "ci_low": nan, "ci_high": nan, "n": 0}
             continue
-        mean, low, high = bootstrap_ci(vals, n_boot=n_boot, seed=seed)
+        mean, low, high = bootstrap_ci(vals, n_boot=n_boot, seed=seed, groups=groups)
         out[m] = {"mean": mean, "ci_low": low, "ci_high": high, "n": n}
     return out

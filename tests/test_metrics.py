@@ -142,3 +142,18 @@ def test_summarize_errors():
         summarize([])
     with pytest.raises(KeyError, match="hd95"):
         summarize([{"dice": 1.0}])
+
+
+def test_summarize_bootstraps_patients_when_rows_carry_patient_id():
+    # Four frames of video A at 0 and one of video B at 1: patients are resampled, so the interval reaches 1.
+    rows = [{"dice": 0.0, "patient_id": "A"}] * 4 + [{"dice": 1.0, "patient_id": "B"}]
+    s = summarize(rows, metrics=("dice",), n_boot=2000)["dice"]
+    assert s["mean"] == pytest.approx(0.2) and s["n"] == 5
+    assert s["ci_high"] == 1.0
+    assert summarize([{"dice": r["dice"]} for r in rows], metrics=("dice",), n_boot=2000)["dice"]["ci_high"] < 1.0
+    # One image per patient (Kvasir) or empty patient ids: the same interval as without the column.
+    kv = [{"dice": d, "patient_id": f"kv{i}"} for i, d in enumerate([0.2, 0.9, 0.5, 0.7])]
+    bare = [{"dice": r["dice"]} for r in kv]
+    assert summarize(kv, metrics=("dice",)) == summarize(bare, metrics=("dice",))
+    empty = [{"dice": r["dice"], "patient_id": ""} for r in kv]
+    assert summarize(empty, metrics=("dice",)) == summarize(bare, metrics=("dice",))
