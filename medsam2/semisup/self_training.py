@@ -9,8 +9,10 @@ Round r (``run_self_training``):
    ``mask_uri`` (``load_cached`` joins ``workdir / uri``, and an absolute uri wins in pathlib), the pool's
    rows turned unlabelled (``label_kind`` none, mask hidden) and the accepted ones relabelled with their
    pseudo-mask (``label_kind`` mask, ``flags`` + ``pseudo_label``, ``mask_sha256`` of the pseudo-mask, so the
-   round's data version differs). No cache is copied. ``train(cfg)`` then runs unchanged on that work dir with
-   ``data.label_fraction = 1``: labelled ∪ accepted pseudo-labels.
+   round's data version differs). With ``data.weak_labels`` the rows whose mask ``data.label_fraction`` hid are
+   not in the pool but box-only labelled rows: they stay box-only in the round manifest, their mask hidden too.
+   No cache is copied. ``train(cfg)`` then runs unchanged on that work dir with ``data.label_fraction = 1``:
+   labelled ∪ weak ∪ accepted pseudo-labels — never a ground-truth mask the selection hid.
 3. The student starts from the configured base weights (``model.checkpoint``, as the teacher did — a fresh
    student, as in noisy-student training) and trains ``train.max_steps`` steps.
 4. The student is evaluated on the val rows (Dice at original resolution); rounds go on only while val Dice
@@ -205,20 +207,45 @@ def pseudo_label(
     return acc.reset_index(drop=True), stats
 
 
+#: Manifest columns that carry (or identify) a row's ground-truth mask; a hidden row loses all of them.
+_MASK_COLUMNS = ("mask_uri", "mask_sha256", "mask_pixel_sha256", "mask_source_uri")
+
+
+def _hide_masks(df: pd.DataFrame, hide: pd.Series, label_kind: str | pd.Series) -> None:
+    """In place: rows ``hide`` lose every trace of their mask (uris, hashes, foreground fraction)."""
+    df.loc[hide, list(_MASK_COLUMNS)] = None
+    df.loc[hide, "mask_fraction"] = 0.0
+    df.loc[hide, "label_kind"] = label_kind
+
+
 def write_round_manifest(
-    src_workdir: str | Path, dst_workdir: str | Path, pool: pd.DataFrame, accepted: pd.DataFrame
+    src_workdir: str | Path,
+    dst_workdir: str | Path,
+    pool: pd.DataFrame,
+    accepted: pd.DataFrame,
+    labelled: pd.DataFrame | None = None,
 ) -> Path:
     """Write ``dst_workdir/manifest.parquet``: the source manifest with absolute uris, ``pool`` rows made
-    unlabelled (mask hidden) and ``accepted`` rows substituted (matched on ``image_id``)."""
+    unlabelled (mask hidden), ``labelled`` rows whose mask the selection hid turned weak, and ``accepted`` rows
+    substituted (matched on ``image_id``).
+
+    ``pool`` and ``labelled`` are :func:`~medsam2.data.selection.select_rows`' train rows for the source config.
+    The round trains at ``label_fraction`` 1, so the manifest itself must hide every mask ``label_fraction``
+    hid: with ``data.weak_labels`` the hidden rows are *labelled* rows of kind ``box`` without a mask (not pool
+    rows), and they stay box-only here — their true mask is never reachable from the round's work dir.
+    """
     src, dst = Path(src_workdir).resolve(), Path(dst_workdir)
     dst.mkdir(parents=True, exist_ok=True)
     df = read_manifest(src)
     absolute = lambda u: u if not isinstance(u, str) or not u else str(src / u)  # noqa: E731
     df["image_uri"] = df["image_uri"].map(absolute)
     df["mask_uri"] = df["mask_uri"].map(absolute)
-    hide = df["image_id"].isin(pool["image_id"])
-    df.loc[hide, ["mask_uri", "mask_sha256"]] = None
-    df.loc[hide, "label_kind"] = "none"
+    _hide_masks(df, df["image_id"].isin(pool["image_id"]), "none")
+    if labelled is not None and len(labelled):
+        weak = labelled[labelled["mask_uri"].isna() | (labelled["label_kind"] != "mask")]
+        kind_of = dict(zip(weak["image_id"], weak["label_kind"], strict=True))
+        demote = df["image_id"].isin(kind_of) & df["mask_uri"].notna()
+        _hide_masks(df, demote, df.loc[demote, "image_id"].map(kind_of))
     df = df[~df["image_id"].isin(accepted["image_id"])]
     add = accepted.drop(columns=[c for c in accepted.columns if c not in df.columns])
     df = pd.concat([df, add], ignore_index=True).sort_values("image_id")
@@ -270,7 +297,7 @@ def run_self_training(
         teacher, _ = load_model(teacher_ckpt, device)
         if r == 1:
             best = val_dice(teacher, cfg)
-        _, pool = select_rows(cfg.data, "train", seed=cfg.train.seed)
+        labelled, pool = select_rows(cfg.data, "train", seed=cfg.train.seed)
         accepted, stats = pseudo_label(
             teacher,
             pool,
@@ -282,7 +309,7 @@ def run_self_training(
             batch_size=cfg.eval.batch_size,
         )
         log.info("round %d: accepted %d/%d pseudo-labels", r, int(stats["accepted"]), int(stats["n"]))
-        write_round_manifest(cfg.data.workdir, rdir / "work", pool, accepted)
+        write_round_manifest(cfg.data.workdir, rdir / "work", pool, accepted, labelled)
         del teacher
         gc.collect()
         rcfg = with_overrides(
