@@ -18,6 +18,12 @@
   in ``ignored``. Duplicate content — the same file bytes at another path, or the same decoded image + mask as
   a row already accepted — is quarantined as ``duplicate_content`` (first path in sorted order wins).
 
+* **No lost test split.** A dataset whose profile (or layout) names a frozen test list gets it from the source,
+  else from the list shipped with the package (Kvasir-SEG: the PraNet list, as the official download has
+  none); no list at all, or one naming none of the source's images, is a ``layouts.TestListError`` (a
+  ``FileNotFoundError``) saying which dataset and file and how to fix it — never a test split silently merged
+  into train/val.
+
 A dataset is one source: re-ingesting a dataset name replaces that dataset's rows with the source's current
 state.
 """
@@ -54,7 +60,7 @@ from medsam2.data.manifest import (
     write_table,
 )
 from medsam2.data.process import INGEST_VERSION, UnitOutput, dataset_prefix, process_unit
-from medsam2.data.readers import QuarantineError, read_nifti, sniff_kind
+from medsam2.data.readers import QuarantineError, read_nifti, sniff_kind, stem_of
 from medsam2.data.splits import DEFAULT_VAL_FRACTION, assign_splits, split_bucket
 from medsam2.data.storage import SourceFile, Storage, open_storage
 from medsam2.hashing import file_sha256
@@ -238,8 +244,10 @@ def discover(
             )
             continue
         kinds[rel] = k
-    test_list = L.find_test_list(rels, opts)
-    test_stems = L.load_stems(src.path(test_list)) if test_list else set()
+    source = src.storage.uri
+    test_stems, test_origin = L.resolve_test_stems(rels, opts, dataset, lambda rel: src.path(rel).read_text(), source)
+    if test_origin and test_origin.startswith("shipped:"):
+        log.info("%s: no test list in %s; frozen test split from the packaged %s", dataset, source, test_origin[8:])
     boxes = L.load_boxes(src.path(opts["boxes"])) if opts.get("boxes") in src.info else {}
     pkey, mfn = L.patient_key_fn(opts), L.modality_fn(opts)
     unit_opts = {k: opts[k] for k in ("label_mode", "skip_empty_slices") if k in opts}
@@ -323,6 +331,8 @@ def discover(
                 options=unit_opts,
             )
         )
+    image_stems = {stem_of(PurePosixPath(u.image).name) for u in units if u.kind != "reject" and u.image}
+    L.check_test_stems(test_stems, test_origin, image_stems, dataset, opts, source)
     return sorted(units, key=lambda u: u.key), ignored, test_stems
 
 

@@ -167,13 +167,16 @@ def _sammed2d_modality(stem: str) -> str:
     return "MR" if m and int(m.group(1)) >= 500 else "CT"
 
 
-#: Built-in profiles, chosen by dataset name (exact, else prefix). Values: options above, or callables
-#: ``modality_fn(stem) -> str`` / ``patient_fn(stem) -> str``.
+#: Built-in profiles, chosen by dataset name (exact, else prefix). Values: options above, callables
+#: ``modality_fn(stem) -> str`` / ``patient_fn(stem) -> str``, or ``shipped_test_list``: the name of a test list
+#: in ``medsam2/data/resources/`` used when the source has no ``test_list`` file of its own.
 PROFILES: dict[str, dict[str, Any]] = {
     "kvasir-seg": {
         "modality": "endoscopy",
         "boxes": "kavsir_bboxes.json",
         "test_list": "split_pranet_test.txt",
+        # The official download (Simula) has no test list: the PraNet one ships with the package.
+        "shipped_test_list": "kvasir_split_pranet_test.txt",
     },
     "cvc-clinicdb": {"modality": "endoscopy", "patient_fn": cvc_sequence},
     "busi": {"modality": "ultrasound"},
@@ -201,6 +204,8 @@ def resolve_layout(dataset: str, layout: str | dict | None) -> dict[str, Any]:
         if unknown:
             raise ValueError(f"unknown layout keys {sorted(unknown)}; known: {sorted(OPTION_KEYS)}")
         opts.update(layout)
+        if "test_list" in layout:  # the user's own list (or null: none): never fall back to the shipped one
+            opts.pop("shipped_test_list", None)
     if opts.get("split") not in (None, "train", "val", "test"):
         raise ValueError(f"layout split must be train|val|test, got {opts['split']!r}")
     return opts
@@ -393,6 +398,101 @@ def load_boxes(path: Path) -> dict[str, list[int]]:
 def load_stems(path: Path) -> set[str]:
     """A test-list text file → set of stems (one per line; extensions and folders stripped)."""
     return {Path(line.strip()).stem for line in path.read_text().splitlines() if line.strip()}
+
+
+# The CLI (typer) prints a ClickException as "Error: <message>" and exits 1 — no traceback for a user's mistake.
+# typer 0.29 vendors click as typer._click (its handler catches only that class); older typer used click itself.
+try:
+    from typer._click.exceptions import ClickException as _UserError
+except ImportError:  # pragma: no cover - depends on the installed typer
+    try:
+        from click import ClickException as _UserError
+    except ImportError:
+
+        class _UserError(Exception):  # type: ignore[no-redef]
+            pass
+
+
+class TestListError(_UserError, FileNotFoundError):
+    """A dataset that should have a frozen test split has none: no test list, or one that names none of its
+    images. Raised by ingest before anything is written; the message says which dataset, which file, and how
+    to fix it. A ``FileNotFoundError`` for library callers; ``medsam2 ingest`` prints just the message (it is
+    also typer's ``ClickException``) and exits 1."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+
+RESOURCES = Path(__file__).resolve().parent / "resources"
+
+
+def _fix_hint(dataset: str, want: str | None) -> str:
+    put = f"put the list at <source>/{want} (one image stem per line), " if want else ""
+    return (
+        f"To fix: {put}pass a layout with test_list: <a file in the source> (medsam2 ingest --layout FILE.yaml), "
+        f"or, to ingest {dataset!r} without a frozen test split, a layout with test_list: null "
+        f"(or split: test to use the whole dataset as an external test set)."
+    )
+
+
+def resolve_test_stems(
+    files: list[str], opts: dict[str, Any], dataset: str, read: Callable[[str], str], source: str = "the source"
+) -> tuple[set[str], str | None]:
+    """Frozen test stems of a dataset and where they came from.
+
+    Order: the source's own list (``opts['test_list']`` or an auto-detected root-level ``split_*test*.txt``),
+    else the list shipped for the dataset's profile (``opts['shipped_test_list']`` in :data:`RESOURCES`), else
+    no list. A dataset-level ``split`` option needs no list.
+
+    Args:
+        files: the source's relative paths. opts: resolved layout. dataset: manifest dataset name.
+        read: relative path → text of that file in the source. source: the source's URI (for messages).
+
+    Returns:
+        ``(stems, origin)``: the listed stems and ``'<source file>'`` / ``'shipped:<name>'``, or
+        ``(set(), None)`` when no list applies.
+
+    Raises:
+        TestListError: ``opts['test_list']`` is set (by the profile or a layout) but neither the source nor the
+            package has that list, or the list is empty.
+    """
+    if opts.get("split"):
+        return set(), None
+    found = find_test_list(files, opts)
+    if found is not None:
+        stems = {Path(line.strip()).stem for line in read(found).splitlines() if line.strip()}
+        origin = found
+    elif opts.get("test_list"):
+        shipped = opts.get("shipped_test_list")
+        if not shipped or not (RESOURCES / shipped).is_file():
+            raise TestListError(
+                f"dataset {dataset!r} expects a frozen test list {opts['test_list']!r} in {source}, but the source "
+                f"has no such file and no list ships with medsam2 for it, so its test split would silently go to "
+                f"train/val. " + _fix_hint(dataset, opts["test_list"])
+            )
+        stems, origin = load_stems(RESOURCES / shipped), f"shipped:{shipped}"
+    else:
+        return set(), None
+    if not stems:
+        raise TestListError(
+            f"dataset {dataset!r}: the test list {origin!r} names no image stems. " + _fix_hint(dataset, found)
+        )
+    return stems, origin
+
+
+def check_test_stems(
+    stems: set[str], origin: str | None, image_stems: set[str], dataset: str, opts: dict[str, Any], source: str
+) -> None:
+    """Raise :class:`TestListError` when a test list applies (``origin`` set) but names none of the dataset's
+    image stems (``image_stems``: stems of the source's image files; an empty set checks nothing)."""
+    if not origin or not image_stems or stems & image_stems:
+        return
+    want = origin if not origin.startswith("shipped:") else opts.get("test_list")
+    raise TestListError(
+        f"dataset {dataset!r}: its test list {origin!r} ({len(stems)} stems, e.g. {sorted(stems)[0]!r}) names "
+        f"none of the {len(image_stems)} images in {source} (e.g. {sorted(image_stems)[0]!r}), so the dataset "
+        f"would have no test split. A test list holds image file names without extension, one per line. "
+        + _fix_hint(dataset, want)
+    )
 
 
 def find_test_list(files: list[str], opts: dict[str, Any]) -> str | None:
