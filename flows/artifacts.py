@@ -52,16 +52,23 @@ def publish(key: str, markdown: str, metrics: dict[str, Any]) -> None:
 
 
 def gate_lines(promotion: dict[str, Any]) -> list[str]:
-    """The promotion gate's decision, reasons and the registered version (``tracking.promote``'s result)."""
-    decision = "promoted" if promotion["promoted"] else "not promoted (rejected)"
-    return [
+    """The promotion gate's decision, its one-line summary (which baseline or champion, by what margin), the
+    reasons, the selection split it decided on, and the registered version (``tracking.promote``'s result)."""
+    decision = "promoted" if promotion["promoted"] else "not promoted (rejected, stays challenger)"
+    sel = promotion.get("selection") or {}
+    test = promotion.get("test_metrics") or {}
+    lines = [
         f"- Model version: {model_version_link(promotion['model_name'], promotion['version'])} "
         f"(alias **{promotion['alias']}**; previous champion "
         f"{model_version_link(promotion['model_name'], promotion.get('previous_champion'))})",
-        f"- Gate decision: **{decision}**",
-        "- Gate reasons:",
-        *(f"  - {r}" for r in promotion.get("reasons") or ["(none given)"]),
+        f"- Gate decision: **{decision}**" + (f" — {promotion['summary']}" if promotion.get("summary") else ""),
     ]
+    if sel:
+        lines.append(f"- Decided on the `{sel.get('split')}` split: {sel.get('n_images')} images, images+masks "
+                     f"`{sel.get('identity')}`, champion results {sel.get('champion_results')}")
+    if "test_dice" in test:
+        lines.append(f"- Frozen test split (reported, not decided on): Dice {test['test_dice']:.4f}")
+    return [*lines, "- Gate reasons:", *(f"  - {r}" for r in promotion.get("reasons") or ["(none given)"])]
 
 
 def gate_metrics(promotion: dict[str, Any]) -> dict[str, Any]:

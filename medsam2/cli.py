@@ -119,11 +119,16 @@ def promote(
     eval_run_id: Annotated[str, typer.Option(help="Run holding the candidate's evaluation.")],
     config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False,
 ) -> None:
-    """Register the candidate; alias champion if it beats the champion (gate), else challenger."""
+    """Register the candidate; alias champion only if it beats its trivial baseline and the champion on the
+    selection split (paired bootstrap), else challenger. The test results are reported, not decided on."""
     from medsam2.steps import run_promote
 
     res = run_promote(model, eval_run_id, _cfg(config, set_))
-    _emit(res, json_, f"version {res['version']} → {res['alias']}: " + "; ".join(res["reasons"]))
+    verdict = "promoted to champion" if res["promoted"] else "rejected, stays challenger"
+    test = res.get("test_metrics") or {}
+    reported = f" (test Dice {test['test_dice']:.4f}, reported only)" if "test_dice" in test else ""
+    _emit(res, json_, f"version {res['version']} {verdict}: {res.get('summary') or '; '.join(res['reasons'])}"
+                      f"{reported}\n  " + "\n  ".join(res["reasons"]))
 
 
 @app.command()
@@ -200,18 +205,31 @@ def retrain_check(
 def champion(
     model_name: Annotated[str, typer.Option(help="Registered model name.")] = "medsam2", json_: JsonOpt = False
 ) -> None:
-    """Show the champion model version, its tags and its test metrics beside the baselines."""
-    from medsam2.tracking import champion_summary
+    """Show the champion model version, why the gate promoted it, its test metrics beside the baselines, and
+    the last challenger's decision; with no champion, say so and show why the last challenger was rejected."""
+    from medsam2.tracking import champion_summary, last_challenger
 
-    res = champion_summary(model_name) or {"model_name": model_name, "version": None}
-    if res.get("version") is None:
-        _emit(res, json_, f"no champion for model {model_name!r} yet")
-        raise typer.Exit(1)
+    res = champion_summary(model_name)
+    if res is None:
+        last = last_challenger(model_name)
+        res = {"model_name": model_name, "version": None, "last_challenger": last}
+        if last is None:
+            _emit(res, json_, f"no champion for model {model_name!r} yet, and no candidate has been gated")
+            raise typer.Exit(1)
+        _emit(res, json_, f"no champion for model {model_name!r}: no candidate has passed the promotion gate. "
+                          f"Last challenger v{last['version']} was {last['gate_decision'] or 'not gated'}: "
+                          f"{last['gate_summary']}")
+        return
     m = res["metrics"]
+    nan = float("nan")
     human = (f"champion {model_name} v{res['version']} (data {res['tags'].get('data_version')}): "
-             f"test Dice {m.get('test_dice', float('nan')):.4f} [95% CI {m.get('test_dice_ci_low', float('nan')):.4f}"
-             f"–{m.get('test_dice_ci_high', float('nan')):.4f}], IoU {m.get('test_iou', float('nan')):.4f}; "
-             f"ellipse-in-box baseline Dice {m.get('baseline_ellipse_in_box_dice', float('nan')):.4f}")
+             f"test Dice {m.get('test_dice', nan):.4f} [95% CI {m.get('test_dice_ci_low', nan):.4f}"
+             f"–{m.get('test_dice_ci_high', nan):.4f}], IoU {m.get('test_iou', nan):.4f}; "
+             f"ellipse-in-box baseline Dice {m.get('baseline_ellipse_in_box_dice', nan):.4f}"
+             f"\n  gate ({res['tags'].get('gate_selection_split', 'selection')} split): {res['gate_summary']}")
+    last = res.get("last_challenger")
+    if last is not None:
+        human += f"\n  last challenger v{last['version']} {last['gate_decision']}: {last['gate_summary']}"
     _emit(res, json_, human)
 
 

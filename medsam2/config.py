@@ -141,12 +141,24 @@ class PromotionCfg(_Cfg):
     model_name: str = "medsam2"
     metric: str = "dice"
     margin: float = 0.0
-    """Challenger must beat the champion's mean metric by at least this much."""
+    """Challenger must beat the champion's mean metric by at least this much (and always by more than 0)."""
     guarded: dict[str, float] = Field(default_factory=dict)
     """metric → largest tolerated regression (challenger − champion ≥ −tolerance)."""
     n_bootstrap: int = Field(1000, ge=0)
-    confidence: float = Field(0.0, ge=0, lt=1)
-    """If > 0, also require P(improvement > 0) ≥ this under the paired bootstrap."""
+    """Paired-bootstrap resamples; 0 turns the confidence test off (mean differences only)."""
+    confidence: float = Field(0.95, ge=0, lt=1)
+    """Required P(improvement > 0) under the paired bootstrap, against the trivial baseline and the champion."""
+    seed: int = 0
+    """Seed of the gate's bootstrap: the same results always give the same decision."""
+    selection_split: str = "val"
+    """Labelled non-test split the gate decides on; the frozen test split is only reported, never decided on."""
+
+    @model_validator(mode="after")
+    def _never_decide_on_test(self) -> PromotionCfg:
+        if self.selection_split == "test":
+            raise ValueError("promotion.selection_split must not be 'test': the frozen test split is for "
+                             "reporting only (use 'val')")
+        return self
 
 
 class TrackingCfg(_Cfg):

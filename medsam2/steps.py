@@ -110,27 +110,79 @@ def run_evaluate(
         return {"run_id": run.info.run_id, "report_dir": str(out), **result.to_dict()}
 
 
+def selection_cfg(model_cfg: ExperimentCfg, cfg: ExperimentCfg, workdir: str | None = None) -> ExperimentCfg:
+    """The evaluation settings of the promotion gate: ``model_cfg`` (a checkpoint's config) on ``cfg``'s data
+    (or ``workdir``), split ``promotion.selection_split``, with baselines, without gallery and robustness."""
+    data = {**cfg.data.model_dump(), "workdir": workdir or cfg.data.workdir}
+    ev = {**cfg.eval.model_dump(), "split": cfg.promotion.selection_split, "gallery_size": 0, "robustness": False,
+          "cross_dataset": False, "baselines": True}
+    return with_overrides(model_cfg, data=data, eval=ev)
+
+
+def selection_identity(cfg: ExperimentCfg, workdir: str | None = None) -> frozenset[tuple[str, str, str]]:
+    """``(image_id, pixel_sha256, mask_pixel_sha256)`` of the rows ``evaluate`` would score on the selection
+    split now (the same selection and cap as ``medsam2.engine.evaluate.evaluate``)."""
+    import pandas as pd
+
+    from medsam2.data.selection import select_rows
+
+    dc = cfg.data.model_copy(update={"workdir": workdir or cfg.data.workdir})
+    rows, _ = select_rows(dc, cfg.promotion.selection_split, seed=cfg.train.seed)
+    if dc.max_eval_images is not None:
+        rows = rows.iloc[: dc.max_eval_images]
+
+    def text(v) -> str:
+        return "" if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v)
+
+    return frozenset((text(r["image_id"]), text(r.get("pixel_sha256")), text(r.get("mask_pixel_sha256")))
+                     for _, r in rows.iterrows())
+
+
+def evaluate_selection(model: str, cfg: ExperimentCfg, workdir: str | None = None, label: str = "selection"):
+    """Per-image results of ``model`` (checkpoint or MLflow URI) on the selection split, and its prompt mode."""
+    from medsam2 import tracking
+    from medsam2.engine.evaluate import evaluate
+
+    net, mcfg = load_for_eval(model, workdir=workdir or cfg.data.workdir)
+    scfg = selection_cfg(mcfg, cfg, workdir)
+    reports = Path(tracking.medsam2_home()) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)  # one folder per call: promotions may run concurrently
+    out = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=reports))
+    result = evaluate(net, scfg, out, title=f"MedSAM2 {scfg.eval.split} evaluation (promotion gate) — {model}")
+    return result.per_image, mcfg.model.prompt
+
+
 def run_promote(model_uri: str, eval_run_id: str, cfg: ExperimentCfg, workdir: str | None = None) -> dict:
-    """Gate the evaluated model against the champion and move aliases accordingly."""
+    """Gate the candidate on the selection split (never the test split) and move aliases accordingly.
+
+    The candidate is evaluated on ``promotion.selection_split`` and the per-image table is stored with the
+    evaluation run as ``selection/per_image.csv`` (a retry reuses it while the split's images and masks are
+    unchanged); the champion is re-evaluated on the same set when its stored selection results differ. The
+    evaluation run's test results are reported beside the decision only (see ``tracking.promote``).
+    """
     import mlflow
 
     from medsam2 import tracking
+    from medsam2.promotion import identity_digest, result_identity
 
     tracking.setup(cfg)
     run = mlflow.get_run(eval_run_id)
     tags = {k: run.data.tags[k] for k in ("data_version", "config_hash", "git_commit") if k in run.data.tags}
+    split = cfg.promotion.selection_split
+    stored = tracking.per_image_results(eval_run_id, tracking.SELECTION_ARTIFACT)
+    prompt = run.data.tags.get("selection_prompt")
+    current = selection_identity(cfg, workdir)
+    if stored is None or prompt is None or result_identity(stored) != current:
+        per_image, prompt = evaluate_selection(model_uri, cfg, workdir, label=f"selection-{eval_run_id}")
+        tracking.log_selection_results(eval_run_id, per_image, split=split, prompt=prompt)
+    else:
+        log.info("reusing the %s results stored with run %s (same images and masks)", split, eval_run_id)
+    tags["selection_data_version"] = identity_digest(current)  # which images and masks the gate saw
 
     def reevaluate(champion_uri: str):
-        from medsam2.engine.evaluate import evaluate
+        return evaluate_selection(champion_uri, cfg, workdir, label=f"champion-reeval-{eval_run_id}")[0]
 
-        net, ccfg = load_for_eval(champion_uri, workdir=workdir or cfg.data.workdir)
-        ccfg = with_overrides(ccfg, data=cfg.data.model_dump(), eval=cfg.eval.model_dump())
-        reports = Path(tracking.medsam2_home()) / "reports"
-        reports.mkdir(parents=True, exist_ok=True)  # one folder per call: promotions may run concurrently
-        out = Path(tempfile.mkdtemp(prefix=f"champion-reeval-{eval_run_id}-", dir=reports))
-        return evaluate(net, ccfg, out).per_image
-
-    return tracking.promote(model_uri, eval_run_id, cfg, tags=tags, reevaluate=reevaluate)
+    return tracking.promote(model_uri, eval_run_id, cfg, tags=tags, reevaluate=reevaluate, prompt=prompt)
 
 
 def labels_changed_since_champion(cfg: ExperimentCfg) -> dict[str, Any]:

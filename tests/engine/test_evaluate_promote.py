@@ -12,47 +12,42 @@ from medsam2.config import PromotionCfg
 from medsam2.promotion import decide
 
 
-def _per_image(dice, hd95=None):
-    return pd.DataFrame({"image_id": [f"i{k}" for k in range(len(dice))], "dice": dice, "method": "model",
-                         "condition": "clean", "hd95": hd95 if hd95 is not None else [1.0] * len(dice)})
+def _per_image(dice, hd95=None, baseline=0.1):
+    n = len(dice)
+    common = {"image_id": [f"i{k}" for k in range(n)], "split": "val", "condition": "clean",
+              "pixel_sha256": [f"p{k}" for k in range(n)], "mask_pixel_sha256": [f"m{k}" for k in range(n)],
+              "hd95": hd95 if hd95 is not None else [1.0] * n}
+    return pd.concat([pd.DataFrame({**common, "dice": dice, "method": "model"}),
+                      pd.DataFrame({**common, "dice": [baseline] * n, "method": "ellipse_in_box"})])
 
 
-def test_gate_first_model_is_promoted():
-    d = decide(_per_image([0.5, 0.6]), None, PromotionCfg())
-    assert d.promote and "no champion" in d.reasons[0]
-
-
-def test_gate_rejects_worse_and_equal_challengers_with_reasons():
-    champ = _per_image([0.8, 0.82, 0.79, 0.85])
-    worse = decide(_per_image([0.6, 0.62, 0.59, 0.65]), champ, PromotionCfg())
-    assert not worse.promote and "not above the margin" in worse.reasons[0]
-    assert worse.stats["mean_diff"] == pytest.approx(-0.2)
-    tie = decide(champ.copy(), champ, PromotionCfg())
-    assert not tie.promote
-
-
-def test_gate_margin_confidence_and_guarded_metric():
+def test_gate_run_level_guarded_metric():
+    """Guards also take run-level numbers (the pure gate; the rest of the gate is in test_gate.py)."""
     champ = _per_image([0.80, 0.80, 0.80, 0.80], hd95=[5, 5, 5, 5])
     better = _per_image([0.83, 0.84, 0.82, 0.83], hd95=[5, 5, 5, 5])
-    assert decide(better, champ, PromotionCfg(margin=0.02)).promote
-    assert not decide(better, champ, PromotionCfg(margin=0.05)).promote
-    assert decide(better, champ, PromotionCfg(confidence=0.95, n_bootstrap=500)).promote
-    worse_hd = _per_image([0.83, 0.84, 0.82, 0.83], hd95=[9, 9, 9, 9])
-    d = decide(worse_hd, champ, PromotionCfg(guarded={"hd95": 1.0}))
-    assert not d.promote and any("guarded hd95 regressed by 4.0000" in r for r in d.reasons)
-    d = decide(better, champ, PromotionCfg(guarded={"robust_drop_s3_max": 0.01}),
+    assert decide(better, champ, PromotionCfg(), prompt="box").promote
+    d = decide(better, champ, PromotionCfg(guarded={"robust_drop_s3_max": 0.01}), prompt="box",
                challenger_summary={"robust_drop_s3_max": 0.10}, champion_summary={"robust_drop_s3_max": 0.02})
     assert not d.promote and any("robust_drop_s3_max" in r for r in d.reasons)
 
 
-def test_gate_refuses_to_compare_different_image_sets():
-    d = decide(_per_image([0.9, 0.9, 0.9]), _per_image([0.1, 0.1]), PromotionCfg())
-    assert not d.promote and "re-evaluate" in d.reasons[0]
+def _plant(run_id: str, model_dice: float, baseline_dice: float | None = None) -> pd.DataFrame:
+    """Overwrite the stored selection results of ``run_id`` with planted scores (same images and masks, so the
+    gate keeps reusing them): the fault or gain cannot be trained reliably into a 1–2-step model."""
+    from medsam2 import tracking
+
+    df = tracking.per_image_results(run_id, tracking.SELECTION_ARTIFACT)
+    df.loc[df["method"] == "model", "dice"] = model_dice
+    if baseline_dice is not None:
+        df.loc[df["method"] == "ellipse_in_box", "dice"] = baseline_dice
+    tracking.log_selection_results(run_id, df, split="val", prompt="box")
+    return df
 
 
 def test_evaluate_train_promote_rollback_end_to_end(kvasir_workdir, tmp_path, tracking_env):
-    """CLI-level stages against a real SQLite MLflow store: first model → champion; a worse one → challenger
-    with reasons stored on the version; rollback gives champion back to the previous one."""
+    """CLI-level stages against a real SQLite MLflow store: the gate evaluates on the val split; a first model
+    below the box-prior baseline stays challenger whatever its test results; above it → champion; a worse one →
+    challenger with reasons stored on the version; a better one → champion; rollback restores the previous one."""
     from medsam2 import steps, tracking
     from tests.conftest import tiny_cfg
 
@@ -76,33 +71,50 @@ def test_evaluate_train_promote_rollback_end_to_end(kvasir_workdir, tmp_path, tr
     assert run1.inputs.dataset_inputs and run1.inputs.dataset_inputs[0].dataset.name.startswith("manifest-")
     assert {"config_hash", "git_commit", "data_version", "random_init"} <= set(run1.data.tags)
     assert run1.data.params["trainable_params"] and run1.data.params["total_params"]
+    # the gate evaluates on the val split (2 images), stored beside the test results, never on the test split
+    p0 = steps.run_promote(t1["model_uri"], e1["run_id"], cfg)
+    sel = tracking.per_image_results(e1["run_id"], tracking.SELECTION_ARTIFACT)
+    assert set(sel["split"]) == {"val"} and len(sel[sel["method"] == "model"]) == 2
+    assert {"model", "ellipse_in_box"} <= set(sel["method"])
+    assert p0["selection"]["split"] == "val" and p0["selection"]["n_images"] == 2
+    assert p0["test_metrics"]["test_dice"] == pytest.approx(m["test_dice"])
+    # a first model below the box-prior baseline is not promoted (planted: 0.05 below the ellipse everywhere)
+    sel.loc[sel["method"] == "model", "dice"] = sel.loc[sel["method"] == "ellipse_in_box", "dice"].to_numpy() - 0.05
+    tracking.log_selection_results(e1["run_id"], sel, split="val", prompt="box")
+    p1 = steps.run_promote(t1["model_uri"], e1["run_id"], cfg)
+    assert not p1["promoted"] and p1["alias"] == "challenger" and p1["version"] == 1
+    assert p1["summary"].startswith("below the box-prior baseline (ellipse_in_box) by 0.050 Dice"), p1["summary"]
+    assert tracking.alias_version("medsam2", "champion") is None
+    assert tracking.alias_version("medsam2", "challenger").tags["gate_decision"] == "rejected"
+    # perfect planted TEST results do not change the decision: the gate never reads them
+    test_rows = pd.read_csv(tmp_path / "rep1" / "per_image.csv")
+    test_rows["dice"] = 1.0
+    tracking._client().log_text(e1["run_id"], test_rows.to_csv(index=False), "eval/per_image.csv")
+    assert steps.run_promote(t1["model_uri"], e1["run_id"], cfg)["summary"] == p1["summary"]
+
+    _plant(e1["run_id"], 0.8, baseline_dice=0.5)
     p1 = steps.run_promote(t1["model_uri"], e1["run_id"], cfg)
     assert p1["promoted"] and p1["alias"] == "champion" and p1["version"] == 1
 
-    # A deliberately worse challenger: rewrite its per-image results to Dice 0 (the fault cannot be trained
-    # reliably into a 2-step model, so we plant it in its evaluation table).
+    # A second model: evaluated on the same val images and masks, so the champion's stored results are reused
     t2 = steps.run_train(tiny_cfg(kvasir_workdir, tmp_path / "run2", "train.max_steps=1", "train.seed=7"))
     e2 = steps.run_evaluate(t2["model_uri"], run_id=t2["run_id"], report_dir=str(tmp_path / "rep2"))
-    bad = pd.read_csv(tmp_path / "rep2" / "per_image.csv")
-    bad.loc[bad["method"] == "model", "dice"] = 0.0
-    bad.to_csv(tmp_path / "rep2" / "per_image.csv", index=False)
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    with mlflow.start_run(run_id=e2["run_id"]):
-        mlflow.log_artifact(str(tmp_path / "rep2" / "per_image.csv"), "eval")
+    p2 = steps.run_promote(t2["model_uri"], e2["run_id"], cfg)
+    assert p2["selection"]["champion_results"] == "stored"
+    assert not list((tracking_env / "reports").glob(f"champion-reeval-{e2['run_id']}-*"))
+    _plant(e2["run_id"], 0.0, baseline_dice=0.5)  # a deliberately worse challenger
     p2 = steps.run_promote(t2["model_uri"], e2["run_id"], cfg)
     assert not p2["promoted"] and p2["alias"] == "challenger"
     mv = tracking.alias_version("medsam2", "challenger")
-    assert mv.tags["gate_decision"] == "rejected" and "not above the margin" in mv.tags["gate_reasons"]
+    assert mv.tags["gate_decision"] == "rejected" and "below the box-prior baseline" in mv.tags["gate_reasons"]
+    assert "below champion v1 by 0.800 Dice" in mv.tags["gate_reasons"]
     assert int(tracking.alias_version("medsam2", "champion").version) == 1
 
-    # A better one (planted perfect scores) is promoted; the old champion becomes `previous`; rollback.
-    good = bad.copy()
-    good.loc[good["method"] == "model", "dice"] = 1.0
-    good.to_csv(tmp_path / "rep2" / "per_image.csv", index=False)
-    with mlflow.start_run(run_id=e2["run_id"]):
-        mlflow.log_artifact(str(tmp_path / "rep2" / "per_image.csv"), "eval")
+    # A better one (planted) is promoted; the old champion becomes `previous`; rollback.
+    _plant(e2["run_id"], 0.95, baseline_dice=0.5)
     p3 = steps.run_promote(t2["model_uri"], e2["run_id"], cfg)
-    assert p3["promoted"] and int(tracking.alias_version("medsam2", "previous").version) == 1
+    assert p3["promoted"] and "beats champion v1 by +0.150 Dice" in p3["summary"]
+    assert int(tracking.alias_version("medsam2", "previous").version) == 1
     rb = tracking.rollback("medsam2")
     assert rb["champion"] == 1 and int(tracking.alias_version("medsam2", "champion").version) == 1
 
@@ -113,55 +125,65 @@ def test_evaluate_train_promote_rollback_end_to_end(kvasir_workdir, tmp_path, tr
     assert masks[0].shape == (80, 100) and set(np.unique(masks[0])) <= {0, 1}
 
 
-def _log_model_with_results(cfg, dice: list[float], image_ids: list[str], tmp_path, seed: int = 0) -> tuple[str, str]:
-    """An untrained tiny model logged as a pyfunc, and a run holding planted per-image results for it (the gate
-    only reads those): (model_uri, eval_run_id)."""
+def _log_model_with_results(cfg, dice: list[float], tmp_path, seed: int = 0,
+                            stale_mask: bool = False) -> tuple[str, str]:
+    """An untrained tiny model logged as a pyfunc, and a run holding planted val-split results for it on the
+    work dir's real val images and mask hashes (the gate only reads those; ``stale_mask``: as if the first mask
+    had been relabelled since): (model_uri, eval_run_id)."""
     import mlflow
 
     from medsam2 import tracking
+    from medsam2.data.selection import select_rows
     from medsam2.engine.checkpoint import atomic_save, model_payload
     from medsam2.model.segmenter import build_segmenter
 
     model, base = build_segmenter(cfg.model, seed=seed)
     ckpt = atomic_save(model_payload(model, cfg, base), tmp_path / f"model-{seed}" / "final.pt")
-    per_image = tmp_path / f"model-{seed}" / "per_image.csv"
-    pd.DataFrame({"image_id": image_ids, "dice": dice, "method": "model", "condition": "clean",
-                  "hd95": 1.0}).to_csv(per_image, index=False)
+    val = select_rows(cfg.data, "val")[0]
+    ident = val[["image_id", "patient_id", "split", "pixel_sha256", "mask_pixel_sha256"]].astype(str)
+    if stale_mask:
+        ident.loc[ident.index[0], "mask_pixel_sha256"] = "an-older-mask"
+    sel = pd.concat([ident.assign(method="model", condition="clean", dice=dice),
+                     ident.assign(method="ellipse_in_box", condition="clean", dice=0.1)])
     tracking.setup(cfg)
     with mlflow.start_run() as run:
         uri = tracking.log_model(ckpt)
-        mlflow.log_artifact(str(per_image), "eval")
         mlflow.log_metric("test_dice", float(np.mean(dice)))
+    tracking.log_selection_results(run.info.run_id, sel, split="val", prompt=cfg.model.prompt)
     return uri, run.info.run_id
 
 
 def test_promote_is_idempotent_and_reevaluates_into_its_own_folder(kvasir_workdir, tmp_path, tracking_env):
     """A retried promotion (the flow task has retries) registers no second version and keeps the decision; a
-    champion re-evaluation writes to a folder of its own per call (concurrent promotions do not collide)."""
+    champion whose stored results are on other mask versions is re-evaluated on the selection split, into a
+    folder of its own per call (concurrent promotions do not collide)."""
     from medsam2 import steps, tracking
-    from medsam2.data.manifest import read_manifest
     from tests.conftest import tiny_cfg
 
     cfg = tiny_cfg(kvasir_workdir, tmp_path / "out")
     client = tracking._client()
-    test_ids = sorted(read_manifest(kvasir_workdir).query("split == 'test'")["image_id"])
-    uri1, eval1 = _log_model_with_results(cfg, [0.5, 0.6], test_ids[:2], tmp_path)
+    uri1, eval1 = _log_model_with_results(cfg, [0.5, 0.6], tmp_path, stale_mask=True)
     first = tracking.promote(uri1, eval1, cfg)
     retry = tracking.promote(uri1, eval1, cfg)  # e.g. the response of the first call was lost
     assert first["promoted"] and retry["promoted"] and first["version"] == retry["version"] == 1
     assert retry["reasons"] == first["reasons"] and retry["alias"] == "champion"
     assert len(client.search_model_versions("name = 'medsam2'")) == 1
 
-    # a challenger evaluated on images the champion's stored results do not cover: the champion is re-evaluated
-    uri2, eval2 = _log_model_with_results(cfg, [0.0, 0.0, 0.0], test_ids, tmp_path, seed=1)
+    # the challenger's results are on the current masks, the champion's on an older one: it is re-evaluated
+    uri2, eval2 = _log_model_with_results(cfg, [0.0, 0.0], tmp_path, seed=1)
     p2 = steps.run_promote(uri2, eval2, cfg)
     p2_retry = steps.run_promote(uri2, eval2, cfg)
     assert not p2["promoted"] and not p2_retry["promoted"] and p2["version"] == p2_retry["version"] == 2
+    assert p2["selection"]["champion_results"] == "reevaluated"
     assert len(client.search_model_versions("name = 'medsam2'")) == 2
     assert int(tracking.alias_version("medsam2", "champion").version) == 1
     assert tracking.alias_version("medsam2", "challenger").tags["gate_decision"] == "rejected"
     reevals = sorted((tracking_env / "reports").glob(f"champion-reeval-{eval2}-*"))
     assert len(reevals) == 2 and all((d / "per_image.csv").is_file() for d in reevals)
+    redone = pd.read_csv(reevals[0] / "per_image.csv")
+    assert set(redone["split"]) == {"val"} and "an-older-mask" not in set(redone["mask_pixel_sha256"])
+    # the planted challenger results matched the current val set: reused, not re-evaluated
+    assert not list((tracking_env / "reports").glob(f"selection-{eval2}-*"))
 
 
 def test_self_trained_champion_carries_the_data_version(kvasir_workdir, tmp_path, tracking_env, monkeypatch):
@@ -195,6 +217,11 @@ def test_self_trained_champion_carries_the_data_version(kvasir_workdir, tmp_path
     assert steps.labels_changed_since_champion(cfg)["retrain"]  # no champion yet
 
     ev = steps.run_evaluate(res["model_uri"], run_id=res["run_id"], report_dir=str(tmp_path / "rep"))
+    first = steps.run_promote(res["model_uri"], ev["run_id"], cfg)  # evaluated on val: honest, likely rejected
+    alias = "champion" if first["promoted"] else "challenger"
+    assert tracking.alias_version("medsam2", alias).tags["data_version"] == version
+    assert not steps.labels_changed_since_champion(cfg)["retrain"]  # a rejected candidate is not retrained
+    _plant(ev["run_id"], 0.9, baseline_dice=0.5)  # a 2-step model cannot be trained to pass: plant it
     promoted = steps.run_promote(res["model_uri"], ev["run_id"], cfg)
     assert promoted["promoted"]
     assert tracking.alias_version("medsam2", "champion").tags["data_version"] == version
