@@ -60,6 +60,14 @@ class ModelCfg(_Cfg):
     box_mask: bool = False
     """Also give the box to SAM's prompt encoder as a dense mask (the box filled, at S/4): a spatial prior that a
     randomly initialised model learns from far sooner than from the corner tokens alone. ``prompt: box`` only."""
+    box_prior: str = "none"
+    """``none`` or a registered box prior (``medsam2.model.priors``: ``ellipse``, ``box``): the mask logits are the
+    prior's log-odds plus a zero-initialised learned correction, so an untrained model already scores the trivial
+    baseline and training refines it. ``prompt: box`` only."""
+    box_crop: float | None = Field(None, ge=0, le=4)
+    """Box-centred crops: train and predict on the box grown by this fraction of its side on each side, resized
+    to the model input and pasted back at full resolution (``medsam2.data.crops``). None = the whole image.
+    ``prompt: box`` only."""
     num_pos_points: int = Field(1, ge=0)
     num_neg_points: int = Field(0, ge=0)
     prompt_tokens: int = Field(4, ge=1)
@@ -71,8 +79,16 @@ class ModelCfg(_Cfg):
             raise ValueError(f"model.image_size must be a multiple of 32, got {self.image_size}")
         if self.decoder == "prompt_free" and self.prompt != "none":
             raise ValueError("model.decoder=prompt_free takes no user prompt: set model.prompt=none")
-        if self.box_mask and self.prompt != "box":
-            raise ValueError("model.box_mask=true needs model.prompt=box")
+        for name, on in (("box_mask", self.box_mask), ("box_prior", self.box_prior != "none"),
+                         ("box_crop", self.box_crop is not None)):
+            if on and self.prompt != "box":
+                raise ValueError(f"model.{name} needs model.prompt=box (got model.prompt={self.prompt})")
+        if self.box_prior != "none":
+            from medsam2.model.priors import PRIORS
+
+            if self.box_prior not in PRIORS:
+                raise ValueError(f"unknown model.box_prior {self.box_prior!r}; known: none, "
+                                 + ", ".join(PRIORS.names()))
         if self.prompt == "points" and self.num_pos_points + self.num_neg_points == 0:
             raise ValueError("model.prompt=points needs num_pos_points + num_neg_points > 0")
         return self

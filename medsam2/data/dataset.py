@@ -10,7 +10,8 @@ A sample is a dict:
     index   int — row position in the dataset's table
     weak_box () bool — the row has a box-only label (mask is empty and ``valid`` all False; see gt_box)
     gt_box  (4,) float32 — the annotated box in S×S coords (for box rows; the prompt box otherwise)
-Images are resized to S×S ignoring aspect ratio, exactly as SAM2's own transforms do.
+Images are resized to S×S ignoring aspect ratio, exactly as SAM2's own transforms do; with ``model.box_crop`` the
+window around the (jittered) box is resized instead (``medsam2.data.crops``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from medsam2.config import ModelCfg
+from medsam2.data.crops import crop_pair, crop_window
 from medsam2.data.prompts import jitter_box, mask_box, sample_points
 from medsam2.semisup.weak import box_label_mask, negative_fields, weak_box_fields, with_weak_defaults
 
@@ -42,7 +44,8 @@ def resize_pair(
     """Resize image (area/linear) and mask (nearest) to size×size."""
     interp = cv2.INTER_AREA if min(image.shape[:2]) > size else cv2.INTER_LINEAR
     img = cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interp)
-    msk = None if mask is None else cv2.resize(np.ascontiguousarray(mask), (size, size), cv2.INTER_NEAREST)
+    msk = None if mask is None else cv2.resize(np.ascontiguousarray(mask), (size, size),
+                                             interpolation=cv2.INTER_NEAREST)
     return img, msk
 
 
@@ -80,9 +83,9 @@ class SegDataset(Dataset):
             mask = box_label_mask(row["box"], image.shape[:2])
         elif mask is None:
             mask = np.zeros(image.shape[:2], np.uint8)
-        img, msk = resize_pair(image, mask, self.size)
-        img = img.astype(np.float32) / 255.0
         rng = None if seed is None else np.random.default_rng(seed)
+        img, msk = self.to_model_input(image, mask, rng)
+        img = img.astype(np.float32) / 255.0
         if self.augment is not None and rng is not None:
             self.augment.set_random_seed(int(rng.integers(2**31)))
             out = self.augment(image=img, mask=msk)
@@ -93,6 +96,18 @@ class SegDataset(Dataset):
         elif kind == "image":  # image-level "no finding": an empty mask over the whole image
             sample.update(negative_fields(self.size))
         return with_weak_defaults(sample)
+
+    def to_model_input(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(H,W,3) uint8 + (H,W) {0,1} → (S,S,3) uint8 + (S,S) {0,1}: the whole image, or with ``model.box_crop``
+        the window around the (jittered, when training) box of the mask (``medsam2.data.crops``)."""
+        box = mask_box(mask) if self.cfg.box_crop is not None else None
+        if box is None:  # whole-image mode, or an empty mask (no box to crop around)
+            return resize_pair(image, mask, self.size)
+        if rng is not None:
+            box = jitter_box(box, self.cfg.box_jitter, image.shape[:2], rng)
+        return crop_pair(image, mask, crop_window(box, self.cfg.box_crop, image.shape[:2]), self.size)
 
     def make_sample(
         self, img: np.ndarray, msk: np.ndarray, rng: np.random.Generator | None, index: int

@@ -26,6 +26,8 @@ from medsam2.model.backbone import BaseWeights, CheckpointMismatchError, load_st
 from medsam2.model.segmenter import Segmenter, build_segmenter
 
 LAST = "last.pt"
+BEST = "best.pt"
+"""The best-val weights so far (an export payload); ``final.pt`` ships them when validation ran."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

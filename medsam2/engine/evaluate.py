@@ -22,14 +22,13 @@ from medsam2.data.dataset import load_cached
 from medsam2.data.prompts import mask_box, sample_points
 from medsam2.data.selection import cross_dataset_rows, select_rows
 from medsam2.engine.predict import predict
-from medsam2.eval.baselines import ellipse_in_box, fill_box
+from medsam2.eval.baselines import BASELINES, PROMPT_BASELINES, mean_mask_baseline
 from medsam2.eval.report import write_report
 from medsam2.eval.robustness import IMAGE_CORRUPTIONS, PROMPT_CORRUPTIONS, apply_corruption, severity_drop
 from medsam2.metrics import segmentation_metrics, summarize
 from medsam2.model.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
-BASELINES = {"ellipse_in_box": ellipse_in_box, "fill_box": fill_box}
 ROBUSTNESS_SEVERITIES = (1, 3, 5)
 
 
@@ -82,13 +81,36 @@ def _row(meta: pd.Series, method: str, condition: str, severity: int, pred, targ
             **segmentation_metrics(pred, target)}
 
 
+def baseline_fns(prompt: str, train_rows: pd.DataFrame | None, workdir: str | Path) -> dict[str, Any]:
+    """Name → ``fn(target (H,W)) -> bool (H,W)`` for the trivial baselines of a prompt mode (``PROMPT_BASELINES``);
+    ``mean_mask`` is fitted on ``train_rows``' masks (skipped without them)."""
+    fns: dict[str, Any] = {}
+    for name in PROMPT_BASELINES[prompt]:
+        if name == "mean_mask":
+            masks = []
+            for _, meta in (train_rows if train_rows is not None else pd.DataFrame()).iterrows():
+                mask = load_cached(Path(workdir), meta)[1]
+                if mask is not None:
+                    masks.append(np.asarray(mask))
+            fn = mean_mask_baseline(masks)
+            if fn is not None:
+                fns[name] = fn
+        else:
+            fns[name] = BASELINES.get(name)
+    return fns
+
+
 def evaluate_rows(
-    model: Segmenter, rows: pd.DataFrame, workdir: str | Path, *, baselines: bool = True,
+    model: Segmenter, rows: pd.DataFrame, workdir: str | Path, *, baselines: bool | dict[str, Any] = True,
     robustness: bool = False, precision: str = "auto", batch_size: int = 8, gallery_size: int = 8,
 ) -> tuple[pd.DataFrame, list[dict]]:
-    """Per-image results (one row per image × method × condition) and gallery items for ``rows``."""
+    """Per-image results (one row per image × method × condition) and gallery items for ``rows``.
+
+    ``baselines``: True = the prompt mode's parameter-free baselines, or a dict from :func:`baseline_fns`."""
     records, gallery = [], []
     workdir = Path(workdir)
+    if baselines is True:
+        baselines = baseline_fns(model.cfg.prompt, None, workdir)
     for start in range(0, len(rows), batch_size):
         chunk = rows.iloc[start:start + batch_size]
         images, masks = [], []
@@ -105,7 +127,7 @@ def evaluate_rows(
                 gallery.append({"image_id": meta["image_id"], "image": img, "target": gt, "pred": pr.mask,
                                 "dice": rec["dice"]})
             if baselines:
-                for name, fn in BASELINES.items():
+                for name, fn in baselines.items():
                     records.append(_row(meta, name, "clean", 0, fn(gt), gt))
         if robustness:
             records += _robustness(model, chunk, images, masks, prompts, precision, batch_size)
@@ -148,7 +170,7 @@ def flat_metrics(per_image: pd.DataFrame, prefix: str = "test") -> dict[str, flo
         out[f"{prefix}_{metric}"] = s["mean"]
         out[f"{prefix}_{metric}_ci_low"] = s["ci_low"]
         out[f"{prefix}_{metric}_ci_high"] = s["ci_high"]
-    for name in BASELINES:
+    for name in sorted(set(clean["method"]) - {"model"}):
         rows = clean[clean["method"] == name]
         if len(rows):
             out[f"baseline_{name}_dice"] = float(rows["dice"].mean())
@@ -188,8 +210,10 @@ def evaluate(
             rows = rows.iloc[: cfg.data.max_eval_images]
     if rows.empty:
         raise ValueError(f"no labelled {ec.split!r} rows to evaluate in {cfg.data.workdir}")
+    fns = baseline_fns(model.cfg.prompt, select_rows(cfg.data, "train", seed=cfg.train.seed)[0],
+                       cfg.data.workdir) if ec.baselines else {}
     per_image, gallery = evaluate_rows(
-        model, rows, cfg.data.workdir, baselines=ec.baselines, robustness=ec.robustness,
+        model, rows, cfg.data.workdir, baselines=fns, robustness=ec.robustness,
         precision=cfg.train.precision, batch_size=ec.batch_size, gallery_size=ec.gallery_size,
     )
     out_dir = Path(out_dir)

@@ -1,8 +1,9 @@
 """Inference on original-resolution images: prompts in, masks out, at the image's own size.
 
 ``predict(model, images, boxes=..., points=..., point_labels=...)`` takes uint8 (H,W,3) images of any size
-and prompts in each image's own pixel coordinates, runs the model at S×S (SAM2's square resize) and returns
-masks resized back to (H,W). The ``medsam2 predict`` CLI and the MLflow pyfunc both call it.
+and prompts in each image's own pixel coordinates, runs the model at S×S (SAM2's square resize, or with
+``model.box_crop`` the window around each box) and returns masks resized back to (H,W). The ``medsam2
+predict`` CLI and the MLflow pyfunc both call it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medsam2.data.crops import box_to_crop, crop_pair, crop_window, paste_logits
 from medsam2.data.dataset import resize_pair
 from medsam2.engine.runtime import autocast
 from medsam2.model.segmenter import Segmenter, normalize
@@ -53,18 +55,24 @@ def predict(
     device = next(model.parameters()).device
     size = model.image_size
     mode = model.cfg.prompt
+    margin = model.cfg.box_crop if mode == "box" else None
     out: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         idx = range(start, min(len(images), start + batch_size))
-        batch = np.stack([resize_pair(images[i], None, size)[0] for i in idx]).astype(np.float32) / 255.0
-        x = normalize(torch.from_numpy(batch).permute(0, 3, 1, 2).to(device))
         kw = {}
+        windows: dict[int, np.ndarray] = {}
         if mode == "box":
             if boxes is None or any(boxes[i] is None for i in idx):
                 raise ValueError("this model is box-prompted: give a box for every image")
-            kw["boxes"] = torch.from_numpy(
-                np.stack([_scale(np.asarray(boxes[i], np.float32).reshape(2, 2), images[i].shape[:2], size)
-                          .reshape(4) for i in idx])).to(device)
+            model_boxes = []
+            for i in idx:
+                box = np.asarray(boxes[i], np.float32).reshape(4)
+                if margin is not None:
+                    windows[i] = crop_window(box, margin, images[i].shape[:2])
+                    model_boxes.append(box_to_crop(box, windows[i], size))
+                else:
+                    model_boxes.append(_scale(box.reshape(2, 2), images[i].shape[:2], size).reshape(4))
+            kw["boxes"] = torch.from_numpy(np.stack(model_boxes)).to(device)
         elif mode == "points":
             if points is None or point_labels is None:
                 raise ValueError("this model is point-prompted: give points and point_labels")
@@ -72,12 +80,19 @@ def predict(
                 np.stack([_scale(np.asarray(points[i], np.float32), images[i].shape[:2], size) for i in idx])
             ).to(device)
             kw["point_labels"] = torch.from_numpy(np.stack([np.asarray(point_labels[i]) for i in idx])).to(device)
+        batch = np.stack([crop_pair(images[i], None, windows[i], size)[0] if i in windows
+                          else resize_pair(images[i], None, size)[0] for i in idx]).astype(np.float32) / 255.0
+        x = normalize(torch.from_numpy(batch).permute(0, 3, 1, 2).to(device))
         with autocast(device, precision):
             res = model(x, **kw)
         logits, iou = res["logits"].float(), res["iou_pred"].float()
         for j, i in enumerate(idx):
             h, w = images[i].shape[:2]
-            prob = torch.sigmoid(F.interpolate(logits[j:j + 1], size=(h, w), mode="bilinear", align_corners=False))
+            if i in windows:  # crop logits pasted back at the window, background elsewhere
+                full = paste_logits(logits[j:j + 1], windows[i], (h, w))
+            else:
+                full = F.interpolate(logits[j:j + 1], size=(h, w), mode="bilinear", align_corners=False)
+            prob = torch.sigmoid(full)
             p = prob[0, 0].cpu().numpy()
             out.append(Prediction(mask=p > 0.5, prob=p, iou_pred=float(iou[j, 0])))
     return out

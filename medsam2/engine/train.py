@@ -4,8 +4,10 @@ Per step: deterministic batch (``StepSampler``) → normalise on device → bf16
 strategy losses → backward (grad accumulation) → clip → fused AdamW (GPU) → warmup+cosine LR (over the steps or
 the time budget, whichever ends first) → EMA. Every ``checkpoint_every`` steps an atomic ``last.pt`` is written;
 a rerun with the same ``train.output_dir`` resumes from it and reaches the same weights as an uninterrupted run
-(same seed, CPU, no time budget). Loss values are synced to the host only every ``LOG_EVERY`` steps so the GPU is
-never stalled by ``.item()``.
+(same seed, CPU, no time budget). Validation runs every ``eval_every`` steps on the val rows at each image's own
+resolution (the test evaluation's code); the best-val weights are kept in ``best.pt`` and are what ``final.pt``
+ships (``selected: best``; ``last`` when there is no val split). Loss values are synced to the host only every
+``LOG_EVERY`` steps so the GPU is never stalled by ``.item()``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from medsam2.config import ExperimentCfg, config_hash
 from medsam2.data.dataset import SegDataset, StepSampler
 from medsam2.data.selection import select_rows, training_data_version
 from medsam2.engine.callbacks import Callback, CallbackList
-from medsam2.engine.checkpoint import LAST, atomic_save, model_payload, read_checkpoint
+from medsam2.engine.checkpoint import BEST, LAST, atomic_save, model_payload, read_checkpoint
 from medsam2.engine.runtime import (
     autocast,
     collate,
@@ -34,10 +36,8 @@ from medsam2.engine.runtime import (
     pick_device,
     to_device,
 )
-from medsam2.metrics import batch_dice
 from medsam2.model.segmenter import build_segmenter
 from medsam2.semisup import STRATEGIES
-from medsam2.semisup.supervised import forward_batch
 
 log = logging.getLogger(__name__)
 LOG_EVERY = 10
@@ -101,17 +101,16 @@ class EMA:
 
 
 @torch.no_grad()
-def validate_dice(model, loader, device, precision) -> float:
-    """Mean hard Dice at model resolution over a loader (deterministic prompts)."""
+def validate_dice(model, rows, workdir, precision, batch_size) -> float:
+    """Mean hard Dice over labelled ``rows`` at each image's own resolution, through the same prediction and
+    metric code as the test evaluation (``engine.evaluate.evaluate_rows``: exact box, deterministic points)."""
+    from medsam2.engine.evaluate import evaluate_rows
+
     model.eval()
-    scores = []
-    for batch in loader:
-        batch = to_device(batch, device)
-        with autocast(device, precision):
-            out = forward_batch(model, batch)
-        scores.append(batch_dice(out["logits"].float(), batch["mask"]))
+    per_image, _ = evaluate_rows(model, rows, workdir, baselines=False, precision=precision,
+                                 batch_size=batch_size, gallery_size=0)
     model.train()
-    return float(torch.cat(scores).mean()) if scores else float("nan")
+    return float(per_image["dice"].mean()) if len(per_image) else float("nan")
 
 
 def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainResult:
@@ -142,7 +141,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     counts = model.param_count()
 
-    start, best, history, bad_evals, spent_before, finished = 0, -1.0, [], 0, 0.0, False
+    start, best, history, bad_evals, spent_before, finished, best_step = 0, -1.0, [], 0, 0.0, False, 0
     last = out_dir / LAST
     if last.exists():
         blob = read_checkpoint(last)
@@ -158,6 +157,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
         torch.set_rng_state(blob["rng"])
         start, best, history, bad_evals = blob["step"], blob["best"], blob["history"], blob.get("bad_evals", 0)
         spent_before = blob.get("elapsed_s", 0.0)
+        best_step = blob.get("best_step", 0)
         finished = blob.get("stopped", False) or start >= tc.max_steps  # budget, early stop or all steps done
         log.info("resuming from %s at step %d", last, start)
     if finished and (out_dir / "final.pt").exists():  # a rerun of a finished run trains nothing more
@@ -178,10 +178,8 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
         uds = SegDataset(unlabelled_rows, dc.workdir, cfg.model, dc.augment)
         usampler = StepSampler(len(uds), tc.batch_size, tc.max_steps, tc.seed + 1, start)
         unl_iter = iter(DataLoader(uds, batch_sampler=usampler, num_workers=dc.num_workers, collate_fn=collate))
-    val_loader = None
-    if len(val_rows):
-        vds = SegDataset(val_rows, dc.workdir, cfg.model, "none")
-        val_loader = DataLoader(vds, batch_size=tc.batch_size, num_workers=0, collate_fn=collate)
+    val_rows = val_rows[val_rows["label_kind"] == "mask"] if "label_kind" in val_rows else val_rows
+    best_path = out_dir / BEST
 
     running: dict[str, torch.Tensor] = {}
     t0, seen, step, stopped = time.perf_counter(), 0, start, False
@@ -226,13 +224,16 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
             history.append({"step": step, **logs})
             cbs.on_step(step, logs)
             progress(step, logs)
-        if val_loader is not None and (step % tc.eval_every == 0 or step == tc.max_steps or stopped):
+        if len(val_rows) and (step % tc.eval_every == 0 or step == tc.max_steps or stopped):
             if ema is not None:
                 ema.swap(model)
-            dice = validate_dice(model, val_loader, device, tc.precision)
-            if ema is not None:
-                ema.swap(model)
+            dice = validate_dice(model, val_rows, dc.workdir, tc.precision, tc.batch_size)
             improved = dice > best
+            if improved:  # the exported model is the best-val one: what is reported is what is shipped
+                atomic_save({**model_payload(model, cfg, base), "step": step, "val_dice": dice}, best_path)
+                best_step = step
+            if ema is not None:
+                ema.swap(model)
             best, bad_evals = (dice, 0) if improved else (best, bad_evals + 1)
             cbs.on_eval(step, {"val_dice": dice, "best_val_dice": best})
             history.append({"step": step, "val_dice": dice})
@@ -247,7 +248,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
                 "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema else None,
                 "rng": torch.get_rng_state(), "step": step, "best": best, "history": history,
                 "bad_evals": bad_evals, "config_hash": config_hash(cfg), "data_version": data_version,
-                "stopped": stopped,
+                "stopped": stopped, "best_step": best_step,
             }
             atomic_save(state, last)
             cbs.on_checkpoint(step, str(last))
@@ -257,7 +258,11 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     wall = time.perf_counter() - t0
     if ema is not None:
         ema.swap(model)
-    final = atomic_save({**model_payload(model, cfg, base), "step": step}, out_dir / "final.pt")
+    if best_step and best_path.exists():  # ship the best-val weights, and say so
+        final_blob = {**read_checkpoint(best_path), "step": step, "selected": "best", "selected_step": best_step}
+    else:
+        final_blob = {**model_payload(model, cfg, base), "step": step, "selected": "last", "selected_step": step}
+    final = atomic_save(final_blob, out_dir / "final.pt")
     result = _result(final, cfg, counts, base, data_version, step, history, wall, seen, start, stopped)
     cbs.on_train_end(result)
     return result
@@ -270,6 +275,10 @@ def _result(path, cfg, counts, base, data_version, step, history, wall, seen, st
     if vals:
         metrics["best_val_dice"] = max(vals)
         metrics["last_val_dice"] = vals[-1]
+    exported = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: tensors not read
+    metrics["selected_step"] = float(exported.get("selected_step", step))
+    if exported.get("selected") == "best":
+        metrics["selected_val_dice"] = float(exported["val_dice"])
     return TrainResult(
         checkpoint=str(path), steps=step, metrics=metrics, trainable_params=counts.trainable,
         total_params=counts.total, base_weights=vars(base), config_hash=config_hash(cfg),

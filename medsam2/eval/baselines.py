@@ -81,3 +81,52 @@ def fill_box(mask: np.ndarray) -> np.ndarray:
     """The whole tight bounding box of ``mask`` (H, W) filled; same shape, bool. Empty → empty."""
     m = np.asarray(mask)
     return box_to_mask(mask_to_box(m), m.shape)
+
+
+@BASELINES.register("empty")
+def empty_mask(mask: np.ndarray) -> np.ndarray:
+    """Predict nothing: an all-background (H, W) bool mask."""
+    return np.zeros(np.asarray(mask).shape, dtype=bool)
+
+
+MEAN_MASK_GRID = 64
+MEAN_MASK_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def mean_mask_baseline(train_masks: list[np.ndarray], grid: int = MEAN_MASK_GRID):
+    """The prompt-free trivial baseline ``mean_mask``: the training masks' mean on a grid × grid canvas,
+    thresholded at the level (of ``MEAN_MASK_THRESHOLDS``) with the best mean Dice on those training masks.
+
+    Returns ``fn(target (H, W)) -> bool (H, W)`` (the target is only used for its shape), or None without masks.
+    The threshold is chosen on training masks only, never on the evaluated ones."""
+    import cv2
+
+    if not train_masks:
+        return None
+    small = np.stack([cv2.resize(np.asarray(m, np.float32), (grid, grid), interpolation=cv2.INTER_AREA) > 0.5
+                      for m in train_masks])
+    mean = small.mean(0)
+
+    def dice_at(th: float) -> float:
+        pred = mean >= th
+        inter = (small & pred).sum((1, 2))
+        denom = small.sum((1, 2)) + pred.sum()
+        return float(np.where(denom > 0, 2 * inter / np.maximum(denom, 1), 1.0).mean())
+
+    best = max(MEAN_MASK_THRESHOLDS, key=dice_at)
+    canvas = (mean >= best).astype(np.uint8)
+
+    def fn(mask: np.ndarray) -> np.ndarray:
+        h, w = np.asarray(mask).shape
+        return cv2.resize(canvas, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+    return fn
+
+
+#: Trivial baselines reported beside (and gated against by) a model of each prompt mode. ``mean_mask`` is built
+#: per evaluation from the training masks (:func:`mean_mask_baseline`); the others are in ``BASELINES``.
+PROMPT_BASELINES: dict[str, tuple[str, ...]] = {
+    "box": ("ellipse_in_box", "fill_box"),
+    "points": ("empty", "mean_mask"),
+    "none": ("empty", "mean_mask"),
+}

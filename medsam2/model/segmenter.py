@@ -16,6 +16,7 @@ from medsam2.config import ModelCfg
 from medsam2.model.adapters import ADAPTERS
 from medsam2.model.backbone import BaseWeights, load_sam2
 from medsam2.model.decoders import DECODERS
+from medsam2.model.priors import PriorResidual
 
 IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
 PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -36,7 +37,8 @@ class Segmenter(nn.Module):
         boxes: (B,4) float, x0,y0,x1,y1 in [0,S] pixel coords; used when ``prompt == "box"``.
         points: (B,N,2) float x,y in [0,S]; point_labels: (B,N) int (1 positive, 0 negative, -1 padding).
     Returns:
-        dict(logits=(B,1,S,S) pre-sigmoid float, iou_pred=(B,1) predicted IoU in [0,1]).
+        dict(logits=(B,1,S,S) pre-sigmoid float, iou_pred=(B,1) predicted IoU in [0,1]). With ``model.box_prior``
+        the logits are the box prior's log-odds plus the gated decoder output (``medsam2.model.priors``).
     """
 
     def __init__(self, sam: nn.Module, cfg: ModelCfg) -> None:
@@ -44,6 +46,7 @@ class Segmenter(nn.Module):
         self.sam = sam
         self.cfg = cfg
         self.decoder = DECODERS.create(cfg.decoder, sam, cfg)
+        self.prior = PriorResidual(cfg.box_prior) if cfg.box_prior != "none" else None
 
     @property
     def image_size(self) -> int:
@@ -86,6 +89,8 @@ class Segmenter(nn.Module):
         feats = self.encode(images)
         sparse, dense = self.prompt_embeddings(images.shape[0], images.device, boxes, points, point_labels)
         logits, iou_pred = self.decoder(self.sam, feats, sparse, dense, images)
+        if self.prior is not None:
+            logits = self.prior(logits, boxes)
         return {"logits": logits, "iou_pred": iou_pred}
 
     def param_count(self) -> ParamCount:
@@ -122,7 +127,8 @@ def build_segmenter(cfg: ModelCfg, *, seed: int = 0) -> tuple[Segmenter, BaseWei
     sam, base = load_sam2(cfg.backbone, cfg.sam2_version, cfg.image_size, cfg.checkpoint)
     model = Segmenter(sam, cfg)
     ADAPTERS.create(cfg.adapter, model, cfg)
-    for p in model.decoder.parameters():  # the decoder's own modules always train
+    heads = list(model.decoder.parameters()) + (list(model.prior.parameters()) if model.prior is not None else [])
+    for p in heads:  # the decoder's own modules and the prior's gate always train
         p.requires_grad_(True)
     for name, p in sam.named_parameters():  # video-memory modules never see an image-path gradient
         if not name.startswith(IMAGE_PATH_PREFIXES):

@@ -104,3 +104,51 @@ def test_resume_after_kill_9_reaches_the_same_weights(kvasir_workdir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+
+
+def test_validation_is_the_test_evaluation_on_val_and_final_ships_the_best_val_weights(kvasir_workdir, tmp_path):
+    """Val Dice comes from the evaluation code at each image's own resolution, and final.pt holds the weights
+    of the best validation (not the last step's), with the step it was taken at."""
+    from medsam2.data.selection import select_rows
+    from medsam2.engine.checkpoint import load_model
+    from medsam2.engine.evaluate import evaluate_rows
+
+    cfg = tiny_cfg(kvasir_workdir, tmp_path / "run", "train.max_steps=4", "train.eval_every=1", "train.lr=0.02",
+                   "train.warmup_steps=0")
+    res = train(cfg)
+    vals = [(h["step"], h["val_dice"]) for h in res.history if "val_dice" in h]
+    assert [s for s, _ in vals] == [1, 2, 3, 4]
+    best_step, best_val = max(vals, key=lambda sv: (sv[1], -sv[0]))  # first step reaching the best Dice
+    blob = read_checkpoint(res.checkpoint)
+    assert blob["selected"] == "best" and blob["selected_step"] == best_step
+    assert res.metrics["selected_step"] == best_step and res.metrics["selected_val_dice"] == pytest.approx(best_val)
+    best = read_checkpoint(tmp_path / "run" / "best.pt")["model"]
+    for k, v in blob["model"].items():
+        torch.testing.assert_close(v, best[k], rtol=0, atol=0)
+    net, _ = load_model(res.checkpoint)
+    val_rows, _ = select_rows(cfg.data, "val", seed=cfg.train.seed)
+    per_image, _ = evaluate_rows(net, val_rows, kvasir_workdir, baselines=False, gallery_size=0)
+    assert float(per_image["dice"].mean()) == pytest.approx(best_val, abs=1e-6)
+    if best_step != 4:  # the last step's weights differ from what was shipped
+        last = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
+        assert any(not torch.equal(last[k], v) for k, v in blob["model"].items())
+
+
+def test_box_crop_and_prior_train_and_predict_at_full_resolution(kvasir_workdir, tmp_path):
+    """model.box_crop + model.box_prior: a few steps train, the gate opens, and an untrained model (step 0) is
+    exactly the ellipse-in-box baseline at full resolution."""
+    from medsam2.data.selection import select_rows
+    from medsam2.engine.evaluate import evaluate_rows
+    from medsam2.model.segmenter import build_segmenter
+
+    cfg = tiny_cfg(kvasir_workdir, tmp_path / "run", "model.box_crop=0.2", "model.box_prior=ellipse",
+                   "data.augment=light")
+    net, _ = build_segmenter(cfg.model)
+    rows, _ = select_rows(cfg.data, "val", seed=0)
+    per_image, _ = evaluate_rows(net.eval(), rows, kvasir_workdir, gallery_size=0)
+    dice = per_image.pivot(index="image_id", columns="method", values="dice")
+    assert (dice["model"] - dice["ellipse_in_box"]).abs().max() < 0.02  # same set up to crop-grid rounding
+    res = train(cfg)
+    assert res.steps == 3
+    final = read_checkpoint(res.checkpoint)["model"]
+    assert float(final["prior.gate"]) != 0.0

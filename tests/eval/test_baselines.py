@@ -61,5 +61,5 @@ def test_disk_baseline_dice():
 
 
 def test_registry():
-    assert BASELINES.names() == ["ellipse_in_box", "fill_box"]
+    assert BASELINES.names() == ["ellipse_in_box", "empty", "fill_box"]
     assert BASELINES.get("fill_box") is fill_box
