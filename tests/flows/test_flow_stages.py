@@ -64,7 +64,8 @@ def test_sweep_stage_trains_final_model_from_best_config(kvasir_workdir, tmp_pat
     assert ckpt.is_relative_to(tmp_path / "runs"), ckpt  # the flow's run-scoped dir, not the trial's
     assert not ckpt.is_relative_to(Path(best["train"]["output_dir"]))
     assert res["train"]["steps"] == best["train"]["max_steps"]  # trained afresh from the best config
-    assert res["promotion"]["promoted"]
+    promo = res["promotion"]  # gated on val: promoted, or rejected with the baseline named
+    assert promo["selection"]["split"] == "val" and (promo["promoted"] or "ellipse_in_box" in promo["summary"])
 
 
 def test_burst_trains_once_and_every_flow_publishes_artifacts(kvasir_workdir, tmp_path, flow_env):
@@ -100,7 +101,9 @@ def test_burst_trains_once_and_every_flow_publishes_artifacts(kvasir_workdir, tm
     assert all(_by_run("train-medsam2-metrics", r) for r in run_ids)
     done = next(a.data for a in summaries if "skipped" not in a.data)
     promo = trained[0]["promotion"]
-    assert "Gate decision: **promoted**" in done and f"models:/medsam2/{promo['version']}" in done
+    decision = "promoted" if promo["promoted"] else "not promoted (rejected, stays challenger)"
+    assert f"Gate decision: **{decision}** — {promo['summary']}" in done
+    assert f"models:/medsam2/{promo['version']}" in done and "Decided on the `val` split" in done
     assert trained[0]["parent_run_id"] in done and trained[0]["train"]["run_id"] in done
     assert sum("skipped: no new labels" in a.data for a in summaries) == 2
 
