@@ -8,8 +8,9 @@ hold to promote:
 1. Decisions are made on ``promotion.selection_split`` (default ``val``: labelled, not test). Results holding a
    row of the frozen ``test`` split, or of any other split, or without a ``split`` column, are refused
    (``ValueError``): the test split is reported beside the decision, never decided on.
-2. The candidate beats the trivial baseline of its prompt mode (:func:`baseline_methods`: ``ellipse_in_box``
-   for box prompts; the better of ``empty`` and ``mean_mask`` on the decision set for ``points``/``none``):
+2. The candidate beats the trivial baseline of its prompt mode (:func:`baseline_methods`, from
+   ``eval.baselines.PROMPT_BASELINES``: the better of ``ellipse_in_box`` and ``fill_box`` on the decision set for
+   box prompts; the better of ``empty`` and ``mean_mask`` for ``points``/``none``):
    paired mean improvement of ``promotion.metric`` > 0 and, when ``promotion.n_bootstrap`` > 0, the paired
    bootstrap's P(improvement > 0) ≥ ``promotion.confidence`` (default 0.95). This holds for the first model too.
 3. If there is a champion, both were evaluated on the identical image set and mask versions (the same set of
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from medsam2.config import PromotionCfg
+from medsam2.eval.baselines import PROMPT_BASELINES
 from medsam2.eval.stats import paired_bootstrap
 
 LOWER_IS_BETTER = {"hd95"}
@@ -40,21 +42,18 @@ LOWER_IS_BETTER_PREFIXES = ("robust_drop",)
 IDENTITY_KEY = ("image_id", "pixel_sha256", "mask_pixel_sha256")
 """What makes two per-image results comparable: the same image id, image pixels and mask pixels."""
 
-#: Prompt mode → the trivial baseline methods (``method`` values of the per-image results) a model must beat; with
-#: several, the one with the better mean on the decision set counts. The one place this mapping lives.
-_BASELINES = {"box": ("ellipse_in_box",), "points": ("empty", "mean_mask"), "none": ("empty", "mean_mask")}
-BASELINE_LABELS = {"ellipse_in_box": "box-prior baseline", "empty": "empty-mask baseline",
-                   "mean_mask": "mean-mask baseline"}
+BASELINE_LABELS = {"ellipse_in_box": "box-prior baseline", "fill_box": "filled-box baseline",
+                   "empty": "empty-mask baseline", "mean_mask": "mean-mask baseline"}
 _METRIC_LABELS = {"dice": "Dice", "iou": "IoU", "hd95": "HD95"}
 
 
 def baseline_methods(prompt: str) -> tuple[str, ...]:
     """The trivial baseline methods a model with prompt mode ``prompt`` (``box|points|none``) must beat."""
-    try:
-        return _BASELINES[prompt]
+    try:  # the evaluation computes exactly these rows; with several, the better on the decision set counts
+        return PROMPT_BASELINES[prompt]
     except KeyError:
         raise ValueError(f"no trivial baseline is defined for prompt mode {prompt!r} "
-                         f"(known: {sorted(_BASELINES)})") from None
+                         f"(known: {sorted(PROMPT_BASELINES)})") from None
 
 
 @dataclass

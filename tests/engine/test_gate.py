@@ -48,7 +48,7 @@ LOW = {"ellipse_in_box": np.full(N, 0.3)}  # a baseline every candidate here bea
 
 # ------------------------------------------------------------------------------------------- pure decide
 def test_baseline_mapping_lives_in_one_function():
-    assert baseline_methods("box") == ("ellipse_in_box",)
+    assert baseline_methods("box") == ("ellipse_in_box", "fill_box")
     assert baseline_methods("none") == baseline_methods("points") == ("empty", "mean_mask")
     with pytest.raises(ValueError, match="prompt mode"):
         baseline_methods("scribble")
