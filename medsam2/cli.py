@@ -3,6 +3,7 @@ stdout line. Config: ``--config FILE.yaml`` and repeated ``--set key=value`` (do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -34,6 +35,17 @@ def _cfg(config: Path | None, overrides: list[str] | None):
     return load_config(config, overrides)
 
 
+@contextlib.contextmanager
+def _user_errors():
+    """A user's mistake (a missing source, a bad layout, a missing test list) → "Error: …" and exit 1, no
+    traceback. Bugs (any other exception) still raise."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        console.print(f"[red]Error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+
+
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -54,8 +66,9 @@ def ingest(
 
     from medsam2.steps import run_ingest
 
-    lay = yaml.safe_load(layout.read_text()) if layout else None
-    res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)
+    with _user_errors():
+        lay = yaml.safe_load(layout.read_text()) if layout else None
+        res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)
     _emit(res, json_, f"added {res['added']}, unchanged {res['unchanged']}, quarantined {res['quarantined']}, "
                       f"rows {res['rows']}, dataset version {res['dataset_version']}")
 

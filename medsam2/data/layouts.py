@@ -400,24 +400,10 @@ def load_stems(path: Path) -> set[str]:
     return {Path(line.strip()).stem for line in path.read_text().splitlines() if line.strip()}
 
 
-# The CLI (typer) prints a ClickException as "Error: <message>" and exits 1 — no traceback for a user's mistake.
-# typer 0.29 vendors click as typer._click (its handler catches only that class); older typer used click itself.
-try:
-    from typer._click.exceptions import ClickException as _UserError
-except ImportError:  # pragma: no cover - depends on the installed typer
-    try:
-        from click import ClickException as _UserError
-    except ImportError:
-
-        class _UserError(Exception):  # type: ignore[no-redef]
-            pass
-
-
-class TestListError(_UserError, FileNotFoundError):
+class TestListError(FileNotFoundError):
     """A dataset that should have a frozen test split has none: no test list, or one that names none of its
     images. Raised by ingest before anything is written; the message says which dataset, which file, and how
-    to fix it. A ``FileNotFoundError`` for library callers; ``medsam2 ingest`` prints just the message (it is
-    also typer's ``ClickException``) and exits 1."""
+    to fix it (``medsam2 ingest`` prints just the message and exits 1)."""
 
     __test__ = False  # not a pytest test class, whatever its name
 

@@ -16,7 +16,7 @@ from medsam2.config import ModelCfg
 from medsam2.model.adapters import ADAPTERS
 from medsam2.model.backbone import BaseWeights, load_sam2
 from medsam2.model.decoders import DECODERS
-from medsam2.model.priors import PriorResidual
+from medsam2.model.priors import PriorResidual, zero_init_correction
 
 IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
 PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -38,7 +38,7 @@ class Segmenter(nn.Module):
         points: (B,N,2) float x,y in [0,S]; point_labels: (B,N) int (1 positive, 0 negative, -1 padding).
     Returns:
         dict(logits=(B,1,S,S) pre-sigmoid float, iou_pred=(B,1) predicted IoU in [0,1]). With ``model.box_prior``
-        the logits are the box prior's log-odds plus the gated decoder output (``medsam2.model.priors``).
+        the logits are the box prior's log-odds plus the decoder's output (zero at init) (``medsam2.model.priors``).
     """
 
     def __init__(self, sam: nn.Module, cfg: ModelCfg) -> None:
@@ -125,10 +125,14 @@ def build_segmenter(cfg: ModelCfg, *, seed: int = 0) -> tuple[Segmenter, BaseWei
     """Build SAM2 (weights loaded strictly *before* injection), wrap it, then apply the adapter/freeze policy."""
     torch.manual_seed(seed)
     sam, base = load_sam2(cfg.backbone, cfg.sam2_version, cfg.image_size, cfg.checkpoint)
+    # one mask token is trained and served: SAM's eval-time switch to another (untrained) token when token 0
+    # looks unstable would make evaluation differ from training
+    sam.sam_mask_decoder.dynamic_multimask_via_stability = False
     model = Segmenter(sam, cfg)
+    if model.prior is not None:  # the decoder's output is a correction of the prior: zero at step 0
+        zero_init_correction(sam)
     ADAPTERS.create(cfg.adapter, model, cfg)
-    heads = list(model.decoder.parameters()) + (list(model.prior.parameters()) if model.prior is not None else [])
-    for p in heads:  # the decoder's own modules and the prior's gate always train
+    for p in model.decoder.parameters():  # the decoder's own modules always train
         p.requires_grad_(True)
     for name, p in sam.named_parameters():  # video-memory modules never see an image-path gradient
         if not name.startswith(IMAGE_PATH_PREFIXES):

@@ -16,11 +16,26 @@ def test_prior_positive_sets_are_the_baselines():
     assert np.array_equal(rect, box_to_mask(box, (64, 64)))
 
 
-def test_residual_is_the_prior_at_init_and_the_gate_gets_a_gradient():
-    res = PriorResidual("ellipse")
-    boxes = torch.tensor([[8.0, 8.0, 24.0, 30.0]])
-    logits = torch.randn(1, 1, 32, 32, requires_grad=True)
-    out = res(logits, boxes)
-    assert torch.equal(out, PRIORS.get("ellipse")(boxes, 32))
-    out.sum().backward()
-    assert res.gate.grad is not None and float(res.gate.grad.abs()) > 0
+def test_segmenter_with_a_prior_starts_as_the_prior_and_its_correction_gets_a_gradient():
+    from medsam2.config import ModelCfg
+    from medsam2.model.segmenter import build_segmenter
+
+    cfg = ModelCfg(image_size=64, box_prior="ellipse", box_mask=True)
+    net, _ = build_segmenter(cfg)
+    boxes = torch.tensor([[8.0, 10.0, 40.0, 50.0], [0.0, 0.0, 64.0, 64.0]])
+    out = net(torch.randn(2, 3, 64, 64), boxes=boxes)
+    assert torch.equal(out["logits"], PRIORS.get("ellipse")(boxes, 64))  # exactly the prior at step 0
+    out["logits"].square().mean().backward()
+    last = net.sam.sam_mask_decoder.output_hypernetworks_mlps[0].layers[-1]
+    assert float(last.weight.grad.abs().sum()) > 0  # the zeroed layer learns from the first step
+
+
+def test_prior_needs_a_box_prompt_and_a_known_name():
+    import pytest
+
+    from medsam2.config import ModelCfg
+
+    with pytest.raises(ValueError, match="box_prior needs model.prompt=box"):
+        ModelCfg(prompt="none", decoder="prompt_free", box_prior="ellipse")
+    with pytest.raises(ValueError, match="unknown model.box_prior 'circle'; known: none, box, ellipse"):
+        ModelCfg(box_prior="circle")
