@@ -531,3 +531,153 @@ def measure(res: dict[str, Any], run: Callable[[dict], Any], synth: dict, real, 
     head = res["with_loader"] or res["model_only"]
     res.update(img_s=head["img_s"], mfu=head["mfu"], data="real" if real is not None else "synthetic")
     res.update(peak_memory(device))
+
+
+# ---------------------------------------------------------------------------------------------- recipes (CPU profiles)
+# Used by the CPU profiles of quality.py and label_efficiency.py only; the throughput scripts do not touch these.
+
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+#: Dotted keys a prompt-free model must not inherit from a box-prompted recipe, listed in one place. Beyond these,
+#: ``recipe_config(..., prompt_free=True)`` also drops every model key of the recipe whose name contains "box"
+#: (box_mask, box_jitter, box_prior, box_crop, … as the demo recipe grows) and, should validation still object,
+#: the recipe keys that the validation error names.
+BOX_ONLY_KEYS: tuple[str, ...] = ("model.box_mask", "model.box_prior", "model.box_crop", "model.box_jitter")
+PROMPT_FREE_OVERRIDES: dict[str, Any] = {"model.prompt": "none", "model.decoder": "prompt_free"}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _pop_dotted(tree: dict[str, Any], key: str) -> Any:
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+        node = node.get(p)
+        if not isinstance(node, dict):
+            return None
+    return node.pop(leaf, None)
+
+
+def _put_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def recipe_config(overrides: dict[str, Any], *, path: str | Path = DEMO_CONFIG, prompt_free: bool = False):
+    """The recipe file (default ``configs/demo.yaml``) with explicit dotted ``overrides`` → (validated
+    ``ExperimentCfg``, a JSON-ready record of exactly what was changed).
+
+    The recipe's own values (image_size, decoder, adapter, box prompt fields, lr, batch, warmup, augment, loss,
+    ema, …) are kept unless ``overrides`` names them. With ``prompt_free`` the model becomes prompt-free
+    (:data:`PROMPT_FREE_OVERRIDES`) and the recipe's box-only keys are dropped (library defaults apply); each drop
+    is recorded with the recipe's value and the reason.
+    """
+    import copy
+
+    import yaml
+    from pydantic import ValidationError
+
+    from medsam2.config import ExperimentCfg
+
+    path = Path(path)
+    text = path.read_text()
+    recipe = yaml.safe_load(text) or {}
+    tree = copy.deepcopy(recipe)
+    overrides = {**(PROMPT_FREE_OVERRIDES if prompt_free else {}), **overrides}
+    dropped: dict[str, dict[str, Any]] = {}
+    if prompt_free:
+        flat = _flatten(recipe)
+        named = [k for k in flat if k.startswith("model.") and "box" in k.split(".")[-1]]
+        for key in dict.fromkeys([*BOX_ONLY_KEYS, *named]):
+            if key in flat and key not in overrides:
+                dropped[key] = {"recipe_value": _pop_dotted(tree, key), "reason": "box-only: prompt-free model"}
+    for key, value in overrides.items():
+        _put_dotted(tree, key, value)
+    for _ in range(8):
+        try:
+            cfg = ExperimentCfg.model_validate(tree)
+            break
+        except ValidationError as exc:
+            # e.g. "model.box_foo needs model.prompt=box": drop recipe keys the error names (never our overrides)
+            flat = _flatten(tree)
+            culprits = [k for k in flat if k not in overrides and re.search(rf"\b{re.escape(k)}\b", str(exc))]
+            if not prompt_free or not culprits:
+                raise
+            for key in culprits:
+                dropped[key] = {"recipe_value": _pop_dotted(tree, key), "reason": f"validation: {short_error(exc)}"}
+    else:
+        raise ValueError(f"{path}: could not make a valid config from the recipe and {overrides}")
+    import hashlib
+
+    return cfg, {
+        "recipe": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
+        "recipe_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "recipe_values": recipe,
+        "overrides": {k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()},
+        "dropped": dropped,
+        "resolved": cfg.model_dump(mode="json"),
+    }
+
+
+@contextlib.contextmanager
+def robustness_subset(severities: tuple[int, ...], corruptions: tuple[str, ...] | None = None):
+    """Let ``medsam2.engine.evaluate`` run its own corruption suite at only these severities and, if given, only
+    these corruptions (module constants of ``evaluate`` set for the duration, restored after): the CPU profiles
+    evaluate severity 3 only to keep evaluation cheap. Unknown corruption names are an error."""
+    from medsam2.engine import evaluate as ev
+
+    old = ev.ROBUSTNESS_SEVERITIES, ev.IMAGE_CORRUPTIONS, ev.PROMPT_CORRUPTIONS
+    if corruptions is not None:
+        unknown = sorted(set(corruptions) - set(old[1]) - set(old[2]))
+        if unknown:
+            raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(old[1] + old[2])}")
+        ev.IMAGE_CORRUPTIONS = tuple(c for c in old[1] if c in corruptions)
+        ev.PROMPT_CORRUPTIONS = tuple(c for c in old[2] if c in corruptions)
+    ev.ROBUSTNESS_SEVERITIES = tuple(severities)
+    try:
+        yield
+    finally:
+        ev.ROBUSTNESS_SEVERITIES, ev.IMAGE_CORRUPTIONS, ev.PROMPT_CORRUPTIONS = old
+
+
+def finite(x: Any) -> Any:
+    """NaN/inf → None and numpy scalars → Python, recursively, so the JSON is standard."""
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float):
+        return x if x == x and abs(x) != float("inf") else None
+    if isinstance(x, dict):
+        return {str(k): finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [finite(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_json(path: Path | None, data: dict[str, Any]) -> None:
+    """Atomic write of ``data`` (finite-cleaned) to ``path`` (no-op for None)."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(finite(data), indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def cpu_environment() -> dict[str, Any]:
+    """The measuring machine of a CPU profile: device "cpu", CPU model, cores, torch threads and version."""
+    return {"device": "cpu", "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "git_commit": git_commit()}

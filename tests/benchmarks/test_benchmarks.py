@@ -184,3 +184,197 @@ def test_train_compile_on_gpu(tmp_path: Path) -> None:
     assert by_name["hiera_t/full/bf16/compile"].get("compiled") is not None
     assert res["device"]["type"] == "cuda"
     assert by_name["hiera_t/full/bf16/eager"]["peak_mem_kind"] == "cuda_max_allocated"
+
+
+# ---------------------------------------------------------------------------------------------- CPU quality profiles
+
+
+def _demo_recipe() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+
+
+def _bench_module(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module(name)
+
+
+def test_recipe_config_keeps_the_demo_recipe_and_records_overrides(tmp_path: Path, monkeypatch) -> None:
+    """The CPU profiles take the demo recipe as is, apply only named overrides, and for prompt-free drop every
+    box-only key of the recipe (recorded with its value) so the config validates."""
+    common = _bench_module("common", monkeypatch)
+    recipe = _demo_recipe()
+    cfg, rec = common.recipe_config({"train.max_minutes": 2.0, "train.output_dir": str(tmp_path)})
+    assert rec["recipe"] == "configs/demo.yaml" and rec["dropped"] == {}
+    assert rec["overrides"] == {"train.max_minutes": 2.0, "train.output_dir": str(tmp_path)}
+    for section in ("model", "train", "data"):
+        for key, value in recipe.get(section, {}).items():
+            if f"{section}.{key}" not in rec["overrides"] and key != "workdir":
+                assert getattr(getattr(cfg, section), key) == value, (section, key)
+    assert cfg.train.max_minutes == 2.0
+
+    free, frec = common.recipe_config({"train.max_steps": 5}, prompt_free=True)
+    assert free.model.prompt == "none" and free.model.decoder == "prompt_free" and free.model.box_mask is False
+    box_keys = {f"model.{k}" for k in recipe["model"] if "box" in k}
+    assert box_keys <= set(frec["dropped"])
+    assert all(frec["dropped"][k]["recipe_value"] == recipe["model"][k.split(".")[1]] for k in box_keys)
+    assert free.model.image_size == recipe["model"]["image_size"] and free.train.lr == recipe["train"]["lr"]
+
+    # a recipe grown with more box-only fields still gives a valid prompt-free config
+    grown = tmp_path / "grown.yaml"
+    import yaml
+
+    tree = {**recipe, "model": {**recipe["model"], "box_mask": True, "box_jitter": 0.2}}
+    grown.write_text(yaml.safe_dump(tree))
+    free2, rec2 = common.recipe_config({}, path=grown, prompt_free=True)
+    assert free2.model.box_mask is False and {"model.box_mask", "model.box_jitter"} <= set(rec2["dropped"])
+
+
+def test_robustness_subset_restores_the_library_constants(monkeypatch) -> None:
+    common = _bench_module("common", monkeypatch)
+    from medsam2.engine import evaluate as ev
+
+    before = (ev.ROBUSTNESS_SEVERITIES, ev.IMAGE_CORRUPTIONS, ev.PROMPT_CORRUPTIONS)
+    with common.robustness_subset((3,), ("blur", "box_jitter")):
+        assert ev.ROBUSTNESS_SEVERITIES == (3,) and ev.IMAGE_CORRUPTIONS == ("blur",)
+        assert ev.PROMPT_CORRUPTIONS == ("box_jitter",)
+    assert (ev.ROBUSTNESS_SEVERITIES, ev.IMAGE_CORRUPTIONS, ev.PROMPT_CORRUPTIONS) == before
+    with pytest.raises(ValueError, match="unknown corruptions"), common.robustness_subset((3,), ("nope",)):
+        pass
+
+
+def test_trivial_prompt_free_baselines_fallback(tiny_workdir: Path, monkeypatch) -> None:
+    """The fallback used when the evaluation has no empty / mean-mask rows: real masks, Dice in range."""
+    common = _bench_module("common", monkeypatch)
+    quality = _bench_module("quality", monkeypatch)
+    from medsam2.data.selection import select_rows
+
+    cfg, _ = common.recipe_config({"data.workdir": str(tiny_workdir)}, prompt_free=True)
+    rows, _ = select_rows(cfg.data, "train")
+    out = quality.trivial_prompt_free_baselines(cfg, rows)
+    assert set(out) == {"empty", "mean_mask"} and out["empty"]["n"] == out["mean_mask"]["n"] == len(rows) > 0
+    assert out["empty"]["dice"] == 0.0  # every Kvasir image has a polyp
+    assert 0.0 < out["mean_mask"]["dice"] <= 1.0
+
+
+def test_semisup_choice_uses_val_dice_only(monkeypatch) -> None:
+    le = _bench_module("label_efficiency", monkeypatch)
+    rows = [{"method": "mean_teacher", "val_dice": 0.61, "test_dice": 0.99},
+            {"method": "mutual_consistency", "val_dice": 0.70, "test_dice": 0.10},
+            {"method": "adversarial", "val_dice": float("nan"), "test_dice": 1.0}]
+    assert le.choose_semisup(rows) == "mutual_consistency"
+    assert le.choose_semisup([{"method": "adversarial", "val_dice": None}, {"method": "mean_teacher",
+                                                                            "val_dice": 0.0}]) == "mean_teacher"
+
+
+def _check_goal(goal: dict, meets: bool | None, applies: bool) -> None:
+    assert goal["meets_threshold"] == meets and goal["applies"] == applies
+    assert goal["met"] == (meets if applies else None)
+
+
+def _check_ci(row: dict, key: str, low: str, high: str) -> None:
+    assert 0.0 <= row[key] <= 1.0
+    assert row[low] - 1e-9 <= row[key] <= row[high] + 1e-9
+
+
+@pytest.mark.slow  # ~1.5 min on 2 cores: two 3-s trainings of the demo recipe, evaluated on 3 + 4 real images
+def test_quality_cpu_profile_quick(sample_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "quality-cpu.json"
+    res = run_script("quality", "--profile", "cpu", "--quick", "--data", str(sample_data), "--out", str(out),
+                     timeout=900)
+    assert json.loads(out.read_text()) == res
+    assert res["benchmark"] == "quality" and res["profile"] == "cpu" and res["complete"] is True
+    assert res["device"] == "cpu" and res["cpu_model"] and res["torch"] == torch.__version__ and res["git_commit"]
+    recipe = _demo_recipe()
+    assert res["recipe"] == "configs/demo.yaml" and res["demo_budget_minutes"] == recipe["train"]["max_minutes"]
+    assert set(res["results"]) == {"box", "prompt_free"} and res["phases_s"]["ingest_s"] >= 0
+    budget = res["budget_minutes"]
+    assert budget["prompt_free"] == pytest.approx(budget["box"] / 3)
+    for mode, r in res["results"].items():
+        resolved = r["config"]["resolved"]
+        assert resolved["model"]["image_size"] == recipe["model"]["image_size"]
+        assert resolved["train"]["batch_size"] == recipe["train"]["batch_size"]
+        assert resolved["train"]["lr"] == recipe["train"]["lr"]
+        assert r["config"]["overrides"]["train.max_minutes"] == budget[mode] == r["budget_minutes"]
+        tr = r["train"]
+        assert tr["steps"] >= 1 and tr["stopped_by_budget"] is True and tr["s_per_step"] > 0
+        assert tr["images_seen"] == tr["steps_run"] * resolved["train"]["batch_size"] * resolved["train"]["grad_accum"]
+        assert r["n_test"] == 3 and r["cvc"]["n"] == 4
+        _check_ci(r["kvasir_test"], "test_dice", "test_dice_ci_low", "test_dice_ci_high")
+        _check_ci(r["kvasir_test"], "test_iou", "test_iou_ci_low", "test_iou_ci_high")
+        _check_ci(r["cvc"], "dice", "dice_ci_low", "dice_ci_high")
+        assert r["cross_dataset_drop"] == pytest.approx(r["kvasir_test"]["test_dice"] - r["cvc"]["dice"])
+        assert set(r["robust_drop_s3"]) == {"gaussian_noise", "blur", "low_contrast"}
+        assert r["robust_drop_s3_max"] == pytest.approx(max(r["robust_drop_s3"].values()))
+        ph = r["phases_s"]
+        assert ph["train_s"] >= ph["train_loop_s"] > 0 and ph["eval_kvasir_s"] > 0 and ph["eval_cvc_s"] > 0
+    box, free = res["results"]["box"], res["results"]["prompt_free"]
+    assert box["config"]["resolved"]["model"]["prompt"] == "box"
+    assert box["baselines_kvasir"]["ellipse_in_box"]["dice"] > 0.6
+    fm = free["config"]["resolved"]["model"]
+    assert fm["prompt"] == "none" and fm["decoder"] == "prompt_free" and fm["box_mask"] is False
+    assert set(free["trivial_baselines_kvasir"]) == {"empty", "mean_mask"}
+    assert free["trivial_baselines_kvasir"]["empty"]["dice"] == 0.0  # every test image has a polyp
+
+    g = res["goals"]
+    assert set(g) == {"demo_champion", "budget_15min", "prompt_free_beats_trivial", "cross_dataset_drop",
+                      "severity3_drop"}
+    kt = box["kvasir_test"]
+    _check_goal(g["demo_champion"], kt["test_dice"] >= 0.85 and kt["test_dice_ci_low"] > 0.805,
+                budget["box"] <= recipe["train"]["max_minutes"])
+    _check_goal(g["budget_15min"], kt["test_dice"] >= 0.88, budget["box"] <= 15)
+    best_trivial = max(v["dice"] for v in free["trivial_baselines_kvasir"].values())
+    assert g["prompt_free_beats_trivial"]["best_trivial_dice"] == pytest.approx(best_trivial)
+    _check_goal(g["prompt_free_beats_trivial"], free["kvasir_test"]["test_dice_ci_low"] > best_trivial, True)
+    _check_goal(g["cross_dataset_drop"], box["cross_dataset_drop"] <= 0.05, True)
+    _check_goal(g["severity3_drop"], box["robust_drop_s3_max"] <= 0.05, True)
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: 5 arms x 1 step of the demo recipe, each evaluated on 3 real test images
+def test_label_efficiency_cpu_profile_quick(sample_data: Path, tmp_path: Path) -> None:
+    res = run_script("label_efficiency", "--profile", "cpu", "--quick", "--fractions", "0.1", "1.0", "--data",
+                     str(sample_data), "--out", str(tmp_path), timeout=1200)
+    assert json.loads((tmp_path / "label_efficiency.json").read_text()) == res
+    assert (tmp_path / "label_efficiency.png").stat().st_size > 0
+    assert res["profile"] == "cpu" and res["complete"] is True and res["device"] == "cpu" and res["cpu_model"]
+    assert res["torch"] == torch.__version__ and res["budget"]["kind"] == "steps"
+    steps = res["budget"]["steps_per_arm"]
+    recipe = _demo_recipe()
+    table = res["table"]
+    assert table and not res["skipped"]
+    assert all("fraction" in r and r["fraction"] in (0.1, 1.0) for r in table)
+    assert res["plan"]["order"] == [0.1, 1.0]
+    by = {(r["arm"], r["fraction"]): r for r in table if r.get("selected", True)}
+    for f in (0.1,):
+        assert {a for a, ff in by if ff == f} == {"none", "weak_labels", "self_training", "semisup"}
+    assert {a for a, ff in by if ff == 1.0} == {"none"}
+    for r in table:
+        _check_ci(r, "test_dice", "test_dice_ci_low", "test_dice_ci_high")
+        assert r["n_test"] == 3 and r["s_per_step"] > 0 and r["train_s"] > 0
+        assert r["val_dice"] is None or 0.0 <= r["val_dice"] <= 1.0
+        o = r["overrides"]
+        assert o["train.max_steps"] == steps and o["data.label_fraction"] == r["fraction"]
+        assert o["data.weak_labels"] is (r["arm"] == "weak_labels")
+        assert o["semisup.method"] == (r["method"] if r["arm"] == "semisup" else "none")
+        assert "model.image_size" not in o and "train.batch_size" not in o  # the demo's, unchanged
+        if r["arm"] == "self_training":
+            assert r["steps"] == steps * len(r["rounds"]) and r["steps_incl_teacher"] == r["steps"] + steps
+        else:
+            assert r["steps"] == steps
+    assert res["recipe"]["recipe_values"]["model"]["image_size"] == recipe["model"]["image_size"]
+    assert res["semisup_chosen"] == "adversarial" and res["semisup_selection_rule"]
+    assert res["baselines_test"]["ellipse_in_box_dice"] > 0.6
+
+    s = res["summary"]
+    full = by[("none", 1.0)]["test_dice"]
+    assert s["full_label_dice"] == full and s["lowest_fraction"] == 0.1
+    gap = s["gap_self_training_vs_fair_baseline"]
+    expect = by[("self_training", 0.1)]["test_dice"] - by[("weak_labels", 0.1)]["test_dice"]
+    assert gap["gap"] == pytest.approx(expect) and gap["n"] == 3
+    assert gap["paired_ci_low"] <= gap["gap"] + 1e-9 <= gap["paired_ci_high"] + 2e-9
+    assert s["goal"]["value"] == pytest.approx(expect) and s["goal"]["applies"] is True
+    assert s["goal"]["met"] is (expect >= 0.03)
+    for key, g in s["gap_to_full_labels"].items():
+        assert g["gap_to_full"] == pytest.approx(full - by[(g["arm"], g["fraction"])]["test_dice"]), key
+    assert set(res["per_arm_s_per_step"]) == {f"{r['arm']}/{r['method']}@{100 * r['fraction']:g}" for r in table}
