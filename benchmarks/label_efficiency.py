@@ -349,7 +349,7 @@ def plot_cpu(table: list[dict], path: Path) -> None:
                 for r in rows],
                [(r["test_dice_ci_high"] if r["test_dice_ci_high"] is not None else r["test_dice"]) - r["test_dice"]
                 for r in rows]]
-        label = arm if arm != "semisup" else f"semisup ({rows[0]['method']}, best on val)"
+        label = arm if arm != "semisup" else f"semisup ({rows[0]['method']})"
         ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=label)
     base = [r["baseline_ellipse_in_box_dice"] for r in table if r.get("baseline_ellipse_in_box_dice") is not None]
     if base:
