@@ -68,6 +68,8 @@ class ModelCfg(_Cfg):
     """Box-centred crops: train and predict on the box grown by this fraction of its side on each side, resized
     to the model input and pasted back at full resolution (``medsam2.data.crops``). None = the whole image.
     ``prompt: box`` only."""
+    tta_flip: bool = False
+    """Inference only: average the logits of the image and of its left-right mirror image (2× the compute)."""
     num_pos_points: int = Field(1, ge=0)
     num_neg_points: int = Field(0, ge=0)
     prompt_tokens: int = Field(4, ge=1)

@@ -36,6 +36,19 @@ def _scale(xy: np.ndarray, hw: tuple[int, int], size: int) -> np.ndarray:
     return xy * np.array([size / hw[1], size / hw[0]], np.float32)
 
 
+def _flip_prompts(kw: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """Prompts of a left-right mirrored S×S input: x → S − x (box corners swap so that x0 < x1)."""
+    out = dict(kw)
+    if "boxes" in kw:
+        b = kw["boxes"]
+        out["boxes"] = torch.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], 1)
+    if "points" in kw:
+        p = kw["points"].clone()
+        p[..., 0] = size - p[..., 0]
+        out["points"] = p
+    return out
+
+
 @torch.no_grad()
 def predict(
     model: Segmenter,
@@ -85,6 +98,10 @@ def predict(
         x = normalize(torch.from_numpy(batch).permute(0, 3, 1, 2).to(device))
         with autocast(device, precision):
             res = model(x, **kw)
+            if model.cfg.tta_flip:  # mean of the logits of the image and its mirror image (flipped back)
+                flipped = model(x.flip(-1), **_flip_prompts(kw, size))
+                res = {"logits": (res["logits"] + flipped["logits"].flip(-1)) / 2,
+                       "iou_pred": (res["iou_pred"] + flipped["iou_pred"]) / 2}
         logits, iou = res["logits"].float(), res["iou_pred"].float()
         for j, i in enumerate(idx):
             h, w = images[i].shape[:2]

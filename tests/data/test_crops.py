@@ -41,3 +41,26 @@ def test_paste_back_inverts_the_crop_for_a_mask():
     outside = np.ones(mask.shape, bool)
     outside[max(win[1], 0):win[3], max(win[0], 0):win[2]] = False
     assert np.all(paste_logits(logits, win, mask.shape)[0, 0].numpy()[outside] == OUTSIDE_LOGIT)
+
+
+def test_flip_tta_of_a_symmetric_prior_model_is_the_prior(kvasir_workdir):
+    """Flip TTA mirrors the image and the prompts consistently: a model that is only its (symmetric) box prior
+    predicts the same with and without TTA."""
+    from medsam2.config import ModelCfg
+    from medsam2.data.dataset import load_cached
+    from medsam2.data.manifest import read_manifest
+    from medsam2.data.prompts import mask_box
+    from medsam2.engine.predict import predict
+    from medsam2.model.segmenter import build_segmenter
+
+    row = read_manifest(kvasir_workdir).iloc[0]
+    image, mask = load_cached(kvasir_workdir, row)
+    box = mask_box(np.asarray(mask))
+    plain, _ = build_segmenter(ModelCfg(image_size=64, box_prior="ellipse", box_crop=0.2))
+    tta, _ = build_segmenter(ModelCfg(image_size=64, box_prior="ellipse", box_crop=0.2, tta_flip=True))
+    a = predict(plain.eval(), [np.asarray(image)], boxes=[box])[0]
+    b = predict(tta.eval(), [np.asarray(image)], boxes=[box])[0]
+    assert np.array_equal(a.mask, b.mask)
+    box_off = box + np.array([5, 0, 5, 0], np.float32)  # an asymmetric prompt must move the TTA mask too
+    c = predict(tta.eval(), [np.asarray(image)], boxes=[box_off])[0]
+    assert not np.array_equal(b.mask, c.mask)
