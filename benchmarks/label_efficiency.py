@@ -183,15 +183,23 @@ def plot(table: list[dict], path: Path) -> None:
         rows = sorted([r for r in table if r["method"] == method], key=lambda r: r["fraction"])
         if rows:
             ax.plot([100 * r["fraction"] for r in rows], [r["test_dice"] for r in rows], "o-", label=method)
-    base = [
-        r["baseline_ellipse_in_box_dice"] for r in table if r.get("baseline_ellipse_in_box_dice") is not None
-    ]
+    _finish_plot(fig, ax, table, path, "Dice, PraNet test split", "Kvasir-SEG label efficiency")
+
+
+def _finish_plot(fig, ax, table: list[dict], path: Path, ylabel: str, title: str) -> None:
+    """The ellipse-in-box line, log-x axis with the fractions as ticks, labels, legend; save and close."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    base = [r["baseline_ellipse_in_box_dice"] for r in table if r.get("baseline_ellipse_in_box_dice") is not None]
     if base:
         ax.axhline(base[0], ls="--", c="grey", lw=1, label="ellipse-in-box")
     ax.set_xscale("log")
+    ax.set_xticks([100 * f for f in sorted({r["fraction"] for r in table})])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("labelled training images (%)")
-    ax.set_ylabel("Dice, PraNet test split")
-    ax.set_title("Kvasir-SEG label efficiency")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -351,19 +359,8 @@ def plot_cpu(table: list[dict], path: Path) -> None:
                 for r in rows]]
         label = arm if arm != "semisup" else f"semisup ({rows[0]['method']})"
         ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=label)
-    base = [r["baseline_ellipse_in_box_dice"] for r in table if r.get("baseline_ellipse_in_box_dice") is not None]
-    if base:
-        ax.axhline(base[0], ls="--", c="grey", lw=1, label="ellipse-in-box")
-    ax.set_xscale("log")
-    ax.set_xticks([100 * f for f in sorted({r["fraction"] for r in table})])
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("labelled training images (%)")
-    ax.set_ylabel("Dice, PraNet test split (95 % CI)")
-    ax.set_title("Kvasir-SEG label efficiency, demo recipe on 2 CPU cores")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_plot(fig, ax, table, path, "Dice, PraNet test split (95 % CI)",
+                 "Kvasir-SEG label efficiency, demo recipe on 2 CPU cores")
 
 
 def _paired_gap(a: dict, b: dict) -> dict:

@@ -3,13 +3,12 @@ dataset expects a test list that does not apply."""
 
 from __future__ import annotations
 
-import shutil
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SALT
+from conftest import SALT, copy_kvasir_pairs
 from PIL import Image
 
 from medsam2.data import layouts as L
@@ -23,14 +22,7 @@ SHIPPED = L.RESOURCES / "kvasir_split_pranet_test.txt"
 def _kvasir_like(sample: Path, dest: Path, n_test: int = 2, n_other: int = 3, own_list: list[str] | None = None):
     """A folder like the official Kvasir-SEG download: images/ + masks/ (same stems), no split list unless
     ``own_list``. Returns (folder, PraNet-listed stems copied, other stems copied)."""
-    src = sample / "kvasir-seg"
-    test = sorted((src / "split_pranet_test.txt").read_text().split())[:n_test]
-    other = sorted((src / "split_other.txt").read_text().split())[:n_other]
-    (dest / "images").mkdir(parents=True)
-    (dest / "masks").mkdir()
-    for stem in test + other:
-        shutil.copy(src / "images" / f"{stem}.jpg", dest / "images" / f"{stem}.jpg")
-        shutil.copy(src / "masks" / f"{stem}.jpg", dest / "masks" / f"{stem}.jpg")
+    test, other = copy_kvasir_pairs(sample, dest, n_test, n_other)
     if own_list is not None:
         (dest / "split_pranet_test.txt").write_text("\n".join(own_list) + "\n")
     return dest, test, other
