@@ -38,8 +38,8 @@ def _plant(run_id: str, model_dice: float, baseline_dice: float | None = None) -
 
     df = tracking.per_image_results(run_id, tracking.SELECTION_ARTIFACT)
     df.loc[df["method"] == "model", "dice"] = model_dice
-    if baseline_dice is not None:
-        df.loc[df["method"] == "ellipse_in_box", "dice"] = baseline_dice
+    if baseline_dice is not None:  # every trivial baseline of the box prompt (the gate takes the better one)
+        df.loc[df["method"] != "model", "dice"] = baseline_dice
     tracking.log_selection_results(run_id, df, split="val", prompt="box")
     return df
 
@@ -79,7 +79,9 @@ def test_evaluate_train_promote_rollback_end_to_end(kvasir_workdir, tmp_path, tr
     assert p0["selection"]["split"] == "val" and p0["selection"]["n_images"] == 2
     assert p0["test_metrics"]["test_dice"] == pytest.approx(m["test_dice"])
     # a first model below the box-prior baseline is not promoted (planted: 0.05 below the ellipse everywhere)
-    sel.loc[sel["method"] == "model", "dice"] = sel.loc[sel["method"] == "ellipse_in_box", "dice"].to_numpy() - 0.05
+    ellipse = sel.loc[sel["method"] == "ellipse_in_box", "dice"].to_numpy()
+    sel.loc[sel["method"] == "model", "dice"] = ellipse - 0.05
+    sel.loc[sel["method"] == "fill_box", "dice"] = ellipse - 0.1  # so the ellipse is the better baseline here
     tracking.log_selection_results(e1["run_id"], sel, split="val", prompt="box")
     p1 = steps.run_promote(t1["model_uri"], e1["run_id"], cfg)
     assert not p1["promoted"] and p1["alias"] == "challenger" and p1["version"] == 1
