@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from medsam2.eval.baselines import box_to_mask, ellipse_from_box
-from medsam2.model.priors import PRIORS, PriorResidual
+from medsam2.model.priors import PRIORS
 
 
 def test_prior_positive_sets_are_the_baselines():
