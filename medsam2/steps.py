@@ -52,18 +52,15 @@ def model_card(cfg: ExperimentCfg, result: Any, modality: str = "see manifest") 
 def run_train(cfg: ExperimentCfg, *, parent_run_id: str | None = None, run_name: str | None = None,
               callbacks: list | None = None) -> dict:
     """Train inside an MLflow run (nested under ``parent_run_id`` if given) and log the model as a pyfunc."""
-    import mlflow
-
     from medsam2 import tracking
     from medsam2.engine.train import train
 
     tracking.setup(cfg)
-    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-    with mlflow.start_run(run_name=run_name or f"train-{config_hash(cfg)}", tags=tags,
-                          log_system_metrics=True) as run:
+    with tracking.active_run(run_name=run_name or f"train-{config_hash(cfg)}", parent_run_id=parent_run_id,
+                             system_metrics=True) as run_id:
         result = train(cfg, callbacks=[tracking.MlflowCallback(), *(callbacks or [])])
         model_uri = tracking.log_model(result.checkpoint, model_card(cfg, result))
-        return {"run_id": run.info.run_id, "model_uri": model_uri, **result.to_dict()}
+        return {"run_id": run_id, "model_uri": model_uri, **result.to_dict()}
 
 
 def load_for_eval(model: str, cfg_overrides: list[str] | None = None, workdir: str | None = None):
@@ -93,21 +90,18 @@ def run_evaluate(
     report_dir: str | None = None, parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model, write the report, and log metrics + report into ``run_id`` (else a new eval run)."""
-    import mlflow
-
     from medsam2 import tracking
     from medsam2.engine.evaluate import evaluate
 
     net, cfg = load_for_eval(model, cfg_overrides, workdir)
     tracking.setup(cfg)
     out = Path(report_dir or Path(tracking.medsam2_home()) / "reports" / (run_id or "latest"))
-    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and not run_id else None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else "evaluate", tags=tags) as run:
+    with tracking.active_run(run_id=run_id, run_name="evaluate", parent_run_id=parent_run_id) as active:
         result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}",
-                          context={"model": model, "run_id": run.info.run_id, "config_hash": config_hash(cfg)})
+                          context={"model": model, "run_id": active, "config_hash": config_hash(cfg)})
         tracking.log_evaluation(result, out)
-        mlflow.set_tag("evaluated_model", model)
-        return {"run_id": run.info.run_id, "report_dir": str(out), **result.to_dict()}
+        tracking.set_tags({"evaluated_model": model})
+        return {"run_id": active, "report_dir": str(out), **result.to_dict()}
 
 
 def selection_cfg(model_cfg: ExperimentCfg, cfg: ExperimentCfg, workdir: str | None = None) -> ExperimentCfg:
@@ -160,17 +154,15 @@ def run_promote(model_uri: str, eval_run_id: str, cfg: ExperimentCfg, workdir: s
     unchanged); the champion is re-evaluated on the same set when its stored selection results differ. The
     evaluation run's test results are reported beside the decision only (see ``tracking.promote``).
     """
-    import mlflow
-
     from medsam2 import tracking
     from medsam2.promotion import identity_digest, result_identity
 
     tracking.setup(cfg)
-    run = mlflow.get_run(eval_run_id)
-    tags = {k: run.data.tags[k] for k in ("data_version", "config_hash", "git_commit") if k in run.data.tags}
+    run_tags = tracking.run_tags(eval_run_id)
+    tags = {k: run_tags[k] for k in ("data_version", "config_hash", "git_commit") if k in run_tags}
     split = cfg.promotion.selection_split
     stored = tracking.per_image_results(eval_run_id, tracking.SELECTION_ARTIFACT)
-    prompt = run.data.tags.get("selection_prompt")
+    prompt = run_tags.get("selection_prompt")
     current = selection_identity(cfg, workdir)
     if stored is None or prompt is None or result_identity(stored) != current:
         per_image, prompt = evaluate_selection(model_uri, cfg, workdir, label=f"selection-{eval_run_id}")
@@ -205,8 +197,6 @@ def run_self_training(cfg: ExperimentCfg, teacher_checkpoint: str, *, parent_run
     """Self-training rounds; each round is an MLflow child run with pseudo-label count, acceptance rate and
     (where the pool's masks are hidden ground truth) pseudo-label Dice. The best model is logged as a pyfunc in a
     ``self-training-best`` run tagged with the data version of ``cfg.data`` (as a training run is)."""
-    import mlflow
-
     from medsam2 import tracking
     from medsam2.data.selection import training_data_version
     from medsam2.semisup.self_training import best_checkpoint
@@ -221,23 +211,17 @@ def run_self_training(cfg: ExperimentCfg, teacher_checkpoint: str, *, parent_run
         return [cbs[r]]
 
     results = rounds_fn(cfg, cfg.semisup.self_training_rounds, teacher_checkpoint, factory)
-    client = tracking._client()
     for res in results:
-        run_id = cbs[res.round].run_id
-        for k, v in res.metrics.items():
-            if isinstance(v, int | float) and v == v:
-                client.log_metric(run_id, k, float(v))
-        client.set_tag(run_id, "improved", str(res.improved).lower())
+        tracking.log_run_results(cbs[res.round].run_id, res.metrics, {"improved": str(res.improved).lower()})
     best = best_checkpoint(results, teacher_checkpoint)
     if best == teacher_checkpoint:
         return {"improved": False, "rounds": [r.to_dict() for r in results], "checkpoint": best, "model_uri": None}
-    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-    with mlflow.start_run(run_name="self-training-best", tags=tags) as run:
+    with tracking.active_run(run_name="self-training-best", parent_run_id=parent_run_id) as best_run_id:
         # the same data_version tag and dataset input as a training run: promotion copies the tag to the model
         # version, and labels_changed_since_champion compares it with the current labelled data
         tracking.log_config(cfg, data_version)
         tracking.log_dataset(cfg, data_version)
-        mlflow.set_tags({"self_training": "true", "teacher_checkpoint": str(teacher_checkpoint)})
+        tracking.set_tags({"self_training": "true", "teacher_checkpoint": str(teacher_checkpoint)})
         model_uri = tracking.log_model(best)
     return {"improved": True, "rounds": [r.to_dict() for r in results], "checkpoint": best,
-            "model_uri": model_uri, "run_id": run.info.run_id}
+            "model_uri": model_uri, "run_id": best_run_id}

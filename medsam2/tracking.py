@@ -525,6 +525,37 @@ def last_challenger(model_name: str = "medsam2") -> dict[str, Any] | None:
     return {"model_name": model_name, **_gate_view(mv), "tags": dict(mv.tags)}
 
 
+@contextmanager
+def active_run(*, run_name: str | None = None, run_id: str | None = None, parent_run_id: str | None = None,
+               system_metrics: bool = False) -> Iterator[str]:
+    """An active MLflow run (a new one, nested under ``parent_run_id`` if given, or ``run_id`` resumed) for the
+    pipeline stages in ``medsam2.steps``; yields its run id and ends it on exit (FAILED on an exception)."""
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id and not run_id else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags,
+                          log_system_metrics=system_metrics or None) as run:
+        yield run.info.run_id
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    """Tags on the active run."""
+    mlflow.set_tags(tags)
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    """The tags of a run."""
+    return dict(mlflow.get_run(run_id).data.tags)
+
+
+def log_run_results(run_id: str, metrics: dict[str, Any], tags: dict[str, str] | None = None) -> None:
+    """Finite numeric ``metrics`` and ``tags`` onto a (finished or running) run, by id."""
+    client = _client()
+    for k, v in metrics.items():
+        if isinstance(v, int | float) and v == v:
+            client.log_metric(run_id, k, float(v))
+    for k, v in (tags or {}).items():
+        client.set_tag(run_id, k, v)
+
+
 def start_parent_run(cfg, name: str, tags: dict[str, str] | None = None) -> str:
     """Create (not activate) a pipeline parent run; stages nest under it via ``mlflow.parentRunId``."""
     exp_id = setup(cfg)

@@ -210,8 +210,9 @@ def evaluate(
             rows = rows.iloc[: cfg.data.max_eval_images]
     if rows.empty:
         raise ValueError(f"no labelled {ec.split!r} rows to evaluate in {cfg.data.workdir}")
-    fns = baseline_fns(model.cfg.prompt, select_rows(cfg.data, "train", seed=cfg.train.seed)[0],
-                       cfg.data.workdir) if ec.baselines else {}
+    needs_train = "mean_mask" in PROMPT_BASELINES[model.cfg.prompt]  # only that baseline reads training masks
+    train_rows = select_rows(cfg.data, "train", seed=cfg.train.seed)[0] if ec.baselines and needs_train else None
+    fns = baseline_fns(model.cfg.prompt, train_rows, cfg.data.workdir) if ec.baselines else {}
     per_image, gallery = evaluate_rows(
         model, rows, cfg.data.workdir, baselines=fns, robustness=ec.robustness,
         precision=cfg.train.precision, batch_size=ec.batch_size, gallery_size=ec.gallery_size,
