@@ -58,16 +58,18 @@ def evaluate_model(model: str = "models:/medsam2@champion", overrides: list[Over
 
 
 @flow(name="promote-model", log_prints=True)
-def promote_model(model_uri: str, eval_run_id: str, config: str | None = "configs/demo.yaml") -> dict:
-    """Register ``model_uri`` and gate it against the champion; the decision and reasons go to the version's
-    tags and to this run's artifacts.
+def promote_model(model_uri: str, eval_run_id: str, config: str | None = "configs/demo.yaml",
+                  workdir: str | None = None) -> dict:
+    """Register ``model_uri`` and gate it against its trivial baseline and the champion on the selection split
+    (val); the decision and reasons go to the version's tags and to this run's artifacts.
 
     Args:
         model_uri: MLflow model URI of the candidate.
-        eval_run_id: MLflow run holding the candidate's evaluation (eval/per_image.csv).
-        config: YAML config with the promotion settings (model name, margin, guarded metrics).
+        eval_run_id: MLflow run holding the candidate's test evaluation; the selection results are stored there.
+        config: YAML config with the promotion settings (model name, margin, confidence, guarded metrics).
+        workdir: Ingest work dir whose selection split the gate evaluates (default: the config's).
     """
-    res = promote_task(model_uri, eval_run_id, resolve_cfg(config, None, None))
+    res = promote_task(model_uri, eval_run_id, resolve_cfg(config, None, workdir))
     publish("promote-model", "\n".join([
         f"# Promotion gate for `{model_uri}`",
         f"- MLflow evaluation run: {run_link(eval_run_id)}",

@@ -115,7 +115,7 @@ def test_burst_trains_once_and_every_flow_publishes_artifacts(kvasir_workdir, tm
     assert "test_dice" in str(table.data)
 
     pr_state = promote_model(model_uri=trained[0]["train"]["model_uri"], eval_run_id=ev["run_id"], config=None,
-                             return_state=True)
+                             workdir=str(kvasir_workdir), return_state=True)
     pr = pr_state.result()
     md = _by_run("promote-model-summary", pr_state.state_details.flow_run_id).data
     assert "Gate decision:" in md and "Gate reasons:" in md and all(r in md for r in pr["reasons"])
