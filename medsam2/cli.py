@@ -1,25 +1,101 @@
 """``medsam2`` command line (typer). Every command takes ``--json`` and then prints one JSON object on its last
-stdout line. Config: ``--config FILE.yaml`` and repeated ``--set key=value`` (dotted, e.g. ``train.lr=1e-4``)."""
+stdout line. Config: ``--config FILE.yaml`` and repeated ``--set key=value`` (dotted, e.g. ``train.lr=1e-4``).
+
+Errors take one path for every command (:class:`_Group`): a mistake prints ``Error: what, where`` and a hint
+line on stderr, and, with ``--json``, ``{"error": …, "kind": …, "hint": …}`` as the last stdout line. The exit
+code says the kind (:data:`medsam2.errors.EXIT_CODES`): 2 usage or config, 3 input data, 4 unreachable service,
+1 internal error. A traceback is shown only with ``--debug`` or ``MEDSAM2_DEBUG=1``. Commands that need a
+server check it first (:mod:`medsam2.services`), so a stopped server is an answer in seconds, not minutes.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import os
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-app = typer.Typer(help="Fine-tune SAM2 for medical image segmentation.", no_args_is_help=True,
+from medsam2.errors import EXIT_CODES, ErrorReport, InputDataError, UsageError, describe
+
+
+def _click_class(name: str) -> type[Exception]:
+    """A click exception class as typer raises it (typer ≥ 0.16 vendors its own click as ``typer._click``)."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+_USAGE_ERRORS = (_click_class("UsageError"), click.UsageError)
+_CLICK_ERRORS = (_click_class("ClickException"), click.ClickException)
+_ABORTS = (typer.Abort, click.Abort)
+
+
+def _debug_on(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("MEDSAM2_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def _report_error(report: ErrorReport, argv: list[str], exc: BaseException | None) -> None:
+    if exc is not None and _debug_on(argv):
+        traceback.print_exception(exc, file=sys.stderr)
+    sys.stderr.write("\n".join(report.lines()) + "\n")
+    if "--json" in argv:
+        sys.stdout.write(json.dumps(report.to_dict(), default=str) + "\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+class _Group(TyperGroup):
+    """The ``medsam2`` group: runs a command and turns every exception into one error report and exit code."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if not standalone_mode:  # a caller that handles errors itself
+            return super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        try:
+            rc = super().main(args=argv, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except _USAGE_ERRORS as e:
+            if type(e).__name__ == "NoArgsIsHelpError" or not argv:
+                e.show()
+                sys.exit(e.exit_code)
+            cmd = e.ctx.command_path if e.ctx is not None else self._command_path(argv, prog_name)
+            _report_error(ErrorReport(e.format_message(), "usage", f"see `{cmd} --help`"), argv, e)
+            sys.exit(EXIT_CODES["usage"])
+        except _CLICK_ERRORS as e:
+            _report_error(ErrorReport(e.format_message(), "usage", None), argv, e)
+            sys.exit(e.exit_code)
+        except _ABORTS:
+            sys.stderr.write("Aborted!\n")
+            sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - the one place every error is reported
+            report = describe(e)
+            _report_error(report, argv, e)
+            sys.exit(report.exit_code)
+        sys.exit(rc if isinstance(rc, int) else 0)
+
+    def _command_path(self, argv: list[str], prog_name: str | None) -> str:
+        name = next((a for a in argv if a in self.commands), None)
+        return " ".join(p for p in ("medsam2", name) if p)
+
+
+app = typer.Typer(cls=_Group, help="Fine-tune SAM2 for medical image segmentation.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 console = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last stdout line.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML experiment config.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Dotted override key=value (repeatable).")]
+
+_MODEL_URI = re.compile(r"^(models|runs|mlflow-artifacts|s3|gs|https?|file|dbfs):", re.IGNORECASE)
 
 
 def _emit(obj: dict[str, Any], as_json: bool, human: str | None = None) -> None:
@@ -35,19 +111,55 @@ def _cfg(config: Path | None, overrides: list[str] | None):
     return load_config(config, overrides)
 
 
-@contextlib.contextmanager
-def _user_errors():
-    """A user's mistake (a missing source, a bad layout, a missing test list) → "Error: …" and exit 1, no
-    traceback. Bugs (any other exception) still raise."""
-    try:
-        yield
-    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        console.print(f"[red]Error:[/red] {exc}", markup=True, highlight=False)
-        raise typer.Exit(1) from None
+def _needs_mlflow(configured: str | None = None) -> None:
+    """Check the tracking server (when it is http(s)) before any work; ServiceUnavailable in ≤ 3 s if down."""
+    from medsam2.services import check_mlflow
+
+    check_mlflow(configured)
+
+
+def _tracking_override(overrides: list[str] | None, config: Path | None = None) -> str | None:
+    """``tracking.tracking_uri`` from ``--set`` (else the ``--config`` file), without validating the rest."""
+    import yaml
+
+    from medsam2.config import parse_overrides
+
+    uri = (parse_overrides(overrides).get("tracking") or {}).get("tracking_uri")
+    if uri is None and config is not None and config.is_file():
+        loaded = yaml.safe_load(config.read_text()) or {}
+        uri = ((loaded.get("tracking") or {}) if isinstance(loaded, dict) else {}).get("tracking_uri")
+    return uri
+
+
+def _check_model(model: str) -> None:
+    """A model argument is an existing checkpoint file or an MLflow model URI (then the server is checked)."""
+    if Path(model).exists():
+        return
+    if not _MODEL_URI.match(model):
+        raise InputDataError(f"no model at {model!r}: it is not a file and not an MLflow model URI",
+                             "give a checkpoint file (.pt) or a model URI: models:/medsam2@champion, "
+                             "models:/medsam2/VERSION or runs:/RUN_ID/model")
+    if model.lower().startswith(("models:", "runs:", "mlflow-artifacts:")):
+        _needs_mlflow()
+
+
+def _check_workdir(workdir: str | None, what: str) -> None:
+    """``workdir`` holds a manifest, else an input error saying to ingest first."""
+    if workdir is None:
+        return
+    from medsam2.data.manifest import MANIFEST_NAME
+
+    if not (Path(workdir) / MANIFEST_NAME).is_file():
+        raise InputDataError(f"no manifest in work dir {workdir!r} ({what} reads {MANIFEST_NAME})",
+                             f"ingest data first: medsam2 ingest SOURCE --workdir {workdir} (or set data.workdir)")
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error (or MEDSAM2_DEBUG=1).")
+                     ] = False,
+) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -66,9 +178,19 @@ def ingest(
 
     from medsam2.steps import run_ingest
 
-    with _user_errors():
-        lay = yaml.safe_load(layout.read_text()) if layout else None
-        res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)
+    lay = None
+    if layout is not None:
+        if not layout.is_file():
+            raise UsageError(f"layout file {str(layout)!r} does not exist", "pass a YAML file to --layout")
+        try:
+            lay = yaml.safe_load(layout.read_text())
+        except yaml.YAMLError as e:
+            raise UsageError(f"layout {layout}: not valid YAML: {' '.join(str(e).split())}", "fix the file") from None
+    if source.startswith("s3://"):
+        from medsam2.services import check_s3
+
+        check_s3(s3_endpoint_url)
+    res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)
     _emit(res, json_, f"added {res['added']}, unchanged {res['unchanged']}, quarantined {res['quarantined']}, "
                       f"rows {res['rows']}, dataset version {res['dataset_version']}")
 
@@ -95,6 +217,8 @@ def train(config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False)
     from medsam2.steps import run_train
 
     cfg = _cfg(config, set_)
+    _check_workdir(cfg.data.workdir, "train")
+    _needs_mlflow(cfg.tracking.tracking_uri)
     res = run_train(cfg)
     _emit(res, json_, f"run {res['run_id']}: {res['steps']} steps, metrics {res['metrics']}, "
                       f"model {res['model_uri']}")
@@ -119,6 +243,10 @@ def evaluate(
         overrides.append("eval.robustness=true")
     if cross_dataset:
         overrides.append("eval.cross_dataset=true")
+    tracking_uri = _tracking_override(overrides)  # also validates the --set syntax before any work
+    _check_model(model)
+    _check_workdir(workdir, "evaluate")
+    _needs_mlflow(tracking_uri)
     res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report)
     m = res["metrics"]
     _emit(res, json_, f"test Dice {m.get('test_dice', float('nan')):.4f} "
@@ -136,7 +264,9 @@ def promote(
     selection split (paired bootstrap), else challenger. The test results are reported, not decided on."""
     from medsam2.steps import run_promote
 
-    res = run_promote(model, eval_run_id, _cfg(config, set_))
+    cfg = _cfg(config, set_)
+    _needs_mlflow(cfg.tracking.tracking_uri)
+    res = run_promote(model, eval_run_id, cfg)
     verdict = "promoted to champion" if res["promoted"] else "rejected, stays challenger"
     test = res.get("test_metrics") or {}
     reported = f" (test Dice {test['test_dice']:.4f}, reported only)" if "test_dice" in test else ""
@@ -149,6 +279,7 @@ def rollback(
     model_name: Annotated[str, typer.Option(help="Registered model name.")] = "medsam2", json_: JsonOpt = False
 ) -> None:
     """Give the champion alias back to the previous champion."""
+    _needs_mlflow()
     from medsam2.tracking import rollback as do_rollback
 
     res = do_rollback(model_name)
@@ -165,6 +296,11 @@ def predict(
     json_: JsonOpt = False,
 ) -> None:
     """Segment images: PNG masks for images, DICOM-SEG for DICOM inputs."""
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise InputDataError(f"input {'file' if len(missing) == 1 else 'files'} not found: {', '.join(missing)}",
+                             "check the paths (PNG/JPEG/TIFF/DICOM images)")
+    _check_model(model)
     from medsam2.engine.predict_files import predict_files
 
     res = predict_files(model, inputs, out, box=box, points=points)
@@ -189,15 +325,19 @@ def sweep(
     config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False,
 ) -> None:
     """Ray Tune ASHA sweep over adapter × decoder variants; writes the best config."""
+    if search not in ("random", "optuna"):
+        raise typer.BadParameter(f"--search must be random or optuna, got {search!r}")
     try:
         from tuning.sweep import cli_sweep
     except ImportError as exc:  # tuning/ ships with the same distribution; this only fires on a broken install
         raise typer.BadParameter(f"the tuning package is not importable: {exc}") from exc
-    if search not in ("random", "optuna"):
-        raise typer.BadParameter(f"--search must be random or optuna, got {search!r}")
     extra = {k: v for k, v in (("gpus_per_trial", gpus_per_trial), ("cpus_per_trial", cpus_per_trial),
                                ("num_cpus", num_cpus)) if v is not None}
     extra["max_failures"] = max_failures
+    from medsam2.services import check_ray
+
+    check_ray(address)
+    _needs_mlflow(_tracking_override(set_, config))
     res = cli_sweep(space=space, num_samples=num_samples, address=address, config=config, overrides=set_, json=json_,
                     search=search, seed=seed, storage_path=storage, resume=resume, **extra)
     _emit(res, json_, f"best val Dice {res.get('best_val_dice')} → {res.get('best_config')}")
@@ -210,7 +350,9 @@ def retrain_check(
     """New labelled data since the champion was trained? Exit 0 either way; retrain-on-new-labels acts on it."""
     from medsam2.steps import labels_changed_since_champion
 
-    res = labels_changed_since_champion(_cfg(config, set_))
+    cfg = _cfg(config, set_)
+    _needs_mlflow(cfg.tracking.tracking_uri)
+    res = labels_changed_since_champion(cfg)
     _emit(res, json_, "new labels: retrain" if res["retrain"] else "skipped: no new labels")
 
 
@@ -220,6 +362,7 @@ def champion(
 ) -> None:
     """Show the champion model version, why the gate promoted it, its test metrics beside the baselines, and
     the last challenger's decision; with no champion, say so and show why the last challenger was rejected."""
+    _needs_mlflow()
     from medsam2.tracking import champion_summary, last_challenger
 
     res = champion_summary(model_name)

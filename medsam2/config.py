@@ -12,11 +12,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medsam2.config_input import config_error, numbers_as_text, parse_value
+from medsam2.errors import ConfigError
 
 
 class _Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_numbers_as_text(cls, data: Any) -> Any:
+        """``sam2_version: 2.1`` in YAML is a float: a text field takes the number as the text the user typed."""
+        return numbers_as_text(cls, data)
 
 
 class DataCfg(_Cfg):
@@ -198,22 +207,32 @@ class ExperimentCfg(_Cfg):
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override key {key!r} has an empty part", "write --set section.key=value, e.g. "
+                          "--set train.lr=1e-4")
     node = tree
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ValueError(f"cannot set {key!r}: {p!r} is not a section")
+            raise ConfigError(f"cannot set {key!r}: {p!r} is not a section", "set its value with --set "
+                              f"{'.'.join(parts[: parts.index(p) + 1])}=VALUE")
     node[parts[-1]] = value
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["train.lr=1e-4", "model.prompt=none"]`` → nested dict; values parsed as YAML scalars."""
+    """``["train.lr=1e-4", "model.prompt=none"]`` → nested dict.
+
+    Values are YAML scalars (``true``, ``null``, ``[a, b]``, ``1e-4``), except that a text field (``str`` or a
+    ``Literal`` of strings) keeps the text as typed: ``model.sam2_version=2.1`` is ``"2.1"``, not ``2.1``.
+    """
     tree: dict[str, Any] = {}
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ConfigError(f"override {item!r} is not key=value", "write --set section.key=value, e.g. "
+                              "--set train.lr=1e-4")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        key = key.strip()
+        _set_dotted(tree, key, parse_value(ExperimentCfg, key, raw))
     return tree
 
 
@@ -224,25 +243,46 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _validate(tree: dict[str, Any], where: str) -> ExperimentCfg:
+    try:
+        return ExperimentCfg.model_validate(tree)
+    except ValidationError as e:
+        raise config_error(e, ExperimentCfg, where) from None
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
 ) -> ExperimentCfg:
-    """Resolve defaults ← ``base`` ← YAML file ← dotted overrides into a validated :class:`ExperimentCfg`."""
+    """Resolve defaults ← ``base`` ← YAML file ← dotted overrides into a validated :class:`ExperimentCfg`.
+
+    Raises:
+        ConfigError: (a ``ValueError``) a missing or malformed file, an unknown key (naming the closest valid
+            ones), a bad value (naming the choices).
+    """
     tree: dict[str, Any] = dict(base or {})
     if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist", "pass an existing YAML file to --config "
+                              "(see configs/)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}", "fix the file") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping")
+            raise ConfigError(f"{path}: a config file must hold a mapping", "write section: {key: value} pairs, "
+                              "e.g. train: {lr: 0.0001}")
         tree = _merge(tree, loaded)
     tree = _merge(tree, parse_overrides(overrides))
-    return ExperimentCfg.model_validate(tree)
+    where = " and ".join(w for w, on in ((f"--config {path}", path), ("--set", overrides)) if on) or "config"
+    return _validate(tree, where)
 
 
 def with_overrides(cfg: ExperimentCfg, **sections: dict[str, Any]) -> ExperimentCfg:
     """Copy ``cfg`` with some section fields replaced, re-validated: ``with_overrides(cfg, train={"lr": 1e-3})``."""
-    return ExperimentCfg.model_validate(_merge(cfg.model_dump(), sections))
+    return _validate(_merge(cfg.model_dump(), sections), "--set")
 
 
 def config_hash(cfg: ExperimentCfg) -> str:

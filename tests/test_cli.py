@@ -52,5 +52,6 @@ def test_ingest_and_validate_json_on_real_images(sample_data, tmp_path):
 
 def test_bad_override_is_a_clear_error():
     res = runner.invoke(app, ["train", "--set", "train.nonsense=1", "--json"])
-    assert res.exit_code != 0
-    assert "nonsense" in str(res.exception)
+    assert res.exit_code == 2  # usage/config (medsam2.errors.EXIT_CODES)
+    assert "nonsense" in res.stderr and "Traceback" not in res.stderr
+    assert _last_json(res.stdout)["kind"] == "usage"

@@ -129,6 +129,6 @@ def test_cli_prints_the_error_without_a_traceback(tmp_path: Path) -> None:
     layout = tmp_path / "layout.yaml"
     layout.write_text("test_list: test_ids.txt\n")
     res = CliRunner().invoke(app, ["ingest", str(src), "--workdir", str(tmp_path / "w"), "--layout", str(layout)])
-    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception  # typer.Exit(1)
+    assert res.exit_code == 3 and isinstance(res.exception, SystemExit), res.exception  # input data error
     out = res.output + (res.stderr if res.stderr_bytes is not None else "")
     assert "Error" in out and "'test_ids.txt'" in out and "Traceback" not in out
