@@ -24,7 +24,7 @@ def target_4x4():
 
 
 def test_registry_names():
-    assert {"bce", "dice", "dice_bce", "focal_dice"} <= set(LOSSES.names())
+    assert {"bce", "dice", "dice_bce", "focal_dice", "lovasz_bce"} <= set(LOSSES.names())
 
 
 def test_golden_values_at_logit_zero():
@@ -37,9 +37,19 @@ def test_golden_values_at_logit_zero():
     # focal: ce = ln2, (1 - p_t)^2 = 1/4, alpha_t = .25 on 4 fg px and .75 on 12 bg px → ln2/4 * 10/16
     focal = LN2 / 4 * (4 * 0.25 + 12 * 0.75) / 16
     assert LOSSES.get("focal_dice")(x, t).item() == pytest.approx(20 * focal + 8 / 13, rel=1e-5)
+    # Lovász hinge at logit 0: every error is 1, the Lovász weights telescope to the full Jaccard loss 1
+    assert LOSSES.get("lovasz_bce")(x, t).item() == pytest.approx(1.0 + LN2)
 
 
-@pytest.mark.parametrize("name", ["bce", "dice", "dice_bce", "focal_dice"])
+def test_lovasz_hinge_golden_two_pixels():
+    """t = [1, 0], x = [0.5, 0]: errors 1 - 0.5 = 0.5 (fg) and 1 + 0 = 1 (bg); sorted [1 (bg), 0.5 (fg)];
+    Jaccard after each [1/2, 1] → weights [1/2, 1/2] → hinge 1 * 1/2 + 0.5 * 1/2 = 0.75."""
+    t = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    x = torch.tensor([0.5, 0.0]).view(1, 1, 1, 2)
+    assert LOSSES.get("lovasz_bce")(x, t, bce_weight=0.0).item() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("name", ["bce", "dice", "dice_bce", "focal_dice", "lovasz_bce"])
 def test_perfect_low_inverted_high(name):
     t = torch.zeros(2, 1, 8, 8)
     t[0, 0, 2:6, 2:6] = 1
@@ -51,7 +61,7 @@ def test_perfect_low_inverted_high(name):
     assert inverted > 0.9
 
 
-@pytest.mark.parametrize("name", ["bce", "dice", "dice_bce", "focal_dice"])
+@pytest.mark.parametrize("name", ["bce", "dice", "dice_bce", "focal_dice", "lovasz_bce"])
 def test_invalid_pixels_do_not_count(name):
     torch.manual_seed(0)
     t = (torch.rand(2, 1, 8, 8) > 0.5).float()
@@ -72,7 +82,7 @@ def test_invalid_pixels_do_not_count(name):
     assert loss(x.detach(), t2, valid).item() == pytest.approx(base.item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["bce", "dice", "dice_bce", "focal_dice"])
+@pytest.mark.parametrize("name", ["bce", "dice", "dice_bce", "focal_dice", "lovasz_bce"])
 def test_no_valid_pixel_gives_differentiable_zero(name):
     x = torch.randn(2, 1, 4, 4, requires_grad=True)
     loss = LOSSES.get(name)(x, target_4x4().expand(2, 1, 4, 4), torch.zeros(2, 1, 4, 4, dtype=torch.bool))
