@@ -25,8 +25,9 @@ up: setup
 down:
 	./scripts/down.sh
 
+# MEDSAM2_REQUIRE_DATA=1: missing sample data or Postgres fails the test (with how to get it) instead of skipping
 test: setup
-	source scripts/env.sh && $(VENV)/bin/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	source scripts/env.sh && MEDSAM2_REQUIRE_DATA=$${MEDSAM2_REQUIRE_DATA:-1} $(VENV)/bin/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 test-all: setup
 	source scripts/env.sh && $(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -1,5 +1,5 @@
-"""Shared test fixtures: the real sample data (skipped with a reason when absent), a tiny ingested Kvasir work
-dir, and a tiny-config factory (hiera_t at 64 px on CPU)."""
+"""Shared test fixtures: the real sample data (skipped with a reason when absent, a failure under
+``MEDSAM2_REQUIRE_DATA=1``), a tiny ingested Kvasir work dir, and a tiny-config factory (hiera_t at 64 px on CPU)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,24 @@ import pytest
 from medsam2.config import ExperimentCfg, load_config
 
 REPO = Path(__file__).resolve().parents[1]
+REQUIRE_ENV = "MEDSAM2_REQUIRE_DATA"
+#: how to get the sample data, for skip and failure messages
+GET_SAMPLE_DATA = ("set MEDSAM2_SAMPLE_DATA to the shared sample-data folder (default ../shared/data next to the "
+                   "checkout; its README lists the public sources of every folder)")
+
+
+def required() -> bool:
+    """``MEDSAM2_REQUIRE_DATA=1`` (set by ``make test`` and ``.ci/run``): a missing prerequisite fails the test."""
+    return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
+
+
+def skip_or_fail(missing: str, how: str) -> None:
+    """Skip the test because ``missing`` is absent, or fail it under ``MEDSAM2_REQUIRE_DATA=1``; both say ``how``
+    to get it."""
+    if required():
+        pytest.fail(f"{missing}: {how} ({REQUIRE_ENV}=1 makes this a failure; unset it to skip instead)",
+                    pytrace=False)
+    pytest.skip(f"{missing}: {how}")
 
 
 def sample_root() -> Path | None:
@@ -23,7 +41,7 @@ def sample_root() -> Path | None:
 def sample_data() -> Path:
     root = sample_root()
     if root is None:
-        pytest.skip("real sample data not found: set MEDSAM2_SAMPLE_DATA to the shared data folder")
+        skip_or_fail("real sample data not found", GET_SAMPLE_DATA)
     return root
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import GET_SAMPLE_DATA, skip_or_fail
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SCRIPTS = ("train_throughput", "infer_throughput", "loader_throughput")
@@ -60,7 +62,7 @@ def tiny_workdir(sample_data: Path, tmp_path_factory) -> Path:
 
     src_root = sample_data / "kvasir-seg"
     if not (src_root / "images").is_dir():
-        pytest.skip(f"no Kvasir-SEG images under {src_root}")
+        skip_or_fail(f"no Kvasir-SEG images under {src_root}", GET_SAMPLE_DATA)
     root = tmp_path_factory.mktemp("bench-kvasir")
     src = root / "kvasir-seg"
     (src / "images").mkdir(parents=True)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, sample_root
+from tests.conftest import GET_SAMPLE_DATA, REPO, sample_root, skip_or_fail
 
 # Worker-level overrides (MEDSAM2_OVERRIDES) shrink every deployment's model so CPU runs take seconds.
 TINY = ("model.image_size=64 train.max_steps=2 train.batch_size=2 train.eval_every=2 train.warmup_steps=1 "
@@ -27,7 +27,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     if sample_root() is None:
-        pytest.skip("real sample data not found: set MEDSAM2_SAMPLE_DATA to the shared data folder")
+        skip_or_fail("real sample data not found", GET_SAMPLE_DATA)
     home = tmp_path_factory.mktemp("stack")
     env = {**os.environ, "MEDSAM2_HOME": str(home), "MEDSAM2_PREFECT_PORT": str(free_port()),
            "MEDSAM2_MLFLOW_PORT": str(free_port()), "MEDSAM2_OVERRIDES": TINY}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import GET_SAMPLE_DATA, skip_or_fail
+
 N_IMAGES = 12
 N_TEST = 2
 
@@ -22,7 +24,7 @@ def tune_workdir(tmp_path_factory) -> str:
     """12 real Kvasir-SEG images ingested with a 30 % val share (≈7 train / 3 val / 2 test)."""
     src = sample_data_root() / "kvasir-seg"
     if not (src / "images").is_dir():
-        pytest.skip(f"sample data not found at {src} (set MEDSAM2_SAMPLE_DATA)")
+        skip_or_fail(f"sample data not found at {src}", GET_SAMPLE_DATA)
     from medsam2.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("kvasir") / "kvasir-seg"
