@@ -1,7 +1,8 @@
 """A throwaway Postgres cluster, set up by infra/postgres/init-databases.sh, backing a real MLflow server.
 
 Needs Debian's ``postgresql`` package (initdb/pg_ctl) and the ``psycopg`` driver; skips with the reason if
-either is missing. Postgres refuses to run as root, so as root the server runs as the ``postgres`` user.
+either is missing, or fails with it under ``MEDSAM2_REQUIRE_DATA=1`` (``make test``,
+``.ci/run``). Postgres refuses to run as root, so as root the server runs as the ``postgres`` user.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import skip_or_fail
 
 INIT_SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "postgres" / "init-databases.sh"
 
@@ -47,9 +50,11 @@ def _as_pg_user(cmd: list[str]) -> list[str]:
 def postgres():
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not (initdb and pg_ctl and shutil.which("psql")):
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl, psql) not installed: apt-get install -y postgresql")
+        skip_or_fail("PostgreSQL binaries (initdb, pg_ctl, psql) not installed",
+                     "apt-get install -y postgresql (.ci/run does this when it runs as root)")
     if os.geteuid() == 0 and subprocess.run(["id", "postgres"], capture_output=True).returncode:
-        pytest.skip("running as root and there is no `postgres` user to run the server as")
+        skip_or_fail("running as root and there is no `postgres` user to run the server as",
+                     "apt-get install -y postgresql creates it, or run the tests as a normal user")
     root = Path(tempfile.mkdtemp(prefix="medsam2-pg-"))
     root.chmod(0o755)
     data, sock = root / "data", root / "sock"
@@ -109,7 +114,10 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 @pytest.mark.slow
 def test_init_script_and_mlflow_server_on_postgres(postgres, tmp_path):
-    pytest.importorskip("psycopg", reason="the psycopg driver is needed: pip install 'psycopg[binary]'")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        skip_or_fail("the psycopg driver is not installed", "pip install -e '.[dev]' (it pins psycopg[binary])")
     mlflow_pw, prefect_pw = "m-" + os.urandom(6).hex(), "p-" + os.urandom(6).hex()
     env = {
         **os.environ,
@@ -171,7 +179,8 @@ def test_init_script_and_mlflow_server_on_postgres(postgres, tmp_path):
         got = MlflowClient(uri).get_run(run.info.run_id)
         assert got.data.params["backend"] == "postgres" and got.data.metrics["val_dice"] == 0.5
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["note.txt"]
-        assert (tmp_path / "artifacts").rglob("note.txt")
+        stored = [p.read_text() for p in (tmp_path / "artifacts").rglob("note.txt")]
+        assert stored == ["hello"], stored  # the artifact really lives under --artifacts-destination
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
