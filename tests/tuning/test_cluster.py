@@ -137,9 +137,13 @@ def test_sweep_on_two_node_cluster(ray_cluster, sweep_env, tmp_path, check_sweep
 
 
 def test_joining_without_the_token_is_refused(ray_cluster):
-    """Token auth really is on: a driver with a wrong token cannot join."""
-    env = {**os.environ, "RAY_AUTH_TOKEN": "0" * 64}
-    code = f"import ray\nray.init(address={ray_cluster!r}, log_to_driver=False)\nprint('JOINED')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert "JOINED" not in out.stdout
-    assert out.returncode != 0
+    """Token auth really is on: the session's token joins, and the same driver with a wrong token is refused
+    for its token (not for any other reason, such as an address that cannot be reached)."""
+    code = f"import ray\nray.init(address={ray_cluster!r}, log_to_driver=False)\nprint('JOINED', len(ray.nodes()))"
+    run = lambda env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                     timeout=120, env=env)
+    ok = run(dict(os.environ))
+    assert ok.returncode == 0 and "JOINED 2" in ok.stdout, ok.stdout + ok.stderr[-3000:]
+    bad = run({**os.environ, "RAY_AUTH_TOKEN": "0" * 64})
+    assert bad.returncode != 0 and "JOINED" not in bad.stdout
+    assert "InvalidAuthToken" in bad.stderr, bad.stderr[-3000:]  # Ray's reason: "token is missing or incorrect"
