@@ -148,8 +148,11 @@ def test_loader_quick(tiny_workdir: Path, tmp_path: Path) -> None:
     assert grid == {(0, "none"), (2, "none"), (0, "light"), (2, "light")}
     for r in res["results"]:
         assert r["img_s"] > 0 and r["startup_s"] >= 0 and r["ratio_to_model"] == pytest.approx(r["img_s"] / 5, 0.01)
-        assert isinstance(r["meets_1_5x"], bool)
+        assert r["meets_1_5x"] is (r["ratio_to_model"] >= 1.5)  # the loader target: >= 1.5x the model's img/s
     assert set(res["per_sample_ms"]) == {"none", "light"} and set(res["best"]) == {"none", "light"}
+    for augment, best in res["best"].items():
+        meeting = [r["num_workers"] for r in res["results"] if r["augment"] == augment and r["ratio_to_model"] >= 1.5]
+        assert best["fewest_workers_meeting_1_5x"] == (min(meeting) if meeting else None)
 
 
 def test_gpu_plan_orders_baselines_first(monkeypatch) -> None:
