@@ -39,6 +39,10 @@ def test_validate_clean_then_broken(sample_data: Path, tmp_path: Path) -> None:
     write_table(df, wd / MANIFEST_NAME, MANIFEST_COLUMNS)
     bad = validate(wd)
     assert not bad.success and bad.data_docs is None
-    text = "\n".join(bad.failures)
-    for needle in ("same sha256", "more than one split", "box outside", "split", "image cache", "not binary"):
-        assert needle in text, (needle, text)
+    # one needle per planted fault, each matching only that fault's failure line ("split" alone would also
+    # match "more than one split"; the unknown split is reported with its value)
+    needles = ("same sha256", "more than one split", "box outside", "['holdout']", "image cache", "not binary")
+    hits = {n: [f for f in bad.failures if n in f] for n in needles}
+    for n, lines in hits.items():
+        assert len(lines) == 1, (n, bad.failures)
+    assert len({lines[0] for lines in hits.values()}) == len(needles), bad.failures
