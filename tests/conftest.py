@@ -37,6 +37,35 @@ def sample_root() -> Path | None:
     return p if p.is_dir() else None
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+
+
+def remove_checkpoints(root: Path) -> int:
+    """Delete every checkpoint file under ``root`` (what a module/session fixture trained: ≈ 0.16–0.56 GB per
+    run) and return how many; logs, manifests and reports stay for a post-mortem. ``tmp_path_factory`` dirs are
+    not removed at teardown like a passing test's ``tmp_path``, so fixtures that train call this."""
+    n = 0
+    for p in Path(root).rglob("*"):
+        if p.suffix in CHECKPOINT_SUFFIXES and (p.is_file() or p.is_symlink()):
+            p.unlink()
+            n += 1
+    return n
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_medsam2_home(tmp_path_factory):
+    """The whole suite, and every subprocess a test starts, runs with a temporary ``MEDSAM2_HOME`` instead of the
+    one ``scripts/env.sh`` / ``.ci/run`` export (inside the checkout): SQLite MLflow stores, the weights cache and
+    ``ray_results`` of tests that set no home of their own go there and are removed at the end of the session.
+    Tests that need a private home (``tracking_env``, the flow stack) still set their own."""
+    home = tmp_path_factory.mktemp("medsam2-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEDSAM2_HOME", str(home))
+    yield home
+    mp.undo()
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def sample_data() -> Path:
     root = sample_root()

@@ -20,7 +20,9 @@ from medsam2.model.segmenter import build_segmenter
 def tiny_checkpoint(tmp_path_factory):
     cfg = ExperimentCfg(model=ModelCfg(image_size=64))
     model, base = build_segmenter(cfg.model)
-    return atomic_save(model_payload(model, cfg, base), tmp_path_factory.mktemp("m") / "final.pt")
+    path = atomic_save(model_payload(model, cfg, base), tmp_path_factory.mktemp("m") / "final.pt")
+    yield path
+    path.unlink(missing_ok=True)  # 156 MB; a module-scoped dir outlives the module otherwise
 
 
 def test_parse_points():

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import GET_SAMPLE_DATA, REPO, sample_root, skip_or_fail
+from tests.conftest import GET_SAMPLE_DATA, REPO, remove_checkpoints, sample_root, skip_or_fail
 
 # Worker-level overrides (MEDSAM2_OVERRIDES) shrink every deployment's model so CPU runs take seconds.
 TINY = ("model.image_size=64 train.max_steps=2 train.batch_size=2 train.eval_every=2 train.warmup_steps=1 "
@@ -44,6 +44,7 @@ def stack(tmp_path_factory):
     assert dep.returncode == 0, dep.stdout[-3000:] + dep.stderr[-3000:]
     yield env, home
     subprocess.run(["bash", "scripts/down.sh"], cwd=REPO, env=env, capture_output=True, timeout=120)
+    remove_checkpoints(home)  # runs/ and mlartifacts/ (GBs over the flow tests); logs and DBs stay
 
 
 def run_deployment(env, deployment: str, params: dict) -> str:

@@ -10,6 +10,7 @@ from medsam2.data.manifest import read_manifest
 from medsam2.data.selection import select_rows
 from medsam2.engine.checkpoint import load_model
 from medsam2.semisup import self_training as st
+from tests.conftest import remove_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,8 @@ def teacher(kvasir_workdir, tiny_cfg, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("teacher")
     cfg = tiny_cfg(kvasir_workdir, out / "run", "train.max_steps=1", "model.adapter=decoder_only")
-    return train(cfg).checkpoint, cfg
+    yield train(cfg).checkpoint, cfg
+    remove_checkpoints(out)  # a module-scoped dir outlives the module otherwise
 
 
 def test_pseudo_label_acceptance(kvasir_workdir, teacher, tmp_path):
