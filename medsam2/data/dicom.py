@@ -61,8 +61,9 @@ def modality_of(ds: Any) -> str:
     return m
 
 
-def _pixels(path: Path) -> tuple[Any, np.ndarray, list[str]]:
-    """Full dataset + pixel array (frames first when multi-frame); all failures become QuarantineError."""
+def _pixels(path: Path, *, image: bool = False) -> tuple[Any, np.ndarray, list[str]]:
+    """Full dataset + pixel array (frames first when multi-frame); all failures become QuarantineError.
+    ``image``: the caller wants an image, so a DICOM-SEG object is rejected (``seg_not_image``) before decoding."""
     import pydicom
 
     try:
@@ -72,6 +73,9 @@ def _pixels(path: Path) -> tuple[Any, np.ndarray, list[str]]:
     phi = phi_values(ds)
     if len(ds) == 0:
         raise QuarantineError("corrupt", "DICOM preamble but no parseable data elements")
+    if image and is_seg(ds):
+        raise QuarantineError("seg_not_image", f"{Path(path).name} is a DICOM-SEG object (SOPClassUID "
+                              f"{SEG_SOP_CLASS}): a segmentation, not an image; give the image it segments")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise QuarantineError("no_pixel_data", "DICOM object has no pixel data")
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
@@ -119,11 +123,15 @@ def window_of(ds: Any, modality: str) -> tuple[float, float] | None:
 def decode_image(path: Path) -> tuple[list[np.ndarray], dict[str, Any], Any]:
     """DICOM image → (frames as uint8 (H, W, 3) RGB, safe meta additions, header without pixels).
 
-    Multi-frame objects give one array per frame. Raises QuarantineError for SEG objects passed here.
+    Multi-frame objects give one array per frame.
+
+    Raises:
+        QuarantineError: ``seg_not_image`` for a DICOM-SEG object (Modality SEG or SOPClassUID
+            :data:`SEG_SOP_CLASS`: a mask, read with :func:`read_seg_frames`), or any reason of an unreadable file.
     """
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds, arr, phi = _pixels(path)
+    ds, arr, phi = _pixels(path, image=True)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", ""))

@@ -16,7 +16,10 @@
 * **Accounted.** Every input ends up as a manifest row or a quarantine row: ``inputs_seen = dataset rows +
   dataset quarantine rows``. Sidecar files (README, split lists, JSON maps) are not inputs; they are counted
   in ``ignored``. Duplicate content — the same file bytes at another path, or the same decoded image + mask as
-  a row already accepted — is quarantined as ``duplicate_content`` (first path in sorted order wins).
+  a row already accepted — is quarantined as ``duplicate_content`` (first path in sorted order wins); a second
+  DICOM file with an already-seen SOPInstanceUID as ``duplicate_instance``, naming the first. At the end of
+  every ingest :func:`check_accounting` checks, file by file, that each file listed is a row, a quarantine
+  row or ignored, and raises :class:`~medsam2.errors.InternalError` otherwise.
 
 * **No lost test split.** A dataset whose profile (or layout) names a frozen test list gets it from the source,
   else from the list shipped with the package (Kvasir-SEG: the PraNet list, as the official download has
@@ -34,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -63,6 +67,7 @@ from medsam2.data.process import INGEST_VERSION, UnitOutput, dataset_prefix, pro
 from medsam2.data.readers import QuarantineError, read_nifti, sniff_kind, stem_of
 from medsam2.data.splits import DEFAULT_VAL_FRACTION, assign_splits, split_bucket
 from medsam2.data.storage import SourceFile, Storage, open_storage
+from medsam2.errors import InternalError
 from medsam2.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -100,6 +105,8 @@ class IngestResult:
     inputs_seen: int = 0
     ignored: int = 0
     ignored_files: list[str] = field(default_factory=list)
+    files_seen: int = 0
+    """Files in the source listing: each is a manifest row, a quarantine row or ignored (checked)."""
     labelled: int = 0
     splits: dict[str, int] = field(default_factory=dict)
     dataset_version: str = ""
@@ -298,6 +305,14 @@ def discover(
     ]
 
     dicoms = {rel: _dicom_info(src, rel, dataset, salt) for rel, k in kinds.items() if k == "dicom"}
+    first_of: dict[str, str] = {}  # SOPInstanceUID hash → first file (sorted order) carrying it
+    for rel, i in sorted(dicoms.items()):
+        if "error" in i:
+            continue
+        first = first_of.setdefault(i["sop"], rel)
+        if first != rel:  # the same DICOM instance twice (a copy, a re-export): keep the first, say so
+            detail = f"same SOPInstanceUID as {src.storage.uri_of(first)}"
+            dicoms[rel] = {"error": ["duplicate_instance", detail]}  # a new dict: the stat cache keeps its facts
     by_sop = {i["sop"]: rel for rel, i in dicoms.items() if "error" not in i and not i["seg"]}
     segs_of: dict[str, list[str]] = {}
     for rel, i in sorted(dicoms.items()):
@@ -396,7 +411,7 @@ def ingest(
             ignored=len(ignored),
             ignored_files=ignored[:50],
         )
-        _run(src, workdir, dataset, units, opts, test_stems, res)
+        _run(src, workdir, dataset, units, opts, test_stems, res, ignored)
         cache.save()
     res.seconds = round(time.monotonic() - t0, 3)
     log.info(
@@ -420,6 +435,7 @@ def _run(
     opts: dict[str, Any],
     test_stems: set[str],
     res: IngestResult,
+    ignored: list[str] | None = None,
 ) -> None:
     now = datetime.now(UTC).isoformat(timespec="seconds")
     old, oldq = read_manifest(workdir), read_quarantine(workdir)
@@ -572,9 +588,47 @@ def _run(
         if time.monotonic() - last_ckpt > every:
             checkpoint(final=False)
             last_ckpt = time.monotonic()
+    res.files_seen = check_accounting(src, units, rows_by_unit, q_by_unit, ignored or [])
     checkpoint(final=True)
     res.added, res.unchanged, res.updated = counts["added"], counts["unchanged"], counts["updated"]
     _remove_orphans(workdir, dataset)
+
+
+_PART = re.compile(r"#(?:slice|frame|seg)=[^/]*$")  # "a.dcm#frame=2": a part of a file (quarantine rows)
+
+
+def check_accounting(
+    src: _Source,
+    units: list[L.Unit],
+    rows_by_unit: dict[str, list[dict[str, Any]]],
+    q_by_unit: dict[str, list[dict[str, Any]]],
+    ignored: list[str],
+) -> int:
+    """Every file of the listing is a manifest row's image or mask, a quarantine row, or ignored (a sidecar,
+    outside a declarative layout); the files of a unit rejected as a whole (no row, a quarantine row: e.g. the
+    mask of a duplicate image) go with its quarantine row. Returns the number of files seen.
+
+    Raises:
+        InternalError: some file is none of these — ingest would have dropped it silently (a bug).
+    """
+    used: set[str] = set()
+    for rows in rows_by_unit.values():
+        for r in rows:
+            used.update(u for u in (r.get("source_uri"), r.get("mask_source_uri")) if isinstance(u, str))
+    for qs in q_by_unit.values():
+        used.update(_PART.sub("", q["source_uri"]) for q in qs)
+    for u in units:
+        if q_by_unit.get(u.key) and not rows_by_unit.get(u.key):
+            used.update(src.storage.uri_of(f) for f in u.files if not f.startswith("\0"))
+    skipped = set(ignored)
+    lost = sorted(rel for rel in src.info if rel not in skipped and src.storage.uri_of(rel) not in used)
+    if lost:
+        raise InternalError(
+            f"ingest lost track of {len(lost)} of {len(src.info)} files in {src.storage.uri} (neither a manifest "
+            f"row, a quarantine row nor ignored): {', '.join(lost[:5])}{' …' if len(lost) > 5 else ''}",
+            "this is a bug in medsam2's ingest: please report it with these file names",
+        )
+    return len(src.info)
 
 
 def _remove_orphans(workdir: Path, dataset: str) -> None:

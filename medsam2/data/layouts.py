@@ -6,9 +6,11 @@ objects, a box from a sidecar), and produces one or more manifest rows (frames, 
 
 **Automatic pairing** (``layout=None``), per file kind:
 
-* 2D (PNG/JPEG/TIFF/BMP/NPY). A file is a *mask* if a folder on its path is a mask folder (``masks``,
-  ``labels``, ``gt``, ``ground truth``, ``annotations``, ...) or its stem ends in
-  ``_mask``/``_seg``/``_label``/``_gt`` (optional ``_N`` instance suffix). Masks pair with images of the same
+* 2D (PNG/JPEG/TIFF/BMP/NPY). The folder decides first: a folder on a file's path that names a role makes it
+  a *mask* (``masks``, ``labels``, ``gt``, ``ground truth``, ``annotations``, ...) or an *image* (``images``,
+  ``imgs``, ``original``, ``frames``, ...; a mask folder wins), whatever its name: ``images/polyp_label_3.png``
+  is an image. Only outside such folders does the name decide: a stem ending in ``_mask``/``_seg``/``_label``/
+  ``_gt`` (optional ``_N`` instance suffix) is a mask. Masks pair with images of the same
   kind (raster/NPY) in the same *scope* (the folder above an ``images``/``masks`` folder, else the file's own
   folder) by the *core stem*: the stem without ``_frame``/``_image``/``_img`` (images) or the mask suffix
   (masks). Examples: ``images/a.jpg`` + ``masks/a.jpg`` (Kvasir, BUSI, BraTS NPY),
@@ -19,7 +21,8 @@ objects, a box from a sidecar), and produces one or more manifest rows (frames, 
   connected part is what SAM is trained on; merging is a one-line group-by downstream. Images without a mask
   are unlabelled (``label_kind`` none, or box when a sidecar gives one); a mask without an image is
   quarantined (``mask_without_image``).
-* NIfTI: volumes named with a ``seg``/``label``/``mask``/``gt`` token are label volumes; each pairs with the
+* NIfTI: volumes in a mask folder, or (outside role folders) named with a ``seg``/``label``/``mask``/``gt``
+  token, are label volumes; each pairs with the
   image volume of the same shape, preferring the same folder and the longest common name prefix.
 * DICOM (``.dcm`` or ``DICM`` magic): SEG objects pair with the images they reference (in ingest.py).
 * Sidecars (``.md .txt .json .yaml .csv ...`` and hidden files) are not inputs; they are reported as
@@ -257,9 +260,24 @@ def _stem(rel: str) -> str:
     return stem_of(rel)
 
 
-def _is_mask_2d(rel: str) -> bool:
+def folder_role(rel: str) -> str | None:
+    """``'mask'`` if a folder on ``rel``'s path is a mask folder (:data:`MASK_DIRS`), else ``'image'`` if one is an
+    image folder (:data:`IMAGE_DIRS`), else None. The folder decides before any token in the file name:
+    ``images/polyp_label_3.png`` is an image, ``masks/a.png`` a mask."""
     dirs = {d.lower() for d in PurePosixPath(rel).parts[:-1]}
-    return bool(dirs & MASK_DIRS) or bool(MASK_SUFFIX.match(_stem(rel)))
+    if dirs & MASK_DIRS:
+        return "mask"
+    return "image" if dirs & IMAGE_DIRS else None
+
+
+def _is_mask_2d(rel: str) -> bool:
+    role = folder_role(rel)
+    return role == "mask" if role else bool(MASK_SUFFIX.match(_stem(rel)))
+
+
+def _is_label_volume(rel: str) -> bool:
+    role = folder_role(rel)
+    return role == "mask" if role else bool(NIFTI_LABEL_TOKEN.search(_stem(rel)))
 
 
 def _scope(rel: str) -> str:
@@ -348,7 +366,7 @@ def pair_declarative(
 def pair_nifti(headers: dict[str, tuple[int, ...]]) -> tuple[list[tuple[str, str | None]], list[str]]:
     """NIfTI volumes {rel: shape} → ([(image volume, label volume or None)], [label volumes without
     image])."""
-    labels = sorted(f for f in headers if NIFTI_LABEL_TOKEN.search(_stem(f)))
+    labels = sorted(f for f in headers if _is_label_volume(f))
     images = sorted(f for f in headers if f not in labels)
     pairs: dict[str, str | None] = {im: None for im in images}
     orphans: list[str] = []
