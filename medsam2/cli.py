@@ -204,6 +204,7 @@ def validate(
     """Run the great-expectations suite over the manifest; exits 1 with a readable report if it fails."""
     from medsam2.steps import run_validate
 
+    _check_workdir(workdir, "validate")
     res = run_validate(workdir, data_docs)
     human = "validation passed" if res["success"] else "validation FAILED:\n- " + "\n- ".join(res["failures"])
     _emit(res, json_, human)

@@ -165,3 +165,21 @@ def test_internal_error_is_one_message_and_exit_1(monkeypatch, tmp_path: Path) -
     res = _run("ingest", str(tmp_path), "--workdir", str(tmp_path / "w"), "--json")
     assert res.exit_code == 1 and "internal error" in _short(res)
     assert _error_json(res)["kind"] == "internal"
+
+
+def test_bad_layout_is_a_usage_error_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    layout = tmp_path / "layout.yaml"
+    layout.write_text("test_lst: test.txt\n")
+    res = _run("ingest", str(tmp_path / "src"), "--workdir", str(tmp_path / "w"), "--layout", str(layout), "--json")
+    assert res.exit_code == 2 and "did you mean 'test_list'" in _short(res)
+    layout.write_text("- a\n- b\n")
+    res = _run("ingest", str(tmp_path / "src"), "--workdir", str(tmp_path / "w"), "--layout", str(layout))
+    assert res.exit_code == 2 and "mapping" in _short(res)
+    res = _run("ingest", str(tmp_path / "src"), "--workdir", str(tmp_path / "w"), "--layout", str(tmp_path / "no.yaml"))
+    assert res.exit_code == 2 and "no.yaml" in _short(res)
+
+
+def test_validate_without_a_manifest_is_an_input_error(tmp_path: Path) -> None:
+    res = _run("validate", "--workdir", str(tmp_path / "empty"), "--json")
+    assert res.exit_code == 3 and "medsam2 ingest" in _short(res)

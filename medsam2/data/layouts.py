@@ -40,6 +40,7 @@ objects, a box from a sidecar), and produces one or more manifest rows (frames, 
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import re
@@ -49,6 +50,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from medsam2.data.readers import ext_of, stem_of
+from medsam2.errors import UsageError
 
 OPTION_KEYS = {
     "images": "glob of image files (declarative layout)",
@@ -202,15 +204,22 @@ def resolve_layout(dataset: str, layout: str | dict | None) -> dict[str, Any]:
         import yaml
 
         layout = yaml.safe_load(Path(layout).read_text())
+    if layout and not isinstance(layout, dict):
+        raise UsageError(f"a layout must be a mapping of options, got {type(layout).__name__}",
+                         f"write key: value lines; known keys: {sorted(OPTION_KEYS)}")
     if layout:
         unknown = set(layout) - set(OPTION_KEYS)
         if unknown:
-            raise ValueError(f"unknown layout keys {sorted(unknown)}; known: {sorted(OPTION_KEYS)}")
+            near = {k: difflib.get_close_matches(k, OPTION_KEYS, n=1) for k in sorted(unknown)}
+            guess = "; ".join(f"{k!r}: did you mean {v[0]!r}?" for k, v in near.items() if v)
+            raise UsageError(f"unknown layout keys {sorted(unknown)}" + (f" ({guess})" if guess else "")
+                             + f"; known: {sorted(OPTION_KEYS)}", "fix the layout file (medsam2 ingest --layout)")
         opts.update(layout)
         if "test_list" in layout:  # the user's own list (or null: none): never fall back to the shipped one
             opts.pop("shipped_test_list", None)
     if opts.get("split") not in (None, "train", "val", "test"):
-        raise ValueError(f"layout split must be train|val|test, got {opts['split']!r}")
+        raise UsageError(f"layout split must be one of train, val, test; got {opts['split']!r}",
+                         "fix the layout file (medsam2 ingest --layout)")
     return opts
 
 
