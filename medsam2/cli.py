@@ -186,11 +186,7 @@ def ingest(
             lay = yaml.safe_load(layout.read_text())
         except yaml.YAMLError as e:
             raise UsageError(f"layout {layout}: not valid YAML: {' '.join(str(e).split())}", "fix the file") from None
-    if source.startswith("s3://"):
-        from medsam2.services import check_s3
-
-        check_s3(s3_endpoint_url)
-    res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)
+    res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)  # checks S3 first
     _emit(res, json_, f"added {res['added']}, unchanged {res['unchanged']}, quarantined {res['quarantined']}, "
                       f"rows {res['rows']}, dataset version {res['dataset_version']}")
 

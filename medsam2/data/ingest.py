@@ -69,6 +69,7 @@ from medsam2.data.splits import DEFAULT_VAL_FRACTION, assign_splits, split_bucke
 from medsam2.data.storage import SourceFile, Storage, open_storage
 from medsam2.errors import InternalError
 from medsam2.hashing import file_sha256
+from medsam2.services import check_s3
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +395,8 @@ def ingest(
     layouts.py). salt: de-identification salt (default ``$MEDSAM2_DEID_SALT`` or ``workdir/.salt``).
     """
     t0 = time.monotonic()
+    if str(source).startswith("s3://"):  # a stopped MinIO is an answer in seconds, not after boto3's retries
+        check_s3(s3_endpoint_url)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     with workdir_lock(workdir), open_storage(source, s3_endpoint_url=s3_endpoint_url) as storage:
