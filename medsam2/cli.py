@@ -285,23 +285,81 @@ def rollback(
 
 @app.command()
 def predict(
-    inputs: Annotated[list[Path], typer.Argument(help="Images (PNG/JPEG/TIFF/DICOM).")],
-    model: Annotated[str, typer.Option(help="Checkpoint path or MLflow model URI.")],
-    out: Annotated[Path, typer.Option(help="Output directory.")],
-    box: Annotated[str | None, typer.Option(help="x0,y0,x1,y1 in pixels (box-prompted models).")] = None,
-    points: Annotated[str | None, typer.Option(help="x,y[,label];x,y[,label]… (point-prompted).")] = None,
+    inputs: Annotated[list[Path] | None, typer.Argument(help="Images (PNG/JPEG/TIFF/DICOM/NIfTI/NPY).")] = None,
+    model: Annotated[str, typer.Option(help="Checkpoint path or MLflow model URI.")] = ...,  # type: ignore[assignment]
+    out: Annotated[Path, typer.Option(help="Output directory.")] = ...,  # type: ignore[assignment]
+    box: Annotated[str | None, typer.Option(help="x0,y0,x1,y1 in pixels, for every input (box-prompted models).")
+                   ] = None,
+    points: Annotated[str | None, typer.Option(help="x,y[,label];x,y[,label]… for every input (point-prompted).")
+                      ] = None,
+    prompts: Annotated[Path | None, typer.Option(
+        help="CSV or JSON with one prompt per image: columns/keys image, box (x0,y0,x1,y1) or x0,y0,x1,y1, "
+             "points (x,y[,label];…), labels, id. Relative image paths are relative to the file.")] = None,
+    workdir: Annotated[str | None, typer.Option(help="Segment manifest rows with their boxes (ingest cache).")
+                       ] = None,
+    ids: Annotated[list[str] | None, typer.Option("--id", help="Manifest image id (repeatable; default: all rows "
+                                                               "of --workdir).")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Segment images: PNG masks for images, DICOM-SEG for DICOM inputs."""
-    missing = [str(p) for p in inputs if not p.exists()]
-    if missing:
-        raise InputDataError(f"input {'file' if len(missing) == 1 else 'files'} not found: {', '.join(missing)}",
-                             "check the paths (PNG/JPEG/TIFF/DICOM images)")
+    """Segment images, one output per input: a PNG mask (and a DICOM-SEG for DICOM input) each.
+
+    Prompts: --box/--points for every input; --prompts FILE for one prompt per image; or --workdir [--id …] for
+    a manifest's rows and boxes. An input that fails (unreadable, no box, box outside the image) is reported
+    in the JSON (status "failed", error, kind) and the others still run; the exit code is 0 unless every input
+    failed (then 3, input data).
+    """
+    from medsam2.engine.prompt_sources import PromptItem, from_manifest, from_prompt_file, parse_box, parse_points
+
+    if (box or points) and (prompts or workdir):
+        raise UsageError("--box/--points give one prompt for every input; --prompts and --workdir give their own",
+                         "use one of them")
+    if prompts and workdir:
+        raise UsageError("give either --prompts or --workdir, not both", "see `medsam2 predict --help`")
+    if ids and not workdir:
+        raise UsageError("--id selects manifest rows: it needs --workdir", "see `medsam2 predict --help`")
+    try:
+        b = parse_box(box)
+    except ValueError as e:
+        raise UsageError(f"--box: {e}", "see `medsam2 predict --help`") from None
+    try:
+        pts, labels = parse_points(points)
+    except ValueError as e:
+        raise UsageError(f"--points: {e}", "see `medsam2 predict --help`") from None
+    paths = list(inputs or [])
+    if prompts is not None:
+        items = from_prompt_file(prompts)
+        if paths:  # only the images named on the command line, each with its row
+            by_path = {it.path.resolve(): it for it in items if it.path is not None}
+            by_name = {it.path.name: it for it in items if it.path is not None}
+            items = [by_path.get(p.resolve()) or by_name.get(p.name)
+                     or PromptItem(name=p.stem, path=p, error=f"no row for this image in {prompts}") for p in paths]
+    elif workdir is not None:
+        if paths:
+            raise UsageError("--workdir segments manifest rows: give --id, not image paths",
+                             "see `medsam2 predict --help`")
+        _check_workdir(workdir, "predict")
+        items = from_manifest(workdir, ids)
+    else:
+        if not paths:
+            raise UsageError("nothing to segment: give images, --prompts FILE or --workdir DIR",
+                             "see `medsam2 predict --help`")
+        missing = [str(p) for p in paths if not p.exists()]
+        if len(missing) == len(paths):
+            raise InputDataError(f"input {'file' if len(missing) == 1 else 'files'} not found: "
+                                 f"{', '.join(missing)}", "check the paths (PNG/JPEG/TIFF/DICOM images)")
+        items = [PromptItem(name=p.stem, path=p, box=b, points=pts, labels=labels) for p in paths]
+    if not items:
+        raise InputDataError("nothing to segment: the prompt source has no rows", "check the file or work dir")
     _check_model(model)
     from medsam2.engine.predict_files import predict_files
 
-    res = predict_files(model, inputs, out, box=box, points=points)
-    _emit(res, json_, f"wrote {len(res['outputs'])} masks to {out}")
+    res = predict_files(model, items, out)
+    failed = [o for o in res["outputs"] if o["status"] != "ok"]
+    _emit(res, json_, f"wrote {res['n_ok']} masks to {out}" + "".join(
+        f"\n  failed: {o['input']}: {o['error']}" for o in failed))
+    if res["n_ok"] == 0:
+        raise InputDataError(f"every input failed ({len(failed)}); first: {failed[0]['input']}: {failed[0]['error']}",
+                             "see the outputs' errors (--json) and fix the inputs or prompts")
 
 
 @app.command()

@@ -1,5 +1,9 @@
 """``medsam2 predict``: files in, masks out — PNG masks for images, DICOM-SEG (highdicom) for DICOM inputs.
 
+One output per input, each with its own prompt (:mod:`medsam2.engine.prompt_sources`: ``--box``/``--points``
+for every input, a CSV/JSON prompt file, or a manifest's boxes). An input that fails (unreadable, no box, a box
+outside the image) gets a ``failed`` entry with its reason, and the batch goes on.
+
 A DICOM-SEG references its source instance (same Study, Frame of Reference, ReferencedSeriesSequence), has
 the source's frame geometry, one binary segment per prediction, and is written next to a PNG preview. Patient
 identity stays inside the DICOM-SEG (it is the clinical output that goes back to the PACS) and is never logged.
@@ -15,29 +19,10 @@ from PIL import Image
 
 from medsam2.data.readers import read_image_any, sniff_kind
 from medsam2.engine.predict import predict
+from medsam2.engine.prompt_sources import PromptItem, check_prompt, parse_box, parse_points
+from medsam2.errors import InputDataError
 
-
-def parse_box(text: str | None) -> np.ndarray | None:
-    if not text:
-        return None
-    vals = [float(v) for v in text.replace(" ", "").split(",")]
-    if len(vals) != 4:
-        raise ValueError(f"--box needs x0,y0,x1,y1, got {text!r}")
-    return np.array(vals, np.float32)
-
-
-def parse_points(text: str | None) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-    """``"x,y[,label];x,y[,label]"`` → ((N,2) float32, (N,) int32); label defaults to 1 (foreground)."""
-    if not text:
-        return None, None
-    pts, labels = [], []
-    for item in text.split(";"):
-        vals = [float(v) for v in item.split(",")]
-        if len(vals) not in (2, 3):
-            raise ValueError(f"point {item!r} is not x,y or x,y,label")
-        pts.append(vals[:2])
-        labels.append(int(vals[2]) if len(vals) == 3 else 1)
-    return np.array(pts, np.float32), np.array(labels, np.int32)
+__all__ = ["PromptItem", "parse_box", "parse_points", "predict_files", "write_dicom_seg"]
 
 
 def write_dicom_seg(source: Path, masks: list[np.ndarray], out_path: Path, label: str = "lesion") -> Path:
@@ -69,33 +54,84 @@ def write_dicom_seg(source: Path, masks: list[np.ndarray], out_path: Path, label
     return out_path
 
 
-def predict_files(model: str, inputs: list[Path], out: Path, *, box: str | None = None,
-                  points: str | None = None) -> dict[str, Any]:
-    from medsam2.steps import load_for_eval
-
-    net, _ = load_for_eval(model)
-    out.mkdir(parents=True, exist_ok=True)
-    b = parse_box(box)
-    pts, labels = parse_points(points)
-    outputs = []
-    for path in inputs:
-        frames = _frames(path)
-        preds = predict(net, frames, boxes=[b] * len(frames), points=[pts] * len(frames),
-                        point_labels=[labels] * len(frames))
-        masks = [p.mask for p in preds]
-        png = out / f"{path.stem}_mask.png"
-        Image.fromarray((masks[0] * 255).astype(np.uint8)).save(png)
-        entry = {"input": str(path), "mask_png": str(png), "iou_pred": preds[0].iou_pred,
-                 "foreground_fraction": float(masks[0].mean())}
-        if sniff_kind(path) == "dicom":
-            entry["dicom_seg"] = str(write_dicom_seg(path, masks, out / f"{path.stem}_seg.dcm"))
-        outputs.append(entry)
-    return {"model": model, "outputs": outputs}
-
-
-def _frames(path: Path) -> list[np.ndarray]:
+def _frames(item: PromptItem) -> list[np.ndarray]:
+    """The (H,W,3) uint8 frames of an input: a manifest row's cache, a DICOM's frames, or one image."""
+    if item.cache is not None:
+        if not item.cache.is_file():
+            raise InputDataError(f"cache file {item.cache} is missing", "re-run medsam2 ingest on this work dir")
+        return [np.load(item.cache)]
+    path = item.path
+    assert path is not None
+    if not path.exists():
+        raise InputDataError(f"input file not found: {path}", "check the path")
+    if path.is_dir():
+        raise InputDataError(f"input {path} is a folder, not an image", "give image files")
     if sniff_kind(path) == "dicom":
         from medsam2.data.dicom import decode_image
 
         return decode_image(path)[0]
     return [read_image_any(path)]
+
+
+def _one(net, mode: str, item: PromptItem, out: Path, stem: str) -> dict[str, Any]:
+    """Segment one input and write its outputs; raises on a problem of this input."""
+    if item.error:
+        raise InputDataError(item.error)
+    if mode == "box" and item.box is None:
+        raise InputDataError("no box for this input, and the model is box-prompted",
+                             "give a box (--box, a 'box' column / key, or a manifest row with a box)")
+    if mode == "points" and item.points is None:
+        raise InputDataError("no points for this input, and the model is point-prompted",
+                             "give points (--points or a 'points' column / key)")
+    frames = _frames(item)
+    check_prompt(item.box if mode == "box" else None, item.points if mode == "points" else None,
+                 frames[0].shape[:2])
+    n = len(frames)
+    preds = predict(net, frames, boxes=[item.box] * n, points=[item.points] * n, point_labels=[item.labels] * n)
+    masks = [p.mask for p in preds]
+    png = out / f"{stem}_mask.png"
+    Image.fromarray((masks[0] * 255).astype(np.uint8)).save(png)
+    entry = {"input": item.label, "status": "ok", "mask_png": str(png), "iou_pred": preds[0].iou_pred,
+             "foreground_fraction": float(masks[0].mean()), "frames": n}
+    if item.box is not None:
+        entry["box"] = [float(v) for v in item.box]
+    if item.path is not None and sniff_kind(item.path) == "dicom":
+        entry["dicom_seg"] = str(write_dicom_seg(item.path, masks, out / f"{stem}_seg.dcm"))
+    return entry
+
+
+def _stems(items: list[PromptItem]) -> list[str]:
+    """One output stem per item, unique within the batch (``a``, ``a-2``, … for inputs that share a name)."""
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        k = seen[it.name] = seen.get(it.name, 0) + 1
+        out.append(it.name if k == 1 else f"{it.name}-{k}")
+    return out
+
+
+def predict_files(model: str, items: list[PromptItem], out: Path) -> dict[str, Any]:
+    """Segment every item (one mask PNG each, plus a DICOM-SEG for a DICOM input) into ``out``.
+
+    Returns ``{"model", "outputs": [one entry per item, in order], "n_inputs", "n_ok", "n_failed"}``; an entry is
+    ``{"input", "status": "ok", "mask_png", "iou_pred", "foreground_fraction", "frames"[, "box", "dicom_seg"]}``
+    or ``{"input", "status": "failed", "error", "kind", "hint"}``: a failing input does not stop the batch.
+    """
+    from medsam2.errors import describe
+    from medsam2.steps import load_for_eval
+
+    net, _ = load_for_eval(model)
+    mode = net.cfg.prompt
+    out.mkdir(parents=True, exist_ok=True)
+    outputs = []
+    for item, stem in zip(items, _stems(items), strict=True):
+        try:
+            outputs.append(_one(net, mode, item, out, stem))
+        except Exception as e:  # noqa: BLE001 - reported for this input; the batch goes on
+            report = describe(e)
+            if report.kind == "usage":  # a ValueError of a bad prompt is this input's data, not a wrong option
+                report = type(report)(report.error, "input", None)
+            outputs.append({"input": item.label, "status": "failed", **report.to_dict()})
+    n_ok = sum(o["status"] == "ok" for o in outputs)
+    return {"model": model, "outputs": outputs, "n_inputs": len(outputs), "n_ok": n_ok,
+            "n_failed": len(outputs) - n_ok}
