@@ -1,6 +1,8 @@
 """Flows around the model lifecycle: ``ingest-data`` (emits ``medsam2.labels.arrived`` when the labelled set
 changes), ``validate-data``, ``evaluate-model``, ``promote-model``, ``retrain-on-new-labels`` and
-``sweep-medsam2``. Each run publishes a markdown summary and a metrics table (``flows.artifacts``)."""
+``sweep-medsam2``. Each run publishes a markdown summary and a metrics table (``flows.artifacts``), checks the
+services it needs before the work (MLflow, Ray), and fails with the CLI's error line as its state message
+(``flows.failures``)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ from prefect.events import emit_event
 from pydantic import Field
 
 from flows.artifacts import gate_lines, gate_metrics, publish, run_link
+from flows.failures import reported
 from flows.tasks import evaluate_task, ingest_task, promote_task, sweep_task, validate_task
 from flows.train import Override, config_path, resolve_cfg, train_medsam2
+from medsam2.config import parse_overrides
+from medsam2.services import check_mlflow, check_ray
 
 LABELS_ARRIVED = "medsam2.labels.arrived"
 
 
 @flow(name="ingest-data", log_prints=True)
+@reported
 def ingest_data(source: str, workdir: str = ".medsam2/work") -> dict[str, Any]:
     """Ingest a folder or s3:// prefix; emit ``medsam2.labels.arrived`` if the labelled set's version changed.
 
@@ -41,6 +47,7 @@ def ingest_data(source: str, workdir: str = ".medsam2/work") -> dict[str, Any]:
 
 
 @flow(name="evaluate-model", log_prints=True)
+@reported
 def evaluate_model(model: str = "models:/medsam2@champion", overrides: list[Override] | None = None) -> dict:
     """Evaluate a model on the frozen test set (a new MLflow evaluation run).
 
@@ -48,6 +55,7 @@ def evaluate_model(model: str = "models:/medsam2@champion", overrides: list[Over
         model: MLflow model URI (models:/name@alias, models:/name/version, runs:/…) or checkpoint path.
         overrides: Dotted key=value overrides of the evaluation config, e.g. data.workdir=….
     """
+    check_mlflow((parse_overrides(overrides).get("tracking") or {}).get("tracking_uri"))
     res = evaluate_task(model, None, overrides)
     publish("evaluate-model", "\n".join([
         f"# Evaluation of `{model}`",
@@ -58,6 +66,7 @@ def evaluate_model(model: str = "models:/medsam2@champion", overrides: list[Over
 
 
 @flow(name="promote-model", log_prints=True)
+@reported
 def promote_model(model_uri: str, eval_run_id: str, config: str | None = "configs/demo.yaml",
                   workdir: str | None = None) -> dict:
     """Register ``model_uri`` and gate it against its trivial baseline and the champion on the selection split
@@ -69,7 +78,9 @@ def promote_model(model_uri: str, eval_run_id: str, config: str | None = "config
         config: YAML config with the promotion settings (model name, margin, confidence, guarded metrics).
         workdir: Ingest work dir whose selection split the gate evaluates (default: the config's).
     """
-    res = promote_task(model_uri, eval_run_id, resolve_cfg(config, None, workdir))
+    cfg = resolve_cfg(config, None, workdir)
+    check_mlflow(cfg.tracking.tracking_uri)
+    res = promote_task(model_uri, eval_run_id, cfg)
     publish("promote-model", "\n".join([
         f"# Promotion gate for `{model_uri}`",
         f"- MLflow evaluation run: {run_link(eval_run_id)}",
@@ -79,6 +90,7 @@ def promote_model(model_uri: str, eval_run_id: str, config: str | None = "config
 
 
 @flow(name="retrain-on-new-labels", log_prints=True)
+@reported
 def retrain_on_new_labels(config: str | None = "configs/demo.yaml", overrides: list[Override] | None = None,
                           workdir: str | None = None) -> dict:
     """Retrain only when the labelled-data version differs from the champion's (else 'skipped').
@@ -92,6 +104,7 @@ def retrain_on_new_labels(config: str | None = "configs/demo.yaml", overrides: l
 
 
 @flow(name="validate-data", log_prints=True)
+@reported
 def validate_data(workdir: str = ".medsam2/work") -> dict:
     """The great-expectations suite over the manifest; fails the run with a readable report on bad data.
 
@@ -105,6 +118,7 @@ def validate_data(workdir: str = ".medsam2/work") -> dict:
 
 
 @flow(name="sweep-medsam2", log_prints=True)
+@reported
 def sweep_medsam2(space: str = "smoke", num_samples: Annotated[int, Field(ge=1)] = 4, address: str | None = None,
                   config: str | None = "configs/demo.yaml", overrides: list[Override] | None = None) -> dict:
     """Ray Tune ASHA sweep (local Ray, or the cluster at ``address`` / RAY_ADDRESS); writes best_config.yaml,
@@ -117,6 +131,8 @@ def sweep_medsam2(space: str = "smoke", num_samples: Annotated[int, Field(ge=1)]
         config: Base YAML config, relative to the project root.
         overrides: Dotted key=value overrides (a sampled key named here is pinned).
     """
+    check_ray(address)
+    check_mlflow((parse_overrides(overrides).get("tracking") or {}).get("tracking_uri"))
     path = config_path(config)
     res = sweep_task(space, num_samples, address, str(path) if path else None, overrides)
     publish("sweep", "\n".join([

@@ -5,7 +5,8 @@ Run it from a deployment: ``prefect deployment run train-medsam2/demo``. Paramet
 Prefect UI renders them as a form. With ``only_if_new_labels`` (schedules and the new-labels trigger) the run
 holds the ``medsam2-retrain`` global concurrency slot and ends early with "skipped: no new labels" when the
 labelled-data version is the champion's or the last challenger's: a burst of ``medsam2.labels.arrived`` events
-(or the nightly run racing the trigger) trains each data version once.
+(or the nightly run racing the trigger) trains each data version once. The services it needs (MLflow, and Ray
+for a sweep) are checked first, and a failure's state message is the CLI's error line (``flows.failures``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from flows.artifacts import gate_lines, gate_metrics, publish, run_link
+from flows.failures import reported
 from flows.tasks import (
     GPU_LEASE_S,
     check_labels_task,
@@ -34,6 +36,7 @@ from flows.tasks import (
 )
 from medsam2 import tracking
 from medsam2.config import ExperimentCfg, load_config, with_overrides
+from medsam2.services import check_mlflow, check_ray
 
 # One retraining of the gated path at a time; each re-checks the data version once it holds the slot.
 RETRAIN_LIMIT = "medsam2-retrain"
@@ -159,6 +162,7 @@ def _pipeline(cfg: ExperimentCfg, config: str | None, overrides: list[str] | Non
 
 
 @flow(name="train-medsam2", log_prints=True)
+@reported
 def train_medsam2(
     source: str | None = "sample:kvasir-seg",
     config: str | None = "configs/demo.yaml",
@@ -182,6 +186,9 @@ def train_medsam2(
     if self_training_rounds is not None:
         overrides = [*(overrides or []), f"semisup.self_training_rounds={self_training_rounds}"]
     cfg = resolve_cfg(config, overrides, workdir)
+    check_mlflow(cfg.tracking.tracking_uri)  # an unreachable server fails the run in seconds, before any work
+    if sweep is not None:
+        check_ray(sweep.address)
     wd = cfg.data.workdir
     ingested = ingest_task(source, wd) if source else None
     validated = validate_task(wd)
