@@ -171,7 +171,11 @@ def _log_loss_curve(history: list[dict]) -> None:
 class MedSAM2PyFunc(mlflow.pyfunc.PythonModel):
     """Serve a checkpoint: ``predict`` takes a dict / list of dicts / DataFrame with ``image`` ((H,W,3) uint8
     array) or ``image_path``, plus ``box`` ([x0,y0,x1,y1]) or ``points`` + ``point_labels`` as the model's
-    prompt mode needs; returns a list of (H,W) uint8 {0,1} masks."""
+    prompt mode needs; returns a list of (H,W) uint8 {0,1} masks.
+
+    ``predict``'s input is annotated ``pd.DataFrame``: one of the types MLflow takes as a type hint without
+    inferring a schema from it (a column of (H,W,3) arrays has none), so MLflow neither warns about missing type
+    hints nor converts the input; a dict or a list of dicts is accepted as well."""
 
     def load_context(self, context) -> None:
         from medsam2.engine.checkpoint import load_model
@@ -180,7 +184,8 @@ class MedSAM2PyFunc(mlflow.pyfunc.PythonModel):
         self.model, self.cfg = load_model(context.artifacts["checkpoint"],
                                           base_weights=context.artifacts.get("base_weights"))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+                ) -> list[np.ndarray]:
         from medsam2.data.readers import read_image_any
         from medsam2.engine.predict import predict
 
