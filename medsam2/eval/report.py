@@ -203,6 +203,20 @@ def _plot_heatmap(clean: pd.DataFrame, matrix: dict | None, path: Path) -> str:
     return _save(fig, path)
 
 
+TITLE_CHARS = 24
+"""Longest image id in a gallery title; longer ids keep their start and end around an ellipsis."""
+
+
+def short_title(image_id: Any, dice: float, limit: int = TITLE_CHARS) -> str:
+    """A gallery title: the id (its last path part, middle elided beyond ``limit`` characters) over its Dice, on
+    two lines, so neighbouring titles never run into each other."""
+    text = str(image_id).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or str(image_id)
+    if len(text) > limit:
+        head = (limit - 1) // 2
+        text = text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+    return f"{text}\nDice {dice:.3f}"
+
+
 def _plot_gallery(gallery: list[dict], path: Path) -> str:
     items = sorted(gallery, key=lambda g: float(g["dice"]))
     if len(items) > GALLERY_MAX:  # keep the worst and the best halves
@@ -210,7 +224,7 @@ def _plot_gallery(gallery: list[dict], path: Path) -> str:
         items = items[:half] + items[-half:]
     ncols = min(4, len(items))
     nrows = -(-len(items) // ncols)
-    fig = Figure(figsize=(3 * ncols, 3.1 * nrows))
+    fig = Figure(figsize=(3.2 * ncols, 3.5 * nrows + 0.4), layout="constrained")
     for i, item in enumerate(items):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         image = np.asarray(item["image"])
@@ -226,10 +240,9 @@ def _plot_gallery(gallery: list[dict], path: Path) -> str:
         for mask, color in ((target, "lime"), (pred, "red")):
             if mask.any() and not mask.all():
                 ax.contour(mask.astype(float), levels=[0.5], colors=color, linewidths=1)
-        ax.set_title(f"{item.get('image_id', i)} · Dice {float(item['dice']):.3f}", fontsize=8)
+        ax.set_title(short_title(item.get("image_id", i), float(item["dice"])), fontsize=8)
         ax.axis("off")
     fig.suptitle("worst → best (green: target, red: prediction)", fontsize=9)
-    fig.tight_layout()
     return _save(fig, path)
 
 
