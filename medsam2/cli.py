@@ -308,48 +308,11 @@ def predict(
     in the JSON (status "failed", error, kind) and the others still run; the exit code is 0 unless every input
     failed (then 3, input data).
     """
-    from medsam2.engine.prompt_sources import PromptItem, from_manifest, from_prompt_file, parse_box, parse_points
+    from medsam2.engine.prompt_sources import collect
 
-    if (box or points) and (prompts or workdir):
-        raise UsageError("--box/--points give one prompt for every input; --prompts and --workdir give their own",
-                         "use one of them")
-    if prompts and workdir:
-        raise UsageError("give either --prompts or --workdir, not both", "see `medsam2 predict --help`")
-    if ids and not workdir:
-        raise UsageError("--id selects manifest rows: it needs --workdir", "see `medsam2 predict --help`")
-    try:
-        b = parse_box(box)
-    except ValueError as e:
-        raise UsageError(f"--box: {e}", "see `medsam2 predict --help`") from None
-    try:
-        pts, labels = parse_points(points)
-    except ValueError as e:
-        raise UsageError(f"--points: {e}", "see `medsam2 predict --help`") from None
-    paths = list(inputs or [])
-    if prompts is not None:
-        items = from_prompt_file(prompts)
-        if paths:  # only the images named on the command line, each with its row
-            by_path = {it.path.resolve(): it for it in items if it.path is not None}
-            by_name = {it.path.name: it for it in items if it.path is not None}
-            items = [by_path.get(p.resolve()) or by_name.get(p.name)
-                     or PromptItem(name=p.stem, path=p, error=f"no row for this image in {prompts}") for p in paths]
-    elif workdir is not None:
-        if paths:
-            raise UsageError("--workdir segments manifest rows: give --id, not image paths",
-                             "see `medsam2 predict --help`")
+    if workdir is not None and not (prompts or box or points or inputs):
         _check_workdir(workdir, "predict")
-        items = from_manifest(workdir, ids)
-    else:
-        if not paths:
-            raise UsageError("nothing to segment: give images, --prompts FILE or --workdir DIR",
-                             "see `medsam2 predict --help`")
-        missing = [str(p) for p in paths if not p.exists()]
-        if len(missing) == len(paths):
-            raise InputDataError(f"input {'file' if len(missing) == 1 else 'files'} not found: "
-                                 f"{', '.join(missing)}", "check the paths (PNG/JPEG/TIFF/DICOM images)")
-        items = [PromptItem(name=p.stem, path=p, box=b, points=pts, labels=labels) for p in paths]
-    if not items:
-        raise InputDataError("nothing to segment: the prompt source has no rows", "check the file or work dir")
+    items = collect(list(inputs or []), box=box, points=points, prompts=prompts, workdir=workdir, ids=ids)
     _check_model(model)
     from medsam2.engine.predict_files import predict_files
 

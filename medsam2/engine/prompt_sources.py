@@ -192,3 +192,53 @@ def from_manifest(workdir: str | Path, ids: list[str] | None = None) -> list[Pro
         items.append(PromptItem(name=safe, input=image_id, cache=Path(workdir) / CACHE_DIR / f"{image_id}.npy",
                                 box=box))
     return items
+
+
+def collect(paths: list[Path], *, box: str | None = None, points: str | None = None, prompts: Path | None = None,
+            workdir: str | None = None, ids: list[str] | None = None) -> list[PromptItem]:
+    """``medsam2 predict``'s inputs and prompts → one :class:`PromptItem` per input.
+
+    ``box``/``points`` (the option text) prompt every one of ``paths``; ``prompts`` (a prompt file) gives each
+    image its row (with ``paths`` too: only those images, each matched to its row by path, else by file name);
+    ``workdir`` [``ids``] takes manifest rows and their boxes. Mixing sources is a UsageError; every path
+    missing (with ``--box``/``--points``) is an InputDataError before any model is loaded.
+    """
+    if (box or points) and (prompts or workdir):
+        raise UsageError("--box/--points give one prompt for every input; --prompts and --workdir give their own",
+                         "use one of them")
+    if prompts and workdir:
+        raise UsageError("give either --prompts or --workdir, not both", "see `medsam2 predict --help`")
+    if ids and not workdir:
+        raise UsageError("--id selects manifest rows: it needs --workdir", "see `medsam2 predict --help`")
+    try:
+        b = parse_box(box)
+    except ValueError as e:
+        raise UsageError(f"--box: {e}", "see `medsam2 predict --help`") from None
+    try:
+        pts, labels = parse_points(points)
+    except ValueError as e:
+        raise UsageError(f"--points: {e}", "see `medsam2 predict --help`") from None
+    if prompts is not None:
+        items = from_prompt_file(prompts)
+        if paths:  # only the images named on the command line, each with its row
+            by_path = {it.path.resolve(): it for it in items if it.path is not None}
+            by_name = {it.path.name: it for it in items if it.path is not None}
+            items = [by_path.get(p.resolve()) or by_name.get(p.name)
+                     or PromptItem(name=p.stem, path=p, error=f"no row for this image in {prompts}") for p in paths]
+    elif workdir is not None:
+        if paths:
+            raise UsageError("--workdir segments manifest rows: give --id, not image paths",
+                             "see `medsam2 predict --help`")
+        items = from_manifest(workdir, ids)
+    else:
+        if not paths:
+            raise UsageError("nothing to segment: give images, --prompts FILE or --workdir DIR",
+                             "see `medsam2 predict --help`")
+        missing = [str(p) for p in paths if not p.exists()]
+        if len(missing) == len(paths):
+            raise InputDataError(f"input {'file' if len(missing) == 1 else 'files'} not found: "
+                                 f"{', '.join(missing)}", "check the paths (PNG/JPEG/TIFF/DICOM images)")
+        items = [PromptItem(name=p.stem, path=p, box=b, points=pts, labels=labels) for p in paths]
+    if not items:
+        raise InputDataError("nothing to segment: the prompt source has no rows", "check the file or work dir")
+    return items

@@ -1,0 +1,101 @@
+"""README.md cannot drift from the code (issue 14): every command of its shell blocks is either run here, as
+written, in a temporary MEDSAM2_HOME (and must exit with the code the README gives it), or listed below with the
+reason it cannot run in a test. A new or changed command fails this test until it is classified."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO, sample_root
+
+pytestmark = pytest.mark.slow  # each medsam2 call is a fresh interpreter (torch, mlflow): minutes on 2 cores
+
+RUN = {  # command as written → expected exit code
+    "source scripts/env.sh": 0,
+    'medsam2 train --set train.lrr=1e-4 --json': 2,
+    'medsam2 ingest "$MEDSAM2_HOME/no-such-folder" --json': 3,
+    "MLFLOW_TRACKING_URI=http://127.0.0.1:9 medsam2 champion --json": 4,
+    'medsam2 ingest "$MEDSAM2_SAMPLE_DATA/brats2021-flair-edema" --workdir "$MEDSAM2_HOME/work" --json': 0,
+    'medsam2 validate --workdir "$MEDSAM2_HOME/work"': 0,
+}
+
+SKIP = {  # command as written → why a test does not run it
+    "make demo": "the full local stack and a training run (~10 min); the flow tests run its parts",
+    "make test": "the test suite itself",
+    "medsam2 ingest /data/my-ct-export --workdir .medsam2/work --json":
+        "a placeholder for the reader's own folder (the sample-data block runs the same command)",
+    "medsam2 ingest s3://bucket/prefix --workdir .medsam2/work --s3-endpoint-url http://minio:9000":
+        "needs an S3 endpoint (tests/data/test_s3.py runs ingest against moto)",
+    "medsam2 ingest /data/custom --layout my_layout.yaml": "a placeholder folder and layout file",
+    "medsam2 validate --workdir .medsam2/work": "the checkout's work dir (the sample-data block runs validate)",
+    "medsam2 train --config configs/demo.yaml --set data.train_datasets='[my-ct-export]' --set "
+    "model.image_size=1024 --set model.checkpoint=sam2.1_hiera_tiny --json":
+        "a 1024 px model with Meta's downloaded weights, tracked on the MLflow server of `make up`",
+    "medsam2 predict scan1.png scan2.png --model models:/medsam2@champion --out preds --box 40,30,200,180":
+        "needs the champion of `make demo` (tests/engine/test_predict*.py run predict on a tiny checkpoint)",
+    "medsam2 predict --prompts prompts.csv --model models:/medsam2@champion --out preds --json":
+        "needs the champion of `make demo` and the reader's prompt file (tests/engine/test_predict_prompts.py)",
+    'medsam2 predict --workdir "$MEDSAM2_HOME/work" --model models:/medsam2@champion --out preds --json':
+        "needs the champion of `make demo` (tests/engine/test_predict_prompts.py::test_manifest_boxes)",
+}
+
+_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)\s*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def readme_commands(text: str) -> list[list[str]]:
+    """The commands of each shell block: continuation lines joined, comments and blank lines dropped."""
+    blocks = []
+    for body in _BLOCK.findall(text):
+        cmds, cur = [], ""
+        for line in body.splitlines():
+            line = re.sub(r"\s+#\s.*$", "", line).rstrip()  # a trailing comment ("# exit 2: …")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            cur = f"{cur} {line.strip()}" if cur else line.strip()
+            if cur.endswith("\\"):
+                cur = cur[:-1].rstrip()
+                continue
+            cmds.append(re.sub(r"\s+", " ", cur))
+            cur = ""
+        blocks.append(cmds)
+    return blocks
+
+
+def test_every_readme_command_is_classified():
+    blocks = readme_commands((REPO / "README.md").read_text())
+    seen = [c for b in blocks for c in b]
+    unclassified = [c for c in seen if c not in RUN and c not in SKIP]
+    assert not unclassified, f"classify these README commands in tests/test_readme.py (RUN or SKIP): {unclassified}"
+    stale = [c for c in (*RUN, *SKIP) if c not in seen]
+    assert not stale, f"no longer in README.md, remove from tests/test_readme.py: {stale}"
+    assert not set(RUN) & set(SKIP)
+
+
+def test_readme_commands_run_as_written(tmp_path):
+    if sample_root() is None:
+        pytest.skip("real sample data not found (MEDSAM2_SAMPLE_DATA)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    env.update(MEDSAM2_HOME=str(tmp_path / "home"), MEDSAM2_SAMPLE_DATA=str(sample_root()),
+               MEDSAM2_SERVICE_TIMEOUT_S="3")
+    for block in readme_commands((REPO / "README.md").read_text()):
+        script = ["cd " + str(REPO)]
+        for i, cmd in enumerate(block):
+            if cmd in RUN:  # in one shell per block, so `source scripts/env.sh` holds for what follows
+                script.append(f"{cmd} >\"$MEDSAM2_HOME/out{i}.txt\" 2>&1; echo \"__rc {i} $?\"")
+        if len(script) == 1:
+            continue
+        (tmp_path / "home").mkdir(exist_ok=True)
+        proc = subprocess.run(["bash", "-c", "\n".join(script)], env=env, capture_output=True, text=True,
+                              timeout=1500)
+        codes = dict(re.findall(r"^__rc (\d+) (\d+)$", proc.stdout, re.MULTILINE))
+        for i, cmd in enumerate(block):
+            if cmd not in RUN:
+                continue
+            out = (tmp_path / "home" / f"out{i}.txt")
+            log = out.read_text()[-3000:] if out.exists() else proc.stderr[-3000:]
+            assert codes.get(str(i)) == str(RUN[cmd]), f"{cmd!r} exited {codes.get(str(i))}:\n{log}"
+            assert "Traceback" not in log, f"{cmd!r}:\n{log}"
