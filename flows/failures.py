@@ -1,9 +1,11 @@
 """Flows and tasks fail with the CLI's message: :func:`medsam2.errors.describe`'s one line (and its hint) as the
 Prefect state message, not ``Flow run encountered an exception: ValueError: …`` with a traceback.
 
-``@reported`` (under ``@flow`` / ``@task``) turns an exception of the body into ``Failed(message=…, data=exc)``:
-the message is the error line, then the hint line; the data keeps the exception, so a caller that runs the flow
-or task in Python (a parent flow, a test) still gets it raised from ``state.result()``. Tasks retry only what a
+``@reported`` (under ``@flow``) turns an exception of the body into ``Failed(message=…, data=exc)``: the message
+is the error line, then the hint line; the data keeps the exception, so a caller that runs the flow in Python (a
+parent flow, a test) still gets it raised from ``state.result()``. ``@reported_task(…)`` (instead of ``@task``)
+does the same for a task, whose caller gets the exception raised (a Prefect task that *returns* a failed state
+would hand its caller the state object instead). Tasks retry only what a
 retry can fix (:func:`retry_unless_user_error`): an unreachable service or an internal error, never a usage or
 input-data mistake.
 """
@@ -16,7 +18,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from prefect import get_run_logger
+from prefect import Task, get_run_logger
 from prefect.exceptions import MissingContextError
 from prefect.states import Failed, State
 
@@ -67,3 +69,17 @@ def retry_unless_user_error(task: Any, task_run: Any, state: State) -> bool:
     """``retry_condition_fn`` of the I/O tasks: retry a service or internal failure, not a usage/input one."""
     exc = state.data if isinstance(state.data, BaseException) else None
     return exc is None or describe(exc).kind in ("service", "internal")
+
+
+class ReportedTask(Task):
+    """A task whose body is :func:`reported`: its failed state carries the CLI's message, and calling it in a
+    flow returns the result or raises the body's exception, as a plain task does."""
+
+    def __call__(self, *args: Any, return_state: bool = False, **kwargs: Any) -> Any:
+        state = super().__call__(*args, return_state=True, **kwargs)
+        return state if return_state else state.result()
+
+
+def reported_task(**options: Any) -> Callable[[Callable[..., Any]], ReportedTask]:
+    """``@reported_task(name=…, retries=…)``: ``@task(…)`` over a :func:`reported` body."""
+    return lambda fn: ReportedTask(fn=reported(fn), **options)

@@ -8,27 +8,24 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 
-from flows.failures import reported, retry_unless_user_error
+from flows.failures import reported_task, retry_unless_user_error
 from medsam2 import steps
 from medsam2.config import ExperimentCfg
 from medsam2.engine.callbacks import Callback
 from medsam2.errors import InputDataError
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error)
-@reported
+@reported_task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+               retry_condition_fn=retry_unless_user_error)
 def ingest_task(source: str, workdir: str) -> dict[str, Any]:
     return steps.run_ingest(source, workdir)
 
 
-@task(name="validate", cache_policy=NO_CACHE)
-@reported
+@reported_task(name="validate", cache_policy=NO_CACHE)
 def validate_task(workdir: str) -> dict[str, Any]:
     res = steps.run_validate(workdir)
     if not res["success"]:
@@ -67,43 +64,37 @@ class ProgressArtifact(Callback):
         update_progress_artifact(self.artifact_id, 100.0 * step / self.max_steps)
 
 
-@task(name="train", retries=0, cache_policy=NO_CACHE)
-@reported
+@reported_task(name="train", retries=0, cache_policy=NO_CACHE)
 def train_task(cfg: ExperimentCfg, parent_run_id: str | None) -> dict[str, Any]:
     with concurrency("gpu", occupy=1, lease_duration=GPU_LEASE_S):
         return steps.run_train(cfg, parent_run_id=parent_run_id, callbacks=[ProgressArtifact(cfg.train.max_steps)])
 
 
-@task(name="self-training", retries=0, cache_policy=NO_CACHE)
-@reported
+@reported_task(name="self-training", retries=0, cache_policy=NO_CACHE)
 def self_training_task(cfg: ExperimentCfg, teacher_checkpoint: str, parent_run_id: str | None) -> dict[str, Any]:
     with concurrency("gpu", occupy=1, lease_duration=GPU_LEASE_S):
         return steps.run_self_training(cfg, teacher_checkpoint, parent_run_id=parent_run_id)
 
 
-@task(name="evaluate", retries=1, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error)
-@reported
+@reported_task(name="evaluate", retries=1, cache_policy=NO_CACHE,
+               retry_condition_fn=retry_unless_user_error)
 def evaluate_task(model_uri: str, run_id: str | None, overrides: list[str] | None = None) -> dict[str, Any]:
     return steps.run_evaluate(model_uri, overrides, run_id=run_id)
 
 
-@task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error)
-@reported
+@reported_task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+               retry_condition_fn=retry_unless_user_error)
 def promote_task(model_uri: str, eval_run_id: str, cfg: ExperimentCfg) -> dict[str, Any]:
     return steps.run_promote(model_uri, eval_run_id, cfg)
 
 
-@task(name="check-new-labels", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=retry_unless_user_error)
-@reported
+@reported_task(name="check-new-labels", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+               retry_condition_fn=retry_unless_user_error)
 def check_labels_task(cfg: ExperimentCfg) -> dict[str, Any]:
     return steps.labels_changed_since_champion(cfg)
 
 
-@task(name="sweep", retries=0, cache_policy=NO_CACHE)
-@reported
+@reported_task(name="sweep", retries=0, cache_policy=NO_CACHE)
 def sweep_task(space: str, num_samples: int, address: str | None, config: str | None,
                overrides: list[str] | None) -> dict[str, Any]:
     from tuning.sweep import cli_sweep
