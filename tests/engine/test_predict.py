@@ -10,19 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsam2.config import ExperimentCfg, ModelCfg
-from medsam2.engine.checkpoint import atomic_save, model_payload
 from medsam2.engine.predict_files import parse_points
-from medsam2.model.segmenter import build_segmenter
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    cfg = ExperimentCfg(model=ModelCfg(image_size=64))
-    model, base = build_segmenter(cfg.model)
-    path = atomic_save(model_payload(model, cfg, base), tmp_path_factory.mktemp("m") / "final.pt")
-    yield path
-    path.unlink(missing_ok=True)  # 156 MB; a module-scoped dir outlives the module otherwise
 
 
 def test_parse_points():

@@ -7,26 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from medsam2.cli import app
-from medsam2.config import ExperimentCfg, ModelCfg
-from medsam2.engine.checkpoint import atomic_save, model_payload
 from medsam2.engine.prompt_sources import from_prompt_file
-from medsam2.model.segmenter import build_segmenter
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def box_model(tmp_path_factory):
-    cfg = ExperimentCfg(model=ModelCfg(image_size=64))
-    model, base = build_segmenter(cfg.model)
-    path = atomic_save(model_payload(model, cfg, base), tmp_path_factory.mktemp("m") / "final.pt")
-    yield path
-    path.unlink(missing_ok=True)
 
 
 def _png(path: Path, hw: tuple[int, int], value: int = 120) -> Path:
@@ -65,23 +52,23 @@ def test_prompt_file_parsing(tmp_path):
     assert ja.box.tolist() == [1, 2, 3, 4] and jb.labels.tolist() == [0]
 
 
-def test_prompt_file_mistakes_are_usage_errors(tmp_path, box_model):
+def test_prompt_file_mistakes_are_usage_errors(tmp_path, tiny_checkpoint):
     img = _png(tmp_path / "a.png", (40, 40))
     bad = tmp_path / "p.csv"
     bad.write_text(f"image,bbox\n{img},\"1,2,3,4\"\n")
-    res = _invoke("--prompts", str(bad), "--model", str(box_model), "--out", str(tmp_path / "o"))
+    res = _invoke("--prompts", str(bad), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o"))
     assert res.exit_code == 2 and "did you mean 'box'" in res.stderr, res.output
     assert _json_lines(res)[-1]["kind"] == "usage"
     no_image = tmp_path / "n.csv"
     no_image.write_text("path,box\nx.png,\"1,2,3,4\"\n")
-    assert _invoke("--prompts", str(no_image), "--model", str(box_model), "--out", str(tmp_path / "o")
+    assert _invoke("--prompts", str(no_image), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o")
                    ).exit_code == 2
     for args in (["--prompts", str(bad), "--box", "1,2,3,4"], ["--id", "x"], [], [str(img), "--box", "1,2"]):
-        res = _invoke(*args, "--model", str(box_model), "--out", str(tmp_path / "o"))
+        res = _invoke(*args, "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o"))
         assert res.exit_code == 2 and "Traceback" not in res.stderr, (args, res.output)
 
 
-def test_one_output_per_input_and_failures_do_not_stop_the_batch(tmp_path, box_model):
+def test_one_output_per_input_and_failures_do_not_stop_the_batch(tmp_path, tiny_checkpoint):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     _png(imgs / "small.png", (40, 60), 1)
@@ -97,7 +84,7 @@ def test_one_output_per_input_and_failures_do_not_stop_the_batch(tmp_path, box_m
                        "imgs/missing.png,\"1,1,10,10\"\n"
                        "imgs/outside.png,\"100,100,120,120\"\n"
                        "imgs/big.png,\"10,20,60,80\"\n")
-    res = _invoke("--prompts", str(prompts), "--model", str(box_model), "--out", str(tmp_path / "out"))
+    res = _invoke("--prompts", str(prompts), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out"))
     assert res.exit_code == 0, res.output
     out = _json_lines(res)[-1]
     assert out["n_inputs"] == 6 and out["n_ok"] == 2 and out["n_failed"] == 4
@@ -116,16 +103,16 @@ def test_one_output_per_input_and_failures_do_not_stop_the_batch(tmp_path, box_m
 
     # the images named on the command line, each with its own row; an image without a row fails alone
     res = _invoke(str(imgs / "big.png"), str(imgs / "nobox.png"), str(tmp_path / "other.png"),
-                  "--prompts", str(prompts), "--model", str(box_model), "--out", str(tmp_path / "out2"))
+                  "--prompts", str(prompts), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out2"))
     out = _json_lines(res)[-1]
     assert res.exit_code == 0 and [o["status"] for o in out["outputs"]] == ["ok", "failed", "failed"]
     assert "no row" in out["outputs"][2]["error"]
 
 
-def test_every_input_failing_exits_non_zero_with_the_summary_before_the_error(tmp_path, box_model):
+def test_every_input_failing_exits_non_zero_with_the_summary_before_the_error(tmp_path, tiny_checkpoint):
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps([{"image": "gone.png", "box": [1, 1, 5, 5]}, {"image": "gone2.png"}]))
-    res = _invoke("--prompts", str(prompts), "--model", str(box_model), "--out", str(tmp_path / "o"))
+    res = _invoke("--prompts", str(prompts), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o"))
     assert res.exit_code == 3, res.output
     *_, summary, error = _json_lines(res)
     assert summary["n_ok"] == 0 and len(summary["outputs"]) == 2
@@ -133,7 +120,7 @@ def test_every_input_failing_exits_non_zero_with_the_summary_before_the_error(tm
     assert "Traceback" not in res.stderr
 
 
-def test_manifest_boxes(tmp_path, box_model):
+def test_manifest_boxes(tmp_path, tiny_checkpoint):
     src = tmp_path / "src"
     (src / "images").mkdir(parents=True)
     (src / "masks").mkdir()
@@ -149,15 +136,15 @@ def test_manifest_boxes(tmp_path, box_model):
 
     ids = list(read_manifest(wd)["image_id"])
     assert len(ids) == 2
-    res = _invoke("--workdir", str(wd), "--model", str(box_model), "--out", str(tmp_path / "o"))
+    res = _invoke("--workdir", str(wd), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o"))
     out = _json_lines(res)[-1]
     assert res.exit_code == 0 and out["n_ok"] == 2, res.output
     assert sorted(o["input"] for o in out["outputs"]) == sorted(ids)
     assert all(o["box"] == [8.0, 10.0, 30.0, 30.0] for o in out["outputs"])
-    res = _invoke("--workdir", str(wd), "--id", ids[1], "--id", "no-such-id", "--model", str(box_model),
+    res = _invoke("--workdir", str(wd), "--id", ids[1], "--id", "no-such-id", "--model", str(tiny_checkpoint),
                   "--out", str(tmp_path / "o2"))
     out = _json_lines(res)[-1]
     assert res.exit_code == 0 and [o["status"] for o in out["outputs"]] == ["ok", "failed"]
     assert "not in the manifest" in out["outputs"][1]["error"]
-    res = _invoke("--workdir", str(tmp_path / "empty"), "--model", str(box_model), "--out", str(tmp_path / "o"))
+    res = _invoke("--workdir", str(tmp_path / "empty"), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "o"))
     assert res.exit_code == 3 and "ingest" in res.stderr
