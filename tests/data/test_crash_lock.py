@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from conftest import SALT, copy_kvasir
+from data_helpers import SALT, copy_kvasir
 
 from medsam2.data.ingest import ingest
 from medsam2.data.manifest import MANIFEST_COLUMNS, read_manifest, read_quarantine

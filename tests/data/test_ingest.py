@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from conftest import SALT
+from data_helpers import SALT
 
 from medsam2.data.ingest import IngestResult, ingest
 from medsam2.data.manifest import MANIFEST_COLUMNS, dataset_version, read_manifest, read_quarantine

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_helpers import SALT
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -17,7 +18,6 @@ from medsam2.data.ingest import ingest
 from medsam2.data.manifest import read_manifest, read_quarantine
 from medsam2.data.readers import QuarantineError
 from medsam2.errors import InternalError
-from tests.data.conftest import SALT
 
 RNG = np.random.default_rng(0)
 

@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import SALT, copy_kvasir
+from data_helpers import SALT, copy_kvasir
 
 from medsam2.data.ingest import ingest
 from medsam2.data.manifest import read_manifest

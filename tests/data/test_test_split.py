@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SALT, copy_kvasir_pairs
+from data_helpers import SALT, copy_kvasir_pairs
 from PIL import Image
 
 from medsam2.data import layouts as L

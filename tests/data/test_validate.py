@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from conftest import SALT, copy_kvasir
+from data_helpers import SALT, copy_kvasir
 
 from medsam2.data.ingest import ingest
 from medsam2.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, read_manifest, write_table
