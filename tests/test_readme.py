@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, sample_root
+from tests.conftest import GET_SAMPLE_DATA, REPO, sample_root, skip_or_fail
 
 pytestmark = pytest.mark.slow  # each medsam2 call is a fresh interpreter (torch, mlflow): minutes on 2 cores
 
@@ -77,7 +77,7 @@ def test_every_readme_command_is_classified():
 
 def test_readme_commands_run_as_written(tmp_path):
     if sample_root() is None:
-        pytest.skip("real sample data not found (MEDSAM2_SAMPLE_DATA)")
+        skip_or_fail("real sample data not found (MEDSAM2_SAMPLE_DATA)", GET_SAMPLE_DATA)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     env.update(MEDSAM2_HOME=str(tmp_path / "home"), MEDSAM2_SAMPLE_DATA=str(sample_root()),
                MEDSAM2_SERVICE_TIMEOUT_S="3")
