@@ -462,6 +462,7 @@ def _run(
     }
     rows_by_unit: dict[str, list[dict[str, Any]]] = {}
     q_by_unit: dict[str, list[dict[str, Any]]] = {}
+    reused: set[str] = set()  # units whose earlier rows are kept as they were (see check_accounting)
     counts: Counter[str] = Counter()
     every = float(os.environ.get("MEDSAM2_INGEST_CHECKPOINT_S", "15"))
     last_ckpt = time.monotonic()
@@ -541,6 +542,7 @@ def _run(
         if reuse:
             out = UnitOutput(rows=[dict(r) for r in prev])
             qprev = [dict(r) for r in prevq]
+            reused.add(u.key)
         else:
             dup = seen_sha.get(shas[u.image])
             if dup is not None and dup != src.storage.uri_of(u.image):
@@ -591,7 +593,7 @@ def _run(
         if time.monotonic() - last_ckpt > every:
             checkpoint(final=False)
             last_ckpt = time.monotonic()
-    res.files_seen = check_accounting(src, units, rows_by_unit, q_by_unit, ignored or [])
+    res.files_seen = check_accounting(src, units, rows_by_unit, q_by_unit, ignored or [], reused)
     checkpoint(final=True)
     res.added, res.unchanged, res.updated = counts["added"], counts["unchanged"], counts["updated"]
     _remove_orphans(workdir, dataset)
@@ -606,10 +608,13 @@ def check_accounting(
     rows_by_unit: dict[str, list[dict[str, Any]]],
     q_by_unit: dict[str, list[dict[str, Any]]],
     ignored: list[str],
+    reused: set[str] = frozenset(),
 ) -> int:
     """Every file of the listing is a manifest row's image or mask, a quarantine row, or ignored (a sidecar,
     outside a declarative layout); the files of a unit rejected as a whole (no row, a quarantine row: e.g. the
-    mask of a duplicate image) go with its quarantine row. Returns the number of files seen.
+    mask of a duplicate image) go with its quarantine row. A ``reused`` unit (same key and fingerprint as an
+    earlier ingest of the dataset, its rows kept as they were, e.g. the same files under a new folder) goes with
+    those rows, whose ``source_uri`` still names where they were first read. Returns the number of files seen.
 
     Raises:
         InternalError: some file is none of these — ingest would have dropped it silently (a bug).
@@ -621,7 +626,7 @@ def check_accounting(
     for qs in q_by_unit.values():
         used.update(_PART.sub("", q["source_uri"]) for q in qs)
     for u in units:
-        if q_by_unit.get(u.key) and not rows_by_unit.get(u.key):
+        if u.key in reused or (q_by_unit.get(u.key) and not rows_by_unit.get(u.key)):
             used.update(src.storage.uri_of(f) for f in u.files if not f.startswith("\0"))
     skipped = set(ignored)
     lost = sorted(rel for rel in src.info if rel not in skipped and src.storage.uri_of(rel) not in used)

@@ -4,6 +4,7 @@ code at the end of every ingest), and a DICOM-SEG object is never decoded as an 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,18 @@ def test_decode_image_rejects_a_dicom_seg(sample_data: Path) -> None:
         assert e.value.reason == "seg_not_image"
     frames, _, _ = decode_image(sample_data / "dicom" / "dcmqi" / "ct-3slice" / "01.dcm")  # images still decode
     assert frames[0].dtype == np.uint8 and frames[0].ndim == 3
+
+
+def test_the_same_files_under_a_new_folder_are_accounted_for(tmp_path: Path) -> None:
+    """New labels arrive as a new copy of the dataset folder (the earlier files plus new ones): the earlier
+    units are reused from the first ingest and count as rows; the check used to call them lost (InternalError),
+    which failed the ingest-data flow of the retraining loop."""
+    first, more = tmp_path / "v1" / "lab-polyps", tmp_path / "v2" / "lab-polyps"
+    for stem in ("a", "b"):
+        _pair(first, stem)
+    shutil.copytree(first, more)
+    _pair(more, "c")
+    ingest(str(first), tmp_path / "w", salt=SALT)
+    res = ingest(str(more), tmp_path / "w", salt=SALT)
+    assert res.files_seen == 6 and res.rows == 3 and res.added == 1 and res.unchanged == 2
+    assert len(read_manifest(tmp_path / "w")) == 3
