@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from medsam2.data.crops import box_to_crop, crop_pair, crop_window, paste_logits
 from medsam2.data.dataset import resize_pair
 from medsam2.engine.runtime import autocast
+from medsam2.model.decoders.stock import StockDecoder, run_sam_decoder
 from medsam2.model.segmenter import Segmenter, normalize
 
 
@@ -54,6 +55,25 @@ def _flip_prompts(kw: dict[str, torch.Tensor], size: int) -> dict[str, torch.Ten
         p[..., 0] = size - p[..., 0]
         out["points"] = p
     return out
+
+
+def _forward(model: Segmenter, x: torch.Tensor, kw: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The model's output at its own resolution, before any resampling to the image.
+
+    Returns ``(logits (B,1,s,s), iou_pred (B,1), prior (B,1,S,S) or None)``: for SAM2's stock decoder the
+    low-resolution logits (s = S/4) and the box prior's log-odds apart (``model(x)`` would be
+    ``upsample_S(logits) + prior``); for the other decoders ``model(x)``'s logits (s = S) and None.
+    """
+    if not isinstance(model.decoder, StockDecoder):
+        res = model(x, **kw)
+        return res["logits"], res["iou_pred"], None
+    feats = model.encode(x)
+    sparse, dense = model.prompt_embeddings(x.shape[0], x.device, kw.get("boxes"), kw.get("points"),
+                                            kw.get("point_labels"))
+    low_res, iou_pred = run_sam_decoder(model.sam, feats, sparse, dense)
+    prior = model.prior.fn(kw["boxes"], model.image_size) if model.prior is not None else None
+    return low_res, iou_pred, prior
 
 
 def _resample(logits: torch.Tensor, prior: torch.Tensor | None, hw: tuple[int, int]) -> torch.Tensor:
@@ -112,9 +132,9 @@ def predict(
                           else resize_pair(images[i], None, size)[0] for i in idx]).astype(np.float32) / 255.0
         x = normalize(torch.from_numpy(batch).permute(0, 3, 1, 2).to(device))
         with autocast(device, precision):
-            logits, iou, prior = model.forward_native(x, **kw)
+            logits, iou, prior = _forward(model, x, kw)
             if model.cfg.tta_flip:  # mean of the logits of the image and its mirror image (flipped back)
-                f_logits, f_iou, f_prior = model.forward_native(x.flip(-1), **_flip_prompts(kw, size))
+                f_logits, f_iou, f_prior = _forward(model, x.flip(-1), _flip_prompts(kw, size))
                 logits, iou = (logits + f_logits.flip(-1)) / 2, (iou + f_iou) / 2
                 prior = None if prior is None else (prior + f_prior.flip(-1)) / 2
         logits, iou = logits.float(), iou.float()

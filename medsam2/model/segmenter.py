@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medsam2.config import ModelCfg
@@ -86,28 +85,12 @@ class Segmenter(nn.Module):
             points=(torch.cat(coords, 1), torch.cat(labels, 1)), boxes=None, masks=masks
         )
 
-    def forward_native(self, images, boxes=None, points=None, point_labels=None):
-        """The decoder's logits at its own resolution and the box prior apart, before any resampling.
-
-        Returns ``(logits (B,1,s,s), iou_pred (B,1), prior (B,1,S,S) log-odds or None)``: s = S/4 for a decoder
-        with a ``forward_native`` (SAM2's stock one), else s = S with the prior already added (prior None).
-        """
+    def forward(self, images, boxes=None, points=None, point_labels=None) -> dict[str, torch.Tensor]:
         feats = self.encode(images)
         sparse, dense = self.prompt_embeddings(images.shape[0], images.device, boxes, points, point_labels)
-        native = getattr(self.decoder, "forward_native", None)
-        if native is not None:
-            logits, iou_pred = native(self.sam, feats, sparse, dense, images)
-            prior = self.prior.fn(boxes, self.image_size) if self.prior is not None else None
-            return logits, iou_pred, prior
         logits, iou_pred = self.decoder(self.sam, feats, sparse, dense, images)
-        return (self.prior(logits, boxes) if self.prior is not None else logits), iou_pred, None
-
-    def forward(self, images, boxes=None, points=None, point_labels=None) -> dict[str, torch.Tensor]:
-        logits, iou_pred, prior = self.forward_native(images, boxes, points, point_labels)
-        if logits.shape[-1] != self.image_size:
-            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        if prior is not None:
-            logits = prior.to(logits.dtype) + logits
+        if self.prior is not None:
+            logits = self.prior(logits, boxes)
         return {"logits": logits, "iou_pred": iou_pred}
 
     def param_count(self) -> ParamCount:

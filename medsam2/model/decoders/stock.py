@@ -26,12 +26,8 @@ def run_sam_decoder(sam: nn.Module, feats: dict, sparse: torch.Tensor, dense: to
 class StockDecoder(nn.Module):
     """No parameters of its own: SAM2's ``sam_mask_decoder`` (part of the wrapped model) does the work."""
 
-    def forward_native(self, sam, feats, sparse, dense, images):
-        """SAM2's own (B,1,S/4,S/4) logits and (B,1) IoU, before any resampling (predict resamples once)."""
-        return run_sam_decoder(sam, feats, sparse, dense)
-
     def forward(self, sam, feats, sparse, dense, images):
-        low_res, iou_pred = self.forward_native(sam, feats, sparse, dense, images)
+        low_res, iou_pred = run_sam_decoder(sam, feats, sparse, dense)
         logits = F.interpolate(low_res, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return logits, iou_pred
 
