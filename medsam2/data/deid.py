@@ -117,14 +117,19 @@ def phi_values(ds: Any) -> list[str]:
     vals: set[str] = set()
     for kw in PHI_KEYWORDS:
         vals.update(_str_values(ds.get(kw)))
+    meta = getattr(ds, "file_meta", None)  # the instance UID of the file meta (kept when anonymisers blank the body)
+    if meta is not None:
+        vals.update(_str_values(meta.get("MediaStorageSOPInstanceUID")))
     return sorted((v for v in vals if len(v) >= 2), key=len, reverse=True)
 
 
-def scrub(text: str, values: list[str]) -> str:
-    """``text`` with every occurrence of each PHI value replaced by ``<redacted>``."""
-    for v in values:
-        if v and v in text:
-            text = text.replace(v, "<redacted>")
+def scrub(text: str, values: list[str], salt: str | None = None) -> str:
+    """``text`` with every occurrence of each PHI value (longest first) replaced by ``<redacted>``, or with a salt
+    by the value's pseudonym (:func:`pseudonymise`), which keeps distinct values distinct (file names that are
+    SOPInstanceUIDs). Values under 3 characters are left alone with a salt (they would rewrite ordinary names)."""
+    for v in sorted(values, key=len, reverse=True):
+        if v and v in text and (salt is None or len(v) >= 3):
+            text = text.replace(v, "<redacted>" if salt is None else pseudonymise(v, salt))
     return text
 
 

@@ -34,6 +34,7 @@ state.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ import pandas as pd
 
 from medsam2.data import dicom as dcm
 from medsam2.data import layouts as L
-from medsam2.data.deid import load_salt, pseudonymise
+from medsam2.data.deid import load_salt, phi_values, pseudonymise, scrub
 from medsam2.data.manifest import (
     CACHE_DIR,
     MANIFEST_COLUMNS,
@@ -124,12 +125,14 @@ class IngestResult:
 
 
 class StatCache:
-    """``uri -> {"v": version, "sha": sha256, "dcm": {...}}``; reset when the de-identification salt
-    changes."""
+    """``key(uri) -> {"v": version, "sha": sha256, "dcm": {...}}``; reset when the de-identification salt
+    changes. Keys are salted hashes of the source URIs: DICOM exports name files after their SOPInstanceUID and
+    folders after patients, so no source path is written to the work dir."""
 
     def __init__(self, path: Path, salt: str) -> None:
         self.path = path
         self.salt_fp = hashlib.sha256(b"salt\0" + salt.encode()).hexdigest()[:16]
+        self._salt = salt
         self.files: dict[str, dict[str, Any]] = {}
         if path.exists():
             try:
@@ -139,15 +142,18 @@ class StatCache:
             except (OSError, ValueError):
                 pass
 
+    def key(self, uri: str) -> str:
+        return hmac.new(self._salt.encode(), b"statcache\0" + uri.encode(), hashlib.sha256).hexdigest()[:32]
+
     def get(self, uri: str, version: str) -> dict[str, Any] | None:
-        e = self.files.get(uri)
+        e = self.files.get(self.key(uri))
         return e if e and e.get("v") == version else None
 
     def put(self, uri: str, version: str, **kv: Any) -> dict[str, Any]:
-        e = self.files.get(uri)
+        e = self.files.get(self.key(uri))
         if not e or e.get("v") != version:
             e = {"v": version}
-            self.files[uri] = e
+            self.files[self.key(uri)] = e
         e.update(kv)
         return e
 
@@ -159,11 +165,28 @@ class StatCache:
 
 
 class _Source:
-    """Listing + stat cache + lazy local paths + hashes for one storage."""
+    """Listing + stat cache + lazy local paths + hashes for one storage.
+
+    :meth:`ref` is the URI that the manifest and quarantine record for a file: its real URI, except that in a
+    DICOM file's path every PHI value of its own header (PACS exports name files after the SOPInstanceUID and
+    folders after the patient) is replaced by its salted pseudonym (:func:`~medsam2.data.deid.scrub`), e.g.
+    ``series/CT.p3f…`` for ``series/CT.1.3.12.2.1107.5…``; paths without PHI stay readable.
+    """
 
     def __init__(self, storage: Storage, files: list[SourceFile], cache: StatCache) -> None:
         self.storage, self.cache = storage, cache
         self.info = {f.rel: f for f in files}
+        self.public: dict[str, str] = {}  # rel -> its de-identified form, for DICOM files whose path holds PHI
+        self._rel_of: dict[str, str] = {}
+
+    def ref(self, rel: str) -> str:
+        return self.storage.uri_of(self.public.get(rel, rel))
+
+    def rel_of(self, ref: str) -> str:
+        """The relative path of a file from its :meth:`ref`."""
+        if len(self._rel_of) != len(self.info):
+            self._rel_of = {self.ref(r): r for r in self.info}
+        return self._rel_of[ref]
 
     def entry(self, rel: str) -> dict[str, Any]:
         f = self.info[rel]
@@ -215,6 +238,7 @@ def _dicom_info(src: _Source, rel: str, dataset: str, salt: str) -> dict[str, An
         "patient": pseudonymise(raw, salt),
         "bucket": split_bucket(raw),
         "modality": dcm.modality_of(ds),
+        "path": scrub(rel, phi_values(ds), salt),  # the path as recorded: PHI values of the header pseudonymised
     }
     return e["dcm"]
 
@@ -227,17 +251,21 @@ def discover(
     ignored: list[str] = []
     kinds: dict[str, str] = {}
     rels = sorted(src.info)
+
+    def key_of(rel: str) -> str:  # the unit key is written to the manifest: a DICOM path without its PHI
+        return src.public.get(rel, rel)
+
     for rel in rels:
         f = src.info[rel]
-        if f.problem:
-            units.append(L.Unit(key=rel, kind="reject", image=rel, reject=(f.problem, f.detail)))
-            continue
         k = L.classify(rel)
+        if f.problem:
+            units.append(L.Unit(key=key_of(rel), kind="reject", image=rel, reject=(f.problem, f.detail)))
+            continue
         if k == "sidecar":
             ignored.append(rel)
             continue
         if f.size == 0:
-            units.append(L.Unit(key=rel, kind="reject", image=rel, reject=("zero_byte", "empty file")))
+            units.append(L.Unit(key=key_of(rel), kind="reject", image=rel, reject=("zero_byte", "empty file")))
             continue
         if k == "maybe":
             k = {"dicom": "dicom", "raster": "raster"}.get(sniff_kind(src.path(rel)), "unknown")
@@ -306,25 +334,26 @@ def discover(
     ]
 
     dicoms = {rel: _dicom_info(src, rel, dataset, salt) for rel, k in kinds.items() if k == "dicom"}
+    src.public.update((rel, i["path"]) for rel, i in dicoms.items() if i.get("path", rel) != rel)
     first_of: dict[str, str] = {}  # SOPInstanceUID hash → first file (sorted order) carrying it
     for rel, i in sorted(dicoms.items()):
         if "error" in i:
             continue
         first = first_of.setdefault(i["sop"], rel)
         if first != rel:  # the same DICOM instance twice (a copy, a re-export): keep the first, say so
-            detail = f"same SOPInstanceUID as {src.storage.uri_of(first)}"
+            detail = f"same SOPInstanceUID as {src.ref(first)}"
             dicoms[rel] = {"error": ["duplicate_instance", detail]}  # a new dict: the stat cache keeps its facts
     by_sop = {i["sop"]: rel for rel, i in dicoms.items() if "error" not in i and not i["seg"]}
     segs_of: dict[str, list[str]] = {}
     for rel, i in sorted(dicoms.items()):
         if "error" in i:
-            units.append(L.Unit(key=rel, kind="reject", image=rel, reject=tuple(i["error"])))
+            units.append(L.Unit(key=key_of(rel), kind="reject", image=rel, reject=tuple(i["error"])))
         elif i["seg"]:
             hits = sorted({by_sop[r] for r in i["refs"] if r in by_sop})
             if not hits:
                 units.append(
                     L.Unit(
-                        key=rel,
+                        key=key_of(rel),
                         kind="reject",
                         image=rel,
                         reject=("mask_without_image", "DICOM-SEG references no image in the source"),
@@ -336,7 +365,7 @@ def discover(
         i = dicoms[rel]
         units.append(
             L.Unit(
-                key=rel,
+                key=key_of(rel),
                 kind="dicom",
                 image=rel,
                 segs=tuple(segs_of.get(rel, [])),
@@ -468,7 +497,7 @@ def _run(
     last_ckpt = time.monotonic()
 
     def qrow(u: L.Unit, rel: str, reason: str, detail: str, fp: str) -> dict[str, Any]:
-        uri = src.storage.uri_of(rel)
+        uri = src.ref(rel)
         prev = next(
             (p for p in oldq_by_unit.get(u.key, []) if p["source_uri"] == uri and p["reason"] == reason), None
         )
@@ -545,7 +574,7 @@ def _run(
             reused.add(u.key)
         else:
             dup = seen_sha.get(shas[u.image])
-            if dup is not None and dup != src.storage.uri_of(u.image):
+            if dup is not None and dup != src.ref(u.image):
                 q_by_unit[u.key] = [qrow(u, u.image, "duplicate_content", f"same bytes as {dup}", fp)]
                 continue
             paths = {f: str(src.path(f)) for f in u.files if not f.startswith("\0")}
@@ -553,6 +582,7 @@ def _run(
                 "workdir": str(workdir),
                 "dataset": dataset,
                 "base_uri": src.storage.uri,
+                "refs": {f: src.ref(f) for f in u.files if not f.startswith("\0")},
                 "shas": shas,
                 "now": now,
                 "fingerprint": fp,
@@ -573,7 +603,7 @@ def _run(
                     if dup[1] == r["source_uri"] and r["mask_source_uri"]
                     else r["source_uri"]
                 )
-                rel = where[len(src.storage.uri.rstrip("/")) + 1 :]
+                rel = src.rel_of(where)
                 qprev.append(qrow(u, rel, "duplicate_content", f"same image and mask as {dup[1]}", fp))
                 if not reuse:
                     for k in ("image_uri", "mask_uri"):
@@ -627,9 +657,9 @@ def check_accounting(
         used.update(_PART.sub("", q["source_uri"]) for q in qs)
     for u in units:
         if u.key in reused or (q_by_unit.get(u.key) and not rows_by_unit.get(u.key)):
-            used.update(src.storage.uri_of(f) for f in u.files if not f.startswith("\0"))
+            used.update(src.ref(f) for f in u.files if not f.startswith("\0"))
     skipped = set(ignored)
-    lost = sorted(rel for rel in src.info if rel not in skipped and src.storage.uri_of(rel) not in used)
+    lost = sorted(rel for rel in src.info if rel not in skipped and src.ref(rel) not in used)
     if lost:
         raise InternalError(
             f"ingest lost track of {len(lost)} of {len(src.info)} files in {src.storage.uri} (neither a manifest "

@@ -39,7 +39,7 @@ from medsam2.data.readers import (
     to_uint8,
 )
 
-INGEST_VERSION = "1"
+INGEST_VERSION = "2"  # 2: DICOM source paths recorded as pseudonyms, stat cache keys hashed
 
 
 @dataclass
@@ -87,9 +87,13 @@ class _Ctx:
         self.workdir = Path(ctx["workdir"])
         self.dataset: str = ctx["dataset"]
         self.base_uri: str = ctx["base_uri"]
+        self.refs: dict[str, str] = ctx.get("refs", {})  # rel -> the URI recorded (a pseudonym for DICOM)
         self.shas: dict[str, str] = ctx["shas"]
         self.now: str = ctx["now"]
         self.fingerprint: str = ctx["fingerprint"]
+
+    def ref(self, rel: str) -> str:
+        return self.refs.get(rel) or f"{self.base_uri.rstrip('/')}/{rel}"
 
 
 def _mean_std(rgb: np.ndarray) -> tuple[float, float]:
@@ -159,8 +163,8 @@ def _build_row(
         "height": int(h),
         "sha256": c.shas[rel],
         "mask_sha256": c.shas.get(mask_rel) if mask_rel else None,
-        "source_uri": f"{c.base_uri.rstrip('/')}/{rel}",
-        "mask_source_uri": f"{c.base_uri.rstrip('/')}/{mask_rel}" if mask_rel else None,
+        "source_uri": c.ref(rel),
+        "mask_source_uri": c.ref(mask_rel) if mask_rel else None,
         "frame": int(frame),
         "target": target,
         "mask_fraction": np.count_nonzero(mask) / mask.size if mask is not None else 0.0,
