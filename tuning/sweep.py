@@ -136,7 +136,15 @@ def _init_ray(address: str | None, num_cpus: int | None, quiet: bool) -> bool:
     return True
 
 
-def _searcher(search: str, seed: int | None):
+OPTUNA_DB = "optuna.db"  # the Optuna study of an optuna sweep, in its folder: kept across --resume, inspectable
+
+
+def optuna_storage(sweep_dir: Path) -> str:
+    """The SQLite URL of a sweep's Optuna study (``optuna.load_study(study_name=<sweep name>, storage=...)``)."""
+    return f"sqlite:///{Path(sweep_dir).resolve() / OPTUNA_DB}"
+
+
+def _searcher(search: str, seed: int | None, study_dir: Path | None = None):
     if search == "random":  # independent random samples; a seed makes the sampled configs reproducible
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -146,7 +154,12 @@ def _searcher(search: str, seed: int | None):
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as e:  # pragma: no cover - optuna is optional
             raise ImportError("search='optuna' needs the optuna package: pip install optuna") from e
-        return OptunaSearch(seed=seed)
+        if study_dir is None:
+            return OptunaSearch(seed=seed)
+        # a durable study: every ask and tell is in SQLite at once, so a killed sweep's --resume continues it
+        from optuna.storages import RDBStorage
+
+        return OptunaSearch(seed=seed, storage=RDBStorage(optuna_storage(study_dir)), study_name=study_dir.name)
     raise ValueError(f"search must be 'random' or 'optuna', got {search!r}")
 
 
@@ -296,7 +309,7 @@ def _tuner(
             mode="max",
             scheduler=scheduler,
             num_samples=num_samples,
-            search_alg=_searcher(search, seed),
+            search_alg=_searcher(search, seed, Path(storage) / name if _is_local(storage) else None),
             max_concurrent_trials=max_concurrent,
             trial_dirname_creator=_trial_dirname,
         ),

@@ -17,6 +17,27 @@ from tests.tuning.conftest import child_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 MEDSAM2 = str(Path(sys.executable).with_name("medsam2"))
+MAX_STEPS = 4  # the smoke space's train.max_steps
+
+
+def _study_trials(sweep_dir: Path) -> dict[int, dict]:
+    """Optuna trial number → its sampled params, read through Optuna's API from the sweep's durable study (the
+    study's memory of what it already tried)."""
+    import optuna
+
+    from tuning.sweep import optuna_storage
+
+    assert (sweep_dir / "optuna.db").exists(), sorted(p.name for p in sweep_dir.iterdir())
+    study = optuna.load_study(study_name=sweep_dir.name, storage=optuna_storage(sweep_dir))
+    return {t.number: dict(t.params) for t in study.trials}
+
+
+def _checkpointed_steps(storage: Path) -> dict[str, int]:
+    """Trial id → the step of its ``train/last.pt`` (``train`` resumes from it), for every trial that wrote one."""
+    from medsam2.engine.checkpoint import read_checkpoint
+
+    return {last.parent.parent.name.removeprefix("trial_"): int(read_checkpoint(last)["step"])
+            for last in storage.glob("*/trial_*/train/last.pt")}
 
 
 def test_killed_optuna_sweep_resumes_under_the_same_parent_run(sweep_env, tmp_path):
@@ -36,6 +57,11 @@ def test_killed_optuna_sweep_resumes_under_the_same_parent_run(sweep_env, tmp_pa
     first.wait(30)
     (sweep_dir,) = [p for p in storage.iterdir() if (p / "sweep.json").exists()]
     parent_id = json.loads((sweep_dir / "sweep.json").read_text())["parent_run_id"]
+    at_kill = _checkpointed_steps(storage)
+    mid_run = {t: s for t, s in at_kill.items() if 0 < s < MAX_STEPS}  # must resume from s, not restart at 0
+    assert mid_run, f"no trial was killed between checkpoints: {at_kill}"
+    study_before = _study_trials(sweep_dir)
+    assert study_before, "the killed sweep's Optuna study holds no trial"
 
     again = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -43,6 +69,38 @@ def test_killed_optuna_sweep_resumes_under_the_same_parent_run(sweep_env, tmp_pa
     assert out["parent_run_id"] == parent_id
     assert (out["trials"], out["errored"]) == (3, 0), out
     assert out["completed"] + out["stopped_early"] == 3
-    _, children = child_runs(sweep_env["uri"], parent_id)
+    client, children = child_runs(sweep_env["uri"], parent_id)
     assert len(children) == 3 and {c.info.status for c in children} == {"FINISHED"}, [
         (c.info.run_name, c.info.status) for c in children]
+
+    # the trials killed between checkpoints continued from them: resumed_from is their last.pt step (> 0), in the
+    # results table and on their MLflow child run; a trial that restarted from scratch would report 0
+    import pandas as pd
+
+    from tuning.trainable import TRIAL_TAG
+
+    table = pd.read_csv(Path(out["results_csv"]), dtype={"trial_id": str}).set_index("trial_id")
+    by_trial = {c.data.tags[TRIAL_TAG]: c for c in children}
+    for trial_id, step in mid_run.items():
+        row = table.loc[trial_id]
+        if row["step"] <= step:  # ASHA had stopped it at that checkpoint: nothing left to resume
+            continue
+        assert row["resumed_from"] == step > 0, (trial_id, step, table[["status", "step", "resumed_from"]])
+        hist = client.get_metric_history(by_trial[trial_id].info.run_id, "resumed_from")
+        assert [m.value for m in hist] == [step], (trial_id, hist)
+    assert (table["resumed_from"] > 0).any(), table[["status", "step", "resumed_from"]]
+    assert set(table["resumed_from"]) <= {0, *mid_run.values()}
+
+    # Optuna's study was kept, not rebuilt: every trial it held at the kill is still there with the same params,
+    # it asked for no extra trial (3 in all, one per Tune trial), and the Tune trials ran the params it gave them
+    study_after = _study_trials(sweep_dir)
+    assert {n: study_after.get(n) for n in study_before} == study_before, (study_before, study_after)
+    assert len(study_after) == 3, study_after
+    keys = sorted({k for p in study_after.values() for k in p})
+
+    def norm(v):  # a float read back from results.csv may differ in its last digits
+        return round(float(v), 9) if isinstance(v, float) else str(v)
+
+    ran = sorted(tuple(norm(table.loc[t, k]) for k in keys) for t in table.index)
+    asked = sorted(tuple(norm(p[k]) for k in keys) for p in study_after.values())
+    assert keys and ran == asked, (keys, ran, asked)
