@@ -32,6 +32,53 @@ def skip_or_fail(missing: str, how: str) -> None:
     pytest.skip(f"{missing}: {how}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), e.g. the raylet and Ray workers that a sweep's
+    driver started: they run in their own process groups, so a ``killpg`` of the driver does not reach them."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        c, p = map(int, line.split())
+        children.setdefault(p, []).append(c)
+    found, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def crash(pid: int, timeout_s: float = 30) -> list[int]:
+    """SIGKILL ``pid`` and every process below it at once, as a machine crash would, and wait until all are gone
+    (reaped or zombies). Returns the pids killed."""
+    import signal
+    import time
+
+    victims = [pid, *descendants(pid)]
+    for v in victims:
+        try:
+            os.kill(v, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        alive = [v for v in victims if _alive(v)]
+        if not alive:
+            break
+        time.sleep(0.2)
+    return victims
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def sample_root() -> Path | None:
     p = Path(os.environ.get("MEDSAM2_SAMPLE_DATA", REPO.parent / "shared" / "data"))
     return p if p.is_dir() else None

@@ -15,6 +15,7 @@ token in ``RAY_AUTH_TOKEN`` (or ``RAY_AUTH_TOKEN_PATH``) — see ``infra/README.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -43,6 +44,7 @@ from tuning.trainable import (
     trial_output_dir,
 )
 
+log = logging.getLogger(__name__)
 STORAGE_ENV = "MEDSAM2_TUNE_STORAGE"
 """Default Tune storage: a path all nodes see, or ``s3://bucket/prefix``.
 Unset: ``$MEDSAM2_HOME/ray_results``."""
@@ -163,6 +165,21 @@ def _searcher(search: str, seed: int | None, study_dir: Path | None = None):
     raise ValueError(f"search must be 'random' or 'optuna', got {search!r}")
 
 
+def _fail_interrupted_trials(sweep_dir: Path) -> int:
+    """Mark the Optuna trials still RUNNING once the sweep has finished as FAIL, and return how many: attempts cut
+    off by a killed driver, which the resumed sweep asked again under a new trial number (Optuna's own state for a
+    trial whose process died)."""
+    import optuna
+
+    study = optuna.load_study(study_name=sweep_dir.name, storage=optuna_storage(sweep_dir))
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in stale:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    if stale:
+        log.info("optuna study %s: %d trial(s) interrupted by the earlier kill marked FAIL", sweep_dir.name, len(stale))
+    return len(stale)
+
+
 def _experiment_name(space: str, cfg: ExperimentCfg, storage: str, resume: bool) -> str:
     prefix = f"{space}-{config_hash(cfg)}"
     if resume:
@@ -277,6 +294,8 @@ def run_sweep(
                 quiet,
             )
         grid = tuner.fit()
+        if search == "optuna" and _is_local(storage):
+            _fail_interrupted_trials(local_out)
         result = _summarise(grid, cfg, ctx, local_out, storage, name, exp_id, parent_id, uri, t0)
         mlflow.end_run("FINISHED")
         return result

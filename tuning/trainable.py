@@ -183,6 +183,7 @@ class MlflowChild(Callback):
         self.inner = MlflowCallback()
         self.run_id: str | None = None
         self.reopened = False
+        self.resume_logged = False
 
     def start(self) -> str:
         mlflow.set_tracking_uri(self.ctx.tracking_uri)
@@ -210,9 +211,14 @@ class MlflowChild(Callback):
         self.run_id = run.info.run_id
         return self.run_id
 
+    def note_resumed(self, step: int) -> None:
+        """Log the step this attempt resumed from (once; 0 logs nothing)."""
+        if step and not self.resume_logged:
+            mlflow.log_metric("resumed_from", step)
+            self.resume_logged = True
+
     def on_train_start(self, info: dict[str, Any]) -> None:
-        if info.get("resumed_from"):
-            mlflow.log_metric("resumed_from", info["resumed_from"])
+        self.note_resumed(int(info.get("resumed_from") or 0))
         if not self.reopened:  # a reopened run has its params from the first attempt (params are immutable)
             self.inner.on_train_start(info)
 
@@ -254,6 +260,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     except BaseException:
         child.finish("FAILED")
         raise
+    child.note_resumed(result.resumed_from)  # a restored trial that had already finished starts no training
     if not reporter.reported:  # e.g. restored after it had already finished: report the final numbers once
         m, nan = result.metrics, float("nan")
         tune.report(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, copy_kvasir_subset
+from tests.conftest import REPO, copy_kvasir_subset, descendants
 from tests.flows.conftest import run_deployment, wait_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -41,20 +41,6 @@ def _versions(home: Path, workdir: Path) -> tuple[list[dict], list[dict]]:
     return ours, [{"run": name, "id": rid, "status": status} for rid, name, status in runs]
 
 
-def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        c, p = map(int, line.split())
-        children.setdefault(p, []).append(c)
-    found, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
-
-
 def test_killed_worker_leaves_registry_untouched_and_rerun_resumes(stack, tmp_path):
     env, home = stack
     busy = wait_idle(env)  # killing the worker must not hit (or race with) another test's triggered run
@@ -75,7 +61,7 @@ def test_killed_worker_leaves_registry_untouched_and_rerun_resumes(stack, tmp_pa
         time.sleep(2)
     assert ckpts, "training never wrote a checkpoint"
     worker_pid = int(Path(home, "run", "prefect-worker.pid").read_text())
-    victims = _descendants(worker_pid)  # the flow-run process runs in its own session: kill it explicitly
+    victims = descendants(worker_pid)  # the flow-run process runs in its own session: kill it explicitly
     assert victims, "no flow-run process under the worker"
     for pid in [worker_pid, *victims]:  # what a machine crash does to both
         try:
