@@ -85,11 +85,10 @@ def resolve_cfg(config: str | None, overrides: list[str] | None, workdir: str | 
 def run_scoped(cfg: ExperimentCfg) -> ExperimentCfg:
     """Give each (config, data version) its own output dir, so a rerun after a crash resumes the same training
     while new labels start a fresh one."""
-    from medsam2.config import config_hash
-    from medsam2.data.selection import training_data_version
+    from medsam2.engine.train import output_dir_of
 
-    tag = f"{config_hash(cfg)}-{training_data_version(cfg.data)}"
-    return with_overrides(cfg, train={"output_dir": str(Path(cfg.train.output_dir) / tag)})
+    base = cfg.train.output_dir  # the deployment's dir holds one run dir per identity (None: under MEDSAM2_HOME)
+    return with_overrides(cfg, train={"output_dir": str(output_dir_of(cfg, base) if base else output_dir_of(cfg))})
 
 
 def from_best_config(best_config: str, cfg: ExperimentCfg) -> ExperimentCfg:

@@ -120,8 +120,10 @@ class TrainCfg(_Cfg):
     iou_weight: float = Field(0.1, ge=0)
     """Weight of the IoU-head MSE (SAM's predicted IoU, used for pseudo-label confidence) in the total loss."""
     seed: int = 0
-    output_dir: str = ".medsam2/runs/default"
-    """Checkpoints go here; rerunning with the same dir resumes from its last checkpoint."""
+    output_dir: str | None = None
+    """Checkpoints go here; rerunning with the same dir resumes from its last checkpoint. None (the default):
+    ``$MEDSAM2_HOME/runs/<name>/<config hash>-<data version>`` (``engine.train.output_dir_of``), so a rerun of
+    the same settings on the same data resumes and anything else starts its own run."""
     checkpoint_every: int = Field(50, ge=1)
     eval_every: int = Field(100, ge=1)
     max_minutes: float | None = Field(None, gt=0)

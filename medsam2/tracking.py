@@ -28,13 +28,10 @@ from mlflow.exceptions import MlflowException
 
 from medsam2.config import ExperimentCfg, config_hash
 from medsam2.engine.callbacks import Callback
+from medsam2.home import medsam2_home  # noqa: F401 (tracking.medsam2_home is used by callers)
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-
-
-def medsam2_home() -> Path:
-    return Path(os.environ.get("MEDSAM2_HOME", ".medsam2")).resolve()
 
 
 def tracking_uri(cfg: ExperimentCfg | None = None) -> str:

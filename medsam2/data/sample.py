@@ -14,6 +14,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from medsam2.home import medsam2_home
+
 OFFICIAL = {"kvasir-seg": "https://datasets.simula.no/downloads/kvasir-seg.zip"}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,7 +51,7 @@ def resolve_source(source: str) -> str:
     root = sample_root()
     if root is not None and (root / name).is_dir():
         return str(root / name)
-    cache = Path(os.environ.get("MEDSAM2_HOME", ".medsam2")) / "datasets" / name
+    cache = medsam2_home() / "datasets" / name
     if cache.is_dir():
         return str(cache)
     if name in OFFICIAL and os.environ.get("MEDSAM2_ALLOW_DOWNLOAD") == "1":

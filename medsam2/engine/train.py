@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from medsam2.config import ExperimentCfg, config_hash
+from medsam2.config import ExperimentCfg, config_hash, with_overrides
 from medsam2.data.dataset import SegDataset, StepSampler
 from medsam2.data.selection import select_rows, training_data_version
 from medsam2.engine.callbacks import Callback, CallbackList
@@ -36,6 +36,7 @@ from medsam2.engine.runtime import (
     pick_device,
     to_device,
 )
+from medsam2.home import medsam2_home
 from medsam2.model.segmenter import build_segmenter
 from medsam2.semisup import STRATEGIES
 
@@ -113,8 +114,20 @@ def validate_dice(model, rows, workdir, precision, batch_size) -> float:
     return float(per_image["dice"].mean()) if len(per_image) else float("nan")
 
 
+def output_dir_of(cfg: ExperimentCfg, base: str | Path | None = None) -> Path:
+    """Where ``train(cfg)`` writes: ``train.output_dir`` when set (and no ``base``), else
+    ``<base or $MEDSAM2_HOME/runs/<name>>/<config hash>-<training data version>``: one dir per run identity, the
+    same for the CLI, the flows and the library, so a rerun resumes and other settings or new labels start anew."""
+    if cfg.train.output_dir is not None and base is None:
+        return Path(cfg.train.output_dir)
+    root = Path(base) if base is not None else medsam2_home() / "runs" / cfg.name
+    return root / f"{config_hash(cfg)}-{training_data_version(cfg.data)}"
+
+
 def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainResult:
-    """Fine-tune SAM2 as configured; resumes from ``cfg.train.output_dir/last.pt`` when it exists."""
+    """Fine-tune SAM2 as configured; resumes from ``output_dir_of(cfg)/last.pt`` when it exists."""
+    if cfg.train.output_dir is None:
+        cfg = with_overrides(cfg, train={"output_dir": str(output_dir_of(cfg))})
     tc, dc = cfg.train, cfg.data
     cbs = CallbackList(callbacks or [])
     device = pick_device(tc.device)

@@ -95,7 +95,9 @@ def release_url(name: str) -> str | None:
 
 
 def _cache_dir() -> Path:
-    home = Path(os.environ.get("MEDSAM2_HOME", ".medsam2"))
+    from medsam2.home import medsam2_home
+
+    home = medsam2_home()
     return Path(os.environ.get("MEDSAM2_WEIGHTS_CACHE", home / "weights"))
 
 

@@ -285,10 +285,10 @@ def run_self_training(
     whose student does not beat the best val Dice so far. Returns one :class:`RoundResult` per round run (the
     last may have ``improved`` False: its student is not better; use the last improving round's checkpoint).
     """
-    from medsam2.engine.train import train
+    from medsam2.engine.train import output_dir_of, train
 
     device = pick_device(cfg.train.device)
-    root = Path(work_root or Path(cfg.train.output_dir) / "self_training")
+    root = Path(work_root or output_dir_of(cfg) / "self_training")
     teacher_ckpt = str(teacher_checkpoint)
     best = float("nan")
     results: list[RoundResult] = []
