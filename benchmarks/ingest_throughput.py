@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medsam2.data.images import read_image_any
 from medsam2.data.ingest import ingest
 from medsam2.data.manifest import read_manifest
-from medsam2.data.readers import read_image_any
 
 
 def _default_source() -> Path:

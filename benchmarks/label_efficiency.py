@@ -111,8 +111,8 @@ def run_one(
     from medsam2.config import load_config
     from medsam2.engine.checkpoint import load_model
     from medsam2.engine.evaluate import evaluate
+    from medsam2.engine.self_training import best_checkpoint, run_self_training
     from medsam2.engine.train import train
-    from medsam2.semisup.self_training import best_checkpoint, run_self_training
 
     tag = f"{method}_f{fraction:g}"
     sem = "none" if method == "self_training" else method
@@ -292,8 +292,8 @@ def run_arm_cpu(workdir: Path, out: Path, plan: dict, arm: str, method: str, fra
     """Train one arm (``self_training``: rounds from the ``teacher`` row), evaluate it → (table row, per-image
     test Dice). ``val_dice``: the final validation of the kept model's own training (val split, model
     resolution), the same measure for every arm; the semi-supervised choice is made on it."""
+    from medsam2.engine.self_training import best_checkpoint, run_self_training
     from medsam2.engine.train import train
-    from medsam2.semisup.self_training import best_checkpoint, run_self_training
 
     sem = "none" if arm in ("none", "weak_labels", "self_training") else method
     cfg, record = cpu_arm_config(workdir, out / "runs", plan, arm, sem, fraction, quick, baselines)

@@ -314,7 +314,7 @@ def predict(
         _check_workdir(workdir, "predict")
     items = collect(list(inputs or []), box=box, points=points, prompts=prompts, workdir=workdir, ids=ids)
     _check_model(model)
-    from medsam2.engine.predict_files import predict_files
+    from medsam2.predict_files import predict_files
 
     res = predict_files(model, items, out)
     failed = [o for o in res["outputs"] if o["status"] != "ok"]

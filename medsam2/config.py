@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from medsam2.config_input import config_error, numbers_as_text, parse_value
-from medsam2.errors import ConfigError
+from medsam2.errors import ConfigError, register_translator
 
 
 class _Cfg(BaseModel):
@@ -291,3 +291,14 @@ def config_hash(cfg: ExperimentCfg) -> str:
     """Stable 12-hex identity of the resolved config (excludes nothing: paths are part of identity)."""
     blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _translate_validation_error(exc: BaseException) -> ConfigError | None:
+    """A pydantic ValidationError raised while building an :class:`ExperimentCfg` (or one of its parts) anywhere
+    → the CLI's one-line config error (``medsam2.errors.describe``)."""
+    if isinstance(exc, ValidationError):
+        return config_error(exc, ExperimentCfg)
+    return None
+
+
+register_translator(_translate_validation_error)

@@ -166,13 +166,9 @@ def _describe_one(model: type[BaseModel], err: dict[str, Any]) -> tuple[str, str
     return f"{key}: {text} (got {got!r})", None
 
 
-def config_error(exc: ValidationError, model: type[BaseModel] | None = None, where: str = "config") -> ConfigError:
-    """A pydantic ``ValidationError`` → one :class:`ConfigError` whose message names every bad key (with the
-    closest valid keys / the choices) and whose hint says what to do."""
-    if model is None:
-        from medsam2.config import ExperimentCfg
-
-        model = ExperimentCfg
+def config_error(exc: ValidationError, model: type[BaseModel], where: str = "config") -> ConfigError:
+    """A pydantic ``ValidationError`` of ``model`` → one :class:`ConfigError` whose message names every bad key
+    (with the closest valid keys / the choices) and whose hint says what to do."""
     parts = [_describe_one(model, e) for e in exc.errors()]
     msg = "; ".join(m for m, _ in parts)
     hint = next((h for _, h in parts if h), None) or f"fix the value in {where}"

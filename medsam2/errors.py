@@ -20,6 +20,7 @@ MLflow's "does not exist") — so the CLI and the flows print the same one or tw
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -141,16 +142,26 @@ def _is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+#: Exception → MedsamError translators registered by higher layers (``medsam2.config``: a pydantic ValidationError
+#: of an experiment config → its ConfigError), so this module stays the bottom of the import graph.
+_TRANSLATORS: list[Callable[[BaseException], MedsamError | None]] = []
+
+
+def register_translator(fn: Callable[[BaseException], MedsamError | None]) -> None:
+    """Let :func:`describe` turn some foreign exception into one of ours (``fn`` returns None for the others)."""
+    if fn not in _TRANSLATORS:
+        _TRANSLATORS.append(fn)
+
+
 def describe(exc: BaseException) -> ErrorReport:
     """Any exception → the :class:`ErrorReport` the CLI prints (see the module docstring for the kinds)."""
     if isinstance(exc, MedsamError):
         return ErrorReport(_one_line(exc.message), exc.kind, exc.hint)
     name = type(exc).__name__
-    if name == "ValidationError" and type(exc).__module__.startswith("pydantic"):
-        from medsam2.config_input import config_error
-
-        err = config_error(exc)  # type: ignore[arg-type]
-        return ErrorReport(_one_line(err.message), "usage", err.hint)
+    for translate in _TRANSLATORS:
+        err = translate(exc)
+        if err is not None:
+            return describe(err)
     if name == "QuarantineError":  # a file the readers refuse (medsam2.data.readers)
         return ErrorReport(_one_line(str(exc)), "input", "check the file, or convert it to PNG/TIFF/DICOM/NIfTI")
     if _is_connection_error(exc):

@@ -199,8 +199,8 @@ def run_self_training(cfg: ExperimentCfg, teacher_checkpoint: str, *, parent_run
     ``self-training-best`` run tagged with the data version of ``cfg.data`` (as a training run is)."""
     from medsam2 import tracking
     from medsam2.data.selection import training_data_version
-    from medsam2.semisup.self_training import best_checkpoint
-    from medsam2.semisup.self_training import run_self_training as rounds_fn
+    from medsam2.engine.self_training import best_checkpoint
+    from medsam2.engine.self_training import run_self_training as rounds_fn
 
     tracking.setup(cfg)
     data_version = training_data_version(cfg.data)  # the labelled data, before any round adds pseudo-labels

@@ -183,7 +183,7 @@ class MedSAM2PyFunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
                 ) -> list[np.ndarray]:
-        from medsam2.data.readers import read_image_any
+        from medsam2.data.images import read_image_any
         from medsam2.engine.predict import predict
 
         items = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else model_input

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, Sampler
 from medsam2.config import ModelCfg
 from medsam2.data.crops import crop_pair, crop_window
 from medsam2.data.prompts import jitter_box, mask_box, sample_points
-from medsam2.semisup.weak import box_label_mask, negative_fields, weak_box_fields, with_weak_defaults
+from medsam2.data.weak import box_label_mask, negative_fields, weak_box_fields, with_weak_defaults
 
 
 def load_cached(workdir: Path, row: pd.Series) -> tuple[np.ndarray, np.ndarray | None]:

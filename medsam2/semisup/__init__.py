@@ -10,11 +10,12 @@ A strategy is built by ``STRATEGIES.create(name, model, cfg)`` and offers::
 ``none`` is plain supervised training; it is what every other strategy adds to.
 """
 
-from medsam2.registry import Registry
-
-STRATEGIES: Registry = Registry("semisup")
-
-from medsam2.semisup import adversarial, mean_teacher, mutual_consistency  # noqa: E402,F401,I001
-from medsam2.semisup import supervised  # noqa: E402,F401  (registers "none")
+from medsam2.semisup import (  # noqa: E402,F401,I001
+    adversarial,
+    mean_teacher,
+    mutual_consistency,
+    supervised,  # noqa: E402,F401  (registers "none")
+)
+from medsam2.semisup.base import STRATEGIES
 
 __all__ = ["STRATEGIES"]

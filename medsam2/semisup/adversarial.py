@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from medsam2.semisup import STRATEGIES
+from medsam2.semisup.base import STRATEGIES
 from medsam2.semisup.mean_teacher import ramp_length, sigmoid_rampup
 from medsam2.semisup.supervised import Supervised, forward_batch
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsam2.semisup import STRATEGIES
+from medsam2.semisup.base import STRATEGIES
 from medsam2.semisup.supervised import Supervised
 
 EMA_DECAY = 0.99

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from medsam2.semisup import STRATEGIES
+from medsam2.semisup.base import STRATEGIES
 from medsam2.semisup.mean_teacher import ramp_length, sigmoid_rampup
 from medsam2.semisup.supervised import Supervised, forward_batch
 

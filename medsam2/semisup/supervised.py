@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from medsam2.losses import box_projection_loss, create_loss, iou_prediction_loss
-from medsam2.semisup import STRATEGIES
+from medsam2.semisup.base import STRATEGIES
 
 
 def forward_batch(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:

@@ -125,7 +125,7 @@ def test_mask_of_a_rejected_unit_goes_with_its_quarantine_row(tmp_path: Path) ->
 
 def test_decode_image_rejects_a_dicom_seg(sample_data: Path) -> None:
     from medsam2.data.dicom import SEG_SOP_CLASS, decode_image, read_header
-    from medsam2.data.readers import read_image_any
+    from medsam2.data.images import read_image_any
 
     seg = sample_data / "dicom" / "dcmqi" / "liver.dcm"
     assert str(read_header(seg).SOPClassUID) == SEG_SOP_CLASS

@@ -195,9 +195,9 @@ def test_self_trained_champion_carries_the_data_version(kvasir_workdir, tmp_path
 
     from medsam2 import steps, tracking
     from medsam2.data.selection import training_data_version
+    from medsam2.engine import self_training as st
     from medsam2.engine.checkpoint import atomic_save, model_payload
     from medsam2.model.segmenter import build_segmenter
-    from medsam2.semisup import self_training as st
     from tests.conftest import tiny_cfg
 
     cfg = tiny_cfg(kvasir_workdir, tmp_path / "run", "train.max_steps=2", "train.eval_every=2",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medsam2.engine.predict_files import parse_points
+from medsam2.predict_files import parse_points
 
 
 def test_parse_points():

@@ -8,8 +8,8 @@ import pytest
 from medsam2.data.dataset import load_cached
 from medsam2.data.manifest import read_manifest
 from medsam2.data.selection import select_rows
+from medsam2.engine import self_training as st
 from medsam2.engine.checkpoint import load_model
-from medsam2.semisup import self_training as st
 from tests.conftest import remove_checkpoints
 
 

@@ -19,7 +19,7 @@ from medsam2.config import load_config
 from medsam2.data.dataset import load_cached
 from medsam2.data.manifest import MANIFEST_COLUMNS, MANIFEST_NAME, read_manifest, write_table
 from medsam2.data.selection import select_rows
-from medsam2.semisup import self_training as st
+from medsam2.engine import self_training as st
 
 N_MASK, N_NONE, N_VAL = 8, 2, 2
 

@@ -7,7 +7,9 @@ import math
 import numpy as np
 import torch
 
+from medsam2.data.weak import box_label_mask, scale_box, with_weak_defaults
 from medsam2.engine.predict import Prediction
+from medsam2.engine.self_training import confidence_score
 from medsam2.losses import create_loss
 from medsam2.semisup.adversarial import MaskDiscriminator, discriminator_loss, frozen_call, generator_loss
 from medsam2.semisup.mean_teacher import (
@@ -19,8 +21,6 @@ from medsam2.semisup.mean_teacher import (
     strong_view,
 )
 from medsam2.semisup.mutual_consistency import cps_loss
-from medsam2.semisup.self_training import confidence_score
-from medsam2.semisup.weak import box_label_mask, scale_box, with_weak_defaults
 
 
 def test_consistency_zero_when_student_equals_teacher_and_grad_only_to_student():

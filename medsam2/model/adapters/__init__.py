@@ -5,10 +5,7 @@ Each adapter is ``fn(model: Segmenter, cfg: ModelCfg) -> None``; it injects modu
 what the base model computed until it is trained.
 """
 
-from medsam2.registry import Registry
-
-ADAPTERS: Registry = Registry("adapter")
-
 from medsam2.model.adapters import bottleneck, freeze, lora  # noqa: E402,F401  (registers the variants)
+from medsam2.model.adapters.base import ADAPTERS
 
 __all__ = ["ADAPTERS"]

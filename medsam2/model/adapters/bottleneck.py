@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medsam2.model.adapters import ADAPTERS
+from medsam2.model.adapters.base import ADAPTERS
 from medsam2.model.adapters.freeze import freeze_image_encoder
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from medsam2.model.adapters import ADAPTERS
+from medsam2.model.adapters.base import ADAPTERS
 
 
 def set_trainable(module: nn.Module, flag: bool) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from medsam2.model.adapters import ADAPTERS
+from medsam2.model.adapters.base import ADAPTERS
 from medsam2.model.adapters.freeze import freeze_image_encoder, set_trainable
 
 TRUNK_QKV = r".*image_encoder\.trunk\.blocks\.\d+\.attn\.qkv"

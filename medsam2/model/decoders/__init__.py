@@ -7,10 +7,7 @@ where ``feats`` = {"image_embed": (B,256,S/16,S/16), "high_res": [(B,32,S/4,S/4)
 input. Logits are pre-sigmoid; the mask is ``logits > 0``.
 """
 
-from medsam2.registry import Registry
-
-DECODERS: Registry = Registry("decoder")
-
 from medsam2.model.decoders import multiscale, prompt_free, stock  # noqa: E402,F401  (registers the variants)
+from medsam2.model.decoders.base import DECODERS
 
 __all__ = ["DECODERS"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsam2.model.decoders import DECODERS
+from medsam2.model.decoders.base import DECODERS
 from medsam2.model.decoders.stock import run_sam_decoder
 
 

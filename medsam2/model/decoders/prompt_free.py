@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsam2.model.decoders import DECODERS
+from medsam2.model.decoders.base import DECODERS
 from medsam2.model.decoders.multiscale import MultiScaleRefiner
 from medsam2.model.decoders.stock import run_sam_decoder
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsam2.model.decoders import DECODERS
+from medsam2.model.decoders.base import DECODERS
 
 
 def run_sam_decoder(sam: nn.Module, feats: dict, sparse: torch.Tensor, dense: torch.Tensor):

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medsam2.data.readers import read_image_any, sniff_kind
+from medsam2.data.images import read_image_any
+from medsam2.data.readers import sniff_kind
 from medsam2.engine.predict import predict
 from medsam2.engine.prompt_sources import PromptItem, check_prompt, parse_box, parse_points
 from medsam2.errors import InputDataError

@@ -1,0 +1,6 @@
+"""The adapter registry: the one source of the adapters' names (config validation, CLI help and search
+spaces read it). A leaf module, so that the variants register into it without importing their package."""
+
+from medsam2.registry import Registry
+
+ADAPTERS: Registry = Registry("adapter")
