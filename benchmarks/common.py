@@ -225,9 +225,9 @@ def config_fields(cfg) -> dict[str, Any]:
 
 
 def build_model(cfg, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    from medsam2.model.segmenter import build_segmenter
+    from medsam2.engine.checkpoint import build_model
 
-    model, _ = build_segmenter(cfg, seed=seed)
+    model, _ = build_model(cfg, seed=seed)
     return model.to(device)
 
 

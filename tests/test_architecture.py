@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("medsam2.config",),                                                                        # 2 typed configs
     ("medsam2.data",),                                                                          # 3 data
     ("medsam2.model",),                                                                         # 4 the network
-    ("medsam2.semisup",),                                                                       # 5 strategies
+    ("medsam2.semisup", "medsam2.tracking.artifacts"),                                          # 5 strategies,
+                                                                                                # MLflow models' files
     ("medsam2.engine",),                                                                        # 6 train/eval/predict
     ("medsam2.promotion", "medsam2.tracking"),                                                  # 7 gate, MLflow
     ("medsam2.steps", "medsam2.predict_files"),                                                 # 8 use cases
@@ -35,13 +36,7 @@ LAYERS: list[tuple[str, ...]] = [
 ROOT = "medsam2"  # the package's __init__ (its version only): importable from anywhere
 
 #: (importer, imported) → why it is still there. Every entry is debt: remove it when the import goes.
-KNOWN: dict[tuple[str, str], str] = {
-    ("medsam2.model.backbone", "medsam2.engine.checkpoint"): (
-        "load_sam2 takes the SAM2 part of one of our own checkpoints (model_from_payload); weight-source "
-        "resolution should move to engine/ and model/ take a state dict"),
-    ("medsam2.model.backbone", "medsam2.tracking"): (
-        "load_sam2 resolves models:/ and runs:/ URIs itself (download_model_checkpoint, downloaded_model)"),
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -13,17 +13,28 @@ File layout (``torch.save`` of a dict):
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from medsam2.config import ExperimentCfg
+from medsam2.config import ExperimentCfg, ModelCfg
+from medsam2.engine.weights import local_weights, resolve_checkpoint
 from medsam2.hashing import file_sha256
-from medsam2.model.backbone import BaseWeights, CheckpointMismatchError, load_state_strict, resolve_checkpoint
+from medsam2.model.backbone import (
+    BaseWeights,
+    CheckpointMismatchError,
+    build_sam2_base,
+    load_state_strict,
+)
 from medsam2.model.segmenter import Segmenter, build_segmenter
+
+log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -93,7 +104,7 @@ def model_from_payload(
     elif base_weights is not None:
         _check_base(Path(base_weights), file_sha256(base_weights), recorded, what)
         model_cfg = model_cfg.model_copy(update={"checkpoint": str(base_weights)})
-    model, base = build_segmenter(model_cfg, seed=cfg.train.seed)
+    model, base = build_model(model_cfg, seed=cfg.train.seed)
     if blob["full"]:
         load_state_strict(model, blob["model"], what)
     else:
@@ -129,3 +140,85 @@ def base_weights_file(path: str | Path) -> Path | None:
         return None
     _check_base(local, file_sha256(local), recorded, f"checkpoint {path}")
     return local
+
+
+def build_model(cfg: ModelCfg, *, seed: int = 0) -> tuple[Segmenter, BaseWeights]:
+    """The Segmenter of ``cfg`` with ``cfg.checkpoint``'s SAM2 weights loaded strictly before injection (the
+    random-init path when it is ``none``), seeded by ``seed`` exactly as the random init is."""
+    if cfg.checkpoint in ("none", "", None):
+        return build_segmenter(cfg, seed=seed)
+    torch.manual_seed(seed)
+    sam, base = load_sam2(cfg.backbone, cfg.sam2_version, cfg.image_size, cfg.checkpoint)
+    return build_segmenter(cfg, sam=sam, base=base)
+
+
+def load_sam2(
+    backbone: str, version: str, image_size: int, checkpoint: str
+) -> tuple[nn.Module, BaseWeights]:
+    """Build SAM2 and load weights strictly. ``checkpoint='none'`` = random init (logged loudly).
+
+    Meta-format files load as they are; one of our models contributes its SAM2 part (:func:`medsam2_sam_state`).
+    Position embeddings that depend on image size are interpolated by SAM2 itself at run time, so a 1024-px
+    release checkpoint loads into a model built for a smaller ``image_size``.
+    """
+    model = build_sam2_base(backbone, version, image_size)
+    if checkpoint in ("none", "", None):
+        log.warning("model.checkpoint=none: SAM2 %s is RANDOMLY INITIALISED (no pretrained weights)", backbone)
+        return model, BaseWeights("none", "none", "none")
+    what = f"checkpoint {checkpoint!r}"
+    with local_weights(checkpoint) as (path, model_base):
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(blob, dict) and "config" in blob:  # one of our models: its SAM2 part is the base
+            state = medsam2_sam_state(blob, what, backbone, version, model.state_dict().keys(), model_base)
+            load_state_strict(model, state, what)
+            return model, BaseWeights(checkpoint, file_sha256(path), "medsam2")
+        state = blob["model"] if isinstance(blob, dict) and "model" in blob else blob
+        if any(k.startswith(("sam.", "decoder.")) for k in state):
+            raise CheckpointMismatchError(
+                f"{what} is a MedSAM2 training state (e.g. last.pt: Segmenter weights, no 'config'); "
+                "point model.checkpoint at the run's final.pt or at a logged/registered model instead"
+            )
+        load_state_strict(model, state, what)
+        return model, BaseWeights(checkpoint, file_sha256(path), "sam2")
+
+
+def medsam2_sam_state(
+    blob: dict, what: str, backbone: str, version: str, target_keys, base_weights: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The SAM2 weights of one of our models (a ``model_payload`` dict) under bare SAM2 keys.
+
+    The model is rebuilt (``model_from_payload``, base weights from ``base_weights`` when
+    given), LoRA layers are merged into the weights they wrap, ``base_layer`` wrappers are unwrapped; keys that
+    are still not SAM2 keys (bottleneck adapters) are dropped with a warning, as is the decoder head outside
+    SAM2 (``model.decoder`` ≠ ``sam2``). ``target_keys`` are the state-dict keys of the bare SAM2 to load into.
+    """
+    src = blob["config"]["model"]
+    if (src["backbone"], src["sam2_version"]) != (backbone, version):
+        raise CheckpointMismatchError(
+            f"{what} is a MedSAM2 model of SAM2 {src['sam2_version']} {src['backbone']}; set "
+            f"model.backbone={src['backbone']} model.sam2_version={src['sam2_version']} to start from it"
+        )
+    segmenter, _ = model_from_payload(blob, what, base_weights=base_weights)
+    sam = segmenter.sam
+    for module in sam.modules():  # peft LoRA layers: fold B·A·scale into the wrapped weight
+        if hasattr(module, "lora_A") and hasattr(module, "merge") and not getattr(module, "merged", True):
+            module.merge()
+    state, lora, dropped = {}, 0, []
+    target = set(target_keys)
+    for key, value in sam.state_dict().items():
+        bare = re.sub(r"\.base_layer(?=\.)", "", key)
+        if bare in target:
+            state[bare] = value.detach().cpu()
+        elif ".lora_" in key:
+            lora += 1
+        else:
+            dropped.append(key)
+    if dropped:
+        log.warning("%s: %d tensors of injected modules (%s, e.g. %s) are not part of SAM2 and are DROPPED: the "
+                    "new model starts from the source's SAM2 weights without them", what, len(dropped),
+                    src["adapter"], dropped[0])
+    if src["decoder"] != "sam2":
+        log.warning("%s: its %r decoder head is not part of SAM2 and is not carried over", what, src["decoder"])
+    if lora:
+        log.info("%s: LoRA merged into the SAM2 weights it adapts (%d LoRA tensors)", what, lora)
+    return state

@@ -27,7 +27,7 @@ from medsam2.config import ExperimentCfg, config_hash, with_overrides
 from medsam2.data.dataset import SegDataset, StepSampler
 from medsam2.data.selection import select_rows, training_data_version
 from medsam2.engine.callbacks import Callback, CallbackList
-from medsam2.engine.checkpoint import BEST, LAST, atomic_save, model_payload, read_checkpoint
+from medsam2.engine.checkpoint import BEST, LAST, atomic_save, build_model, model_payload, read_checkpoint
 from medsam2.engine.runtime import (
     autocast,
     collate,
@@ -37,7 +37,6 @@ from medsam2.engine.runtime import (
     to_device,
 )
 from medsam2.home import medsam2_home
-from medsam2.model.segmenter import build_segmenter
 from medsam2.semisup import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     train_rows, unlabelled_rows = select_rows(dc, "train", seed=tc.seed)
     val_rows, _ = select_rows(dc, "val", seed=tc.seed)
     data_version = training_data_version(dc)
-    model, base = build_segmenter(cfg.model, seed=tc.seed)
+    model, base = build_model(cfg.model, seed=tc.seed)
     model.to(device).train()
     if tc.activation_checkpointing:
         enable_activation_checkpointing(model)

@@ -7,6 +7,7 @@ coordinates of the S×S model input.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,9 +15,11 @@ from torch import nn
 
 from medsam2.config import ModelCfg
 from medsam2.model.adapters import ADAPTERS
-from medsam2.model.backbone import BaseWeights, load_sam2
+from medsam2.model.backbone import BaseWeights, build_sam2_base
 from medsam2.model.decoders import DECODERS
 from medsam2.model.priors import PriorResidual, zero_init_correction
+
+log = logging.getLogger(__name__)
 
 IMAGE_PATH_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
 PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -121,10 +124,21 @@ def normalize(images_01: torch.Tensor) -> torch.Tensor:
     return (images_01 - mean) / std
 
 
-def build_segmenter(cfg: ModelCfg, *, seed: int = 0) -> tuple[Segmenter, BaseWeights]:
-    """Build SAM2 (weights loaded strictly *before* injection), wrap it, then apply the adapter/freeze policy."""
-    torch.manual_seed(seed)
-    sam, base = load_sam2(cfg.backbone, cfg.sam2_version, cfg.image_size, cfg.checkpoint)
+def build_segmenter(
+    cfg: ModelCfg, *, seed: int = 0, sam: nn.Module | None = None, base: BaseWeights | None = None
+) -> tuple[Segmenter, BaseWeights]:
+    """Wrap a SAM2 (``sam``, its weights already loaded, with their identity ``base``), then apply the
+    adapter/freeze policy. Without ``sam``: a random-init SAM2 seeded by ``seed`` (``cfg.checkpoint`` must be
+    ``none``; weights from a file are ``engine.checkpoint.build_model``'s job, this layer knows no sources)."""
+    if sam is None:
+        if cfg.checkpoint not in ("none", "", None):
+            raise ValueError(f"model.checkpoint={cfg.checkpoint!r}: build it with "
+                             "medsam2.engine.checkpoint.build_model, which loads the weights")
+        torch.manual_seed(seed)
+        sam = build_sam2_base(cfg.backbone, cfg.sam2_version, cfg.image_size)
+        log.warning("model.checkpoint=none: SAM2 %s is RANDOMLY INITIALISED (no pretrained weights)", cfg.backbone)
+        base = BaseWeights("none", "none", "none")
+    assert base is not None, "base: the identity of the weights in sam"
     # one mask token is trained and served: SAM's eval-time switch to another (untrained) token when token 0
     # looks unstable would make evaluation differ from training
     sam.sam_mask_decoder.dynamic_multimask_via_stability = False

@@ -50,14 +50,14 @@ def test_flip_tta_of_a_symmetric_prior_model_is_the_prior(kvasir_workdir):
     from medsam2.data.dataset import load_cached
     from medsam2.data.manifest import read_manifest
     from medsam2.data.prompts import mask_box
+    from medsam2.engine.checkpoint import build_model
     from medsam2.engine.predict import predict
-    from medsam2.model.segmenter import build_segmenter
 
     row = read_manifest(kvasir_workdir).iloc[0]
     image, mask = load_cached(kvasir_workdir, row)
     box = mask_box(np.asarray(mask))
-    plain, _ = build_segmenter(ModelCfg(image_size=64, box_prior="ellipse", box_crop=0.2))
-    tta, _ = build_segmenter(ModelCfg(image_size=64, box_prior="ellipse", box_crop=0.2, tta_flip=True))
+    plain, _ = build_model(ModelCfg(image_size=64, box_prior="ellipse", box_crop=0.2))
+    tta, _ = build_model(ModelCfg(image_size=64, box_prior="ellipse", box_crop=0.2, tta_flip=True))
     a = predict(plain.eval(), [np.asarray(image)], boxes=[box])[0]
     b = predict(tta.eval(), [np.asarray(image)], boxes=[box])[0]
     assert np.array_equal(a.mask, b.mask)

@@ -136,10 +136,9 @@ def _log_model_with_results(cfg, dice: list[float], tmp_path, seed: int = 0,
 
     from medsam2 import tracking
     from medsam2.data.selection import select_rows
-    from medsam2.engine.checkpoint import atomic_save, model_payload
-    from medsam2.model.segmenter import build_segmenter
+    from medsam2.engine.checkpoint import atomic_save, build_model, model_payload
 
-    model, base = build_segmenter(cfg.model, seed=seed)
+    model, base = build_model(cfg.model, seed=seed)
     ckpt = atomic_save(model_payload(model, cfg, base), tmp_path / f"model-{seed}" / "final.pt")
     val = select_rows(cfg.data, "val")[0]
     ident = val[["image_id", "patient_id", "split", "pixel_sha256", "mask_pixel_sha256"]].astype(str)
@@ -196,14 +195,13 @@ def test_self_trained_champion_carries_the_data_version(kvasir_workdir, tmp_path
     from medsam2 import steps, tracking
     from medsam2.data.selection import training_data_version
     from medsam2.engine import self_training as st
-    from medsam2.engine.checkpoint import atomic_save, model_payload
-    from medsam2.model.segmenter import build_segmenter
+    from medsam2.engine.checkpoint import atomic_save, build_model, model_payload
     from tests.conftest import tiny_cfg
 
     cfg = tiny_cfg(kvasir_workdir, tmp_path / "run", "train.max_steps=2", "train.eval_every=2",
                    "model.adapter=decoder_only", "data.label_fraction=0.5", "semisup.self_training_rounds=1",
                    "semisup.threshold=0.0")
-    teacher, base = build_segmenter(cfg.model)
+    teacher, base = build_model(cfg.model)
     teacher_ckpt = atomic_save(model_payload(teacher, cfg, base), tmp_path / "teacher" / "final.pt")
     # whether a 2-step student beats its teacher on 2 val images is chance: fix the val Dice so it does
     scores = iter([0.0, 1.0])

@@ -4,7 +4,7 @@ gradient accumulation, gradient clipping, early stopping and EMA each do what th
 Every run is hiera_t at 64 px, random init, ``model.adapter=decoder_only`` (the image encoder is frozen: a large
 set of tensors that must not move, and no encoder backward, so a step takes about a second on CPU),
 ``data.augment=none`` and a fixed seed. Weights are compared with the same-seed untrained model that
-``build_segmenter`` returns (``train()`` builds its model the same way).
+``build_model`` returns (``train()`` builds its model the same way).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import torch
 from medsam2.data.dataset import SegDataset
 from medsam2.data.selection import select_rows
 from medsam2.engine.callbacks import Callback
-from medsam2.engine.checkpoint import LAST, read_checkpoint
+from medsam2.engine.checkpoint import LAST, build_model, read_checkpoint
 from medsam2.engine.runtime import collate, to_device
 from medsam2.engine.train import lr_factor, train
-from medsam2.model.segmenter import build_segmenter
 from medsam2.semisup import STRATEGIES
 from tests.conftest import tiny_cfg
 
@@ -36,7 +35,7 @@ def _cfg(workdir: Path, out: Path, *overrides: str):
 
 
 def _untrained(cfg) -> torch.nn.Module:
-    net, _ = build_segmenter(cfg.model, seed=cfg.train.seed)
+    net, _ = build_model(cfg.model, seed=cfg.train.seed)
     return net
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from medsam2.config import ModelCfg, load_config
+from medsam2.engine.checkpoint import build_model
 from medsam2.model.adapters import ADAPTERS
 from medsam2.model.decoders import DECODERS
-from medsam2.model.segmenter import build_segmenter
 from medsam2.semisup import STRATEGIES
 
 S = 64
@@ -49,7 +49,7 @@ def test_matrix_covers_every_registered_name():
 def test_one_step_per_cell(adapter, decoder, prompt):
     mcfg = ModelCfg(backbone="hiera_t", image_size=S, adapter=adapter, decoder=decoder, prompt=prompt)
     cfg = load_config(overrides=["model.image_size=64", "train.max_steps=1"]).model_copy(update={"model": mcfg})
-    model, _ = build_segmenter(mcfg, seed=0)
+    model, _ = build_model(mcfg, seed=0)
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

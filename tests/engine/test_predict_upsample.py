@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from medsam2.config import ModelCfg
 from medsam2.data.crops import OUTSIDE_LOGIT, box_to_crop, crop_pair, crop_window, paste_logits
 from medsam2.data.dataset import resize_pair
+from medsam2.engine.checkpoint import build_model
 from medsam2.engine.predict import predict
 from medsam2.model.decoders.stock import run_sam_decoder
-from medsam2.model.segmenter import Segmenter, build_segmenter, normalize
+from medsam2.model.segmenter import Segmenter, normalize
 
 S = 64
 HW = (50, 90)  # neither square nor S: the two resampling routes differ
@@ -27,7 +28,7 @@ BOX = np.array([12.0, 8.0, 60.0, 40.0], np.float32)
 @pytest.fixture(scope="module")
 def sam():
     torch.manual_seed(0)
-    model, _ = build_segmenter(ModelCfg(image_size=S))
+    model, _ = build_model(ModelCfg(image_size=S))
     return model.sam.eval()
 
 

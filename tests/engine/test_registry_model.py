@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from medsam2.config import ExperimentCfg, ModelCfg
-from medsam2.engine.checkpoint import atomic_save, model_payload
+from medsam2.engine.checkpoint import atomic_save, build_model, model_payload
 from medsam2.model.backbone import CheckpointMismatchError, build_sam2_base
-from medsam2.model.segmenter import build_segmenter
 
 S = 64
 
@@ -48,7 +47,7 @@ def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
 
 def _trained(tmp_path, adapter: str, checkpoint: str = "none"):
     cfg = ExperimentCfg(model=ModelCfg(image_size=S, adapter=adapter, checkpoint=checkpoint))
-    model, base = build_segmenter(cfg.model)
+    model, base = build_model(cfg.model)
     _perturb(model)
     path = atomic_save(model_payload(model, cfg, base), tmp_path / f"{adapter}-final.pt")
     return model.eval(), path
@@ -95,7 +94,7 @@ def test_registered_model_serves_without_the_base_file_or_medsam2(tmp_path, trac
 
 
     # one of our models as model.checkpoint: its SAM2 part (trained prompt encoder / mask decoder included)
-    new, base = build_segmenter(ModelCfg(image_size=S, checkpoint="models:/medsam2@champion"))
+    new, base = build_model(ModelCfg(image_size=S, checkpoint="models:/medsam2@champion"))
     assert base.kind == "medsam2" and not base.reloadable
     for k, v in _sam_weights(model).items():
         assert torch.equal(v, new.sam.state_dict()[k]), k
@@ -116,7 +115,7 @@ def test_our_model_as_base_weights(tmp_path, caplog):
     as the LoRA model), trained SAM2 weights carry over, and the new checkpoint is full (self-contained)."""
     src, ckpt = _trained(tmp_path, "lora")
     cfg = ExperimentCfg(model=ModelCfg(image_size=S, adapter="decoder_only", checkpoint=str(ckpt)))
-    new, base = build_segmenter(cfg.model)
+    new, base = build_model(cfg.model)
     assert base.kind == "medsam2" and base.source == str(ckpt) and len(base.sha256) == 64
     new.eval()
     x = torch.randn(1, 3, S, S)
@@ -130,13 +129,13 @@ def test_our_model_as_base_weights(tmp_path, caplog):
     # bottleneck adapters cannot be folded into SAM2 weights: dropped, loudly
     src_b, ckpt_b = _trained(tmp_path, "bottleneck")
     with caplog.at_level("WARNING"):
-        new_b, _ = build_segmenter(ModelCfg(image_size=S, checkpoint=str(ckpt_b)))
+        new_b, _ = build_model(ModelCfg(image_size=S, checkpoint=str(ckpt_b)))
     assert "DROPPED" in caplog.text
     torch.testing.assert_close(new_b.sam.sam_prompt_encoder.state_dict(), src_b.sam.sam_prompt_encoder.state_dict())
 
     # a training state (last.pt: Segmenter keys, no config) is named as such instead of a key-mismatch dump
     torch.save({"model": src.state_dict(), "step": 1}, tmp_path / "last.pt")
     with pytest.raises(CheckpointMismatchError, match="training state"):
-        build_segmenter(ModelCfg(image_size=S, checkpoint=str(tmp_path / "last.pt")))
+        build_model(ModelCfg(image_size=S, checkpoint=str(tmp_path / "last.pt")))
     with pytest.raises(CheckpointMismatchError, match="model.backbone=hiera_t"):
-        build_segmenter(ModelCfg(image_size=S, backbone="hiera_s", checkpoint=str(ckpt)))
+        build_model(ModelCfg(image_size=S, backbone="hiera_s", checkpoint=str(ckpt)))

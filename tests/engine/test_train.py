@@ -139,12 +139,12 @@ def test_box_crop_and_prior_train_and_predict_at_full_resolution(kvasir_workdir,
     """model.box_crop + model.box_prior: an untrained model (step 0) is the ellipse-in-box baseline at full
     resolution, and a few steps train the zero-initialised correction."""
     from medsam2.data.selection import select_rows
+    from medsam2.engine.checkpoint import build_model
     from medsam2.engine.evaluate import evaluate_rows
-    from medsam2.model.segmenter import build_segmenter
 
     cfg = tiny_cfg(kvasir_workdir, tmp_path / "run", "model.box_crop=0.2", "model.box_prior=ellipse",
                    "data.augment=light")
-    net, _ = build_segmenter(cfg.model)
+    net, _ = build_model(cfg.model)
     rows, _ = select_rows(cfg.data, "val", seed=0)
     per_image, _ = evaluate_rows(net.eval(), rows, kvasir_workdir, gallery_size=0)
     dice = per_image.pivot(index="image_id", columns="method", values="dice")

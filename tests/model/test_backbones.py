@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medsam2.config import ModelCfg
-from medsam2.model.segmenter import build_segmenter
+from medsam2.engine.checkpoint import build_model
 
 BACKBONES = ["hiera_t", "hiera_s", "hiera_b+", "hiera_l"]
 
@@ -16,7 +16,7 @@ BACKBONES = ["hiera_t", "hiera_s", "hiera_b+", "hiera_l"]
 def test_every_backbone_builds_and_segments(version):
     totals = []
     for backbone in BACKBONES:
-        model, base = build_segmenter(ModelCfg(backbone=backbone, sam2_version=version, image_size=64))
+        model, base = build_model(ModelCfg(backbone=backbone, sam2_version=version, image_size=64))
         assert base.source == "none"
         with torch.no_grad():
             out = model.eval()(torch.zeros(1, 3, 64, 64), boxes=torch.tensor([[8.0, 8.0, 40.0, 40.0]]))

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from medsam2.config import ModelCfg
-from medsam2.engine.checkpoint import atomic_save, load_model, model_payload
+from medsam2.engine.checkpoint import atomic_save, build_model, load_model, load_sam2, model_payload
 from medsam2.model.adapters import ADAPTERS
-from medsam2.model.backbone import CheckpointMismatchError, build_sam2_base, load_sam2, release_url
+from medsam2.model.backbone import CheckpointMismatchError, build_sam2_base, release_url
 from medsam2.model.decoders import DECODERS
-from medsam2.model.segmenter import build_segmenter, normalize
+from medsam2.model.segmenter import normalize
 
 S = 64
 
@@ -44,7 +44,7 @@ def test_registries_list_the_documented_variants():
 @pytest.mark.parametrize("adapter", ["full", "decoder_only", "bottleneck", "lora"])
 @pytest.mark.parametrize("decoder,prompt", [("sam2", "box"), ("multiscale", "points"), ("prompt_free", "none")])
 def test_variant_trains_and_only_intended_params_change(adapter, decoder, prompt):
-    model, _ = build_segmenter(_cfg(adapter=adapter, decoder=decoder, prompt=prompt))
+    model, _ = build_model(_cfg(adapter=adapter, decoder=decoder, prompt=prompt))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     x, kw = _inputs()
@@ -72,8 +72,8 @@ def test_variant_trains_and_only_intended_params_change(adapter, decoder, prompt
 
 @pytest.mark.parametrize("adapter", ["bottleneck", "lora"])
 def test_injected_adapters_start_as_a_no_op(adapter):
-    base, _ = build_segmenter(_cfg(adapter="full"), seed=3)
-    adapted, _ = build_segmenter(_cfg(adapter=adapter), seed=3)
+    base, _ = build_model(_cfg(adapter="full"), seed=3)
+    adapted, _ = build_model(_cfg(adapter=adapter), seed=3)
     x, kw = _inputs()
     with torch.no_grad():
         a, b = base.eval()(x, **kw)["logits"], adapted.eval()(x, **kw)["logits"]
@@ -81,8 +81,8 @@ def test_injected_adapters_start_as_a_no_op(adapter):
 
 
 def test_multiscale_decoder_starts_equal_to_stock_decoder():
-    stock, _ = build_segmenter(_cfg(decoder="sam2"), seed=1)
-    multi, _ = build_segmenter(_cfg(decoder="multiscale"), seed=1)
+    stock, _ = build_model(_cfg(decoder="sam2"), seed=1)
+    multi, _ = build_model(_cfg(decoder="multiscale"), seed=1)
     multi.sam.load_state_dict(stock.sam.state_dict())
     x, kw = _inputs()
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_multiscale_decoder_starts_equal_to_stock_decoder():
 
 
 def test_param_counts_are_reported_and_adapters_train_fewer():
-    counts = {a: build_segmenter(_cfg(adapter=a))[0].param_count() for a in ADAPTERS.names()}
+    counts = {a: build_model(_cfg(adapter=a))[0].param_count() for a in ADAPTERS.names()}
     assert counts["full"].trainable > counts["bottleneck"].trainable > counts["decoder_only"].trainable
     assert counts["lora"].trainable > counts["decoder_only"].trainable
     assert all(c.trainable <= c.total for c in counts.values())
@@ -146,7 +146,7 @@ def test_checkpoint_round_trip(tmp_path, adapter, from_file):
         ckpt = str(tmp_path / "base.pt")
         torch.save({"model": build_sam2_base("hiera_t", "2.1", S).state_dict()}, ckpt)
     cfg = ExperimentCfg(model=_cfg(adapter=adapter, checkpoint=ckpt))
-    model, base = build_segmenter(cfg.model)
+    model, base = build_model(cfg.model)
     with torch.no_grad():  # make the adapter non-trivial so the round trip is meaningful
         for p in model.parameters():
             if p.requires_grad:
@@ -185,11 +185,11 @@ def test_box_raster_marks_the_cells_inside_the_box():
 def test_box_mask_prompt_feeds_the_box_as_a_dense_prompt():
     with pytest.raises(ValueError, match="box_mask"):
         ModelCfg(prompt="points", box_mask=True)
-    model, _ = build_segmenter(_cfg(box_mask=True))
+    model, _ = build_model(_cfg(box_mask=True))
     x, kw = _inputs()
     _, dense = model.prompt_embeddings(2, x.device, boxes=kw["boxes"])
     _, dense_moved = model.prompt_embeddings(2, x.device, boxes=kw["boxes"] + 8)
-    plain, _ = build_segmenter(_cfg())
+    plain, _ = build_model(_cfg())
     _, dense_plain = plain.prompt_embeddings(2, x.device, boxes=kw["boxes"])
     assert not torch.allclose(dense, dense_moved)  # the dense prompt follows the box
     assert torch.allclose(dense_plain, dense_plain[:1].expand_as(dense_plain))  # without it: one no-mask embedding

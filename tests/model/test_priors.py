@@ -18,10 +18,10 @@ def test_prior_positive_sets_are_the_baselines():
 
 def test_segmenter_with_a_prior_starts_as_the_prior_and_its_correction_gets_a_gradient():
     from medsam2.config import ModelCfg
-    from medsam2.model.segmenter import build_segmenter
+    from medsam2.engine.checkpoint import build_model
 
     cfg = ModelCfg(image_size=64, box_prior="ellipse", box_mask=True)
-    net, _ = build_segmenter(cfg)
+    net, _ = build_model(cfg)
     boxes = torch.tensor([[8.0, 10.0, 40.0, 50.0], [0.0, 0.0, 64.0, 64.0]])
     out = net(torch.randn(2, 3, 64, 64), boxes=boxes)
     assert torch.equal(out["logits"], PRIORS.get("ellipse")(boxes, 64))  # exactly the prior at step 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medsam2.config import ExperimentCfg, ModelCfg, load_config
-from medsam2.model.segmenter import build_segmenter
+from medsam2.engine.checkpoint import build_model
 from medsam2.semisup import STRATEGIES
 from medsam2.semisup.mutual_consistency import SecondHead
 from medsam2.semisup.supervised import Supervised
@@ -19,7 +19,7 @@ S = 64
 
 @pytest.fixture(scope="module")
 def model():
-    m, _ = build_segmenter(ModelCfg(backbone="hiera_t", image_size=S), seed=0)
+    m, _ = build_model(ModelCfg(backbone="hiera_t", image_size=S), seed=0)
     return m.train()
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -29,19 +27,15 @@ from mlflow.exceptions import MlflowException
 from medsam2.config import ExperimentCfg, config_hash
 from medsam2.engine.callbacks import Callback
 from medsam2.home import medsam2_home  # noqa: F401 (tracking.medsam2_home is used by callers)
+from medsam2.tracking.artifacts import (  # noqa: F401 (part of tracking's API)
+    download_model_checkpoint,
+    download_model_files,
+    downloaded_model,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
-
-
-def tracking_uri(cfg: ExperimentCfg | None = None) -> str:
-    if cfg is not None and cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    home = medsam2_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
 
 
 def setup(cfg: ExperimentCfg) -> str:
@@ -238,44 +232,6 @@ def log_model(checkpoint: str | Path, model_card: str | None = None) -> str:
     if model_card:
         mlflow.log_text(model_card, "model/MODEL_CARD.md")
     return info.model_uri
-
-
-def download_model_files(uri: str, dest: str | Path | None = None) -> dict[str, Path]:
-    """``models:/medsam2@champion`` / ``runs:/<id>/model`` / ``models:/m-…`` → local files (under ``dest``, else a
-    new temporary folder) by artifact name: ``checkpoint`` and, for a checkpoint that needs one, ``base_weights``."""
-    import yaml
-
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_registry_uri(tracking_uri())
-    dest = dest or tempfile.mkdtemp(prefix="medsam2-model-")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
-    if local.is_file():
-        return {"checkpoint": local}
-    for mlmodel in sorted(local.rglob("MLmodel")):
-        flavor = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
-        files = {name: mlmodel.parent / a["path"] for name, a in (flavor.get("artifacts") or {}).items()}
-        if "checkpoint" in files:
-            return files
-    found = sorted(local.rglob("*.pt"))
-    if not found:
-        raise FileNotFoundError(f"no checkpoint inside model {uri}")
-    return {"checkpoint": found[0]}
-
-
-def download_model_checkpoint(uri: str) -> Path:
-    """The checkpoint file of an MLflow model (see :func:`download_model_files`); the caller owns its folder."""
-    return download_model_files(uri)["checkpoint"]
-
-
-@contextmanager
-def downloaded_model(uri: str) -> Iterator[dict[str, Path]]:
-    """:func:`download_model_files` into a temporary folder that is removed when the ``with`` ends (a model with
-    its base weights is hundreds of MB: every evaluation would otherwise leave a copy behind)."""
-    dest = tempfile.mkdtemp(prefix="medsam2-model-")
-    try:
-        yield download_model_files(uri, dest)
-    finally:
-        shutil.rmtree(dest, ignore_errors=True)
 
 
 def log_evaluation(result, out_dir: Path, prefix: str = "eval") -> None:
