@@ -410,14 +410,15 @@ def _resolved_config(result, ctx: SweepContext) -> str:
         text = yaml.safe_dump(trial_config(ctx.base_cfg, result.config, trial_output_dir(ctx, trial_id))
                               .model_dump(mode="json"), sort_keys=False)
     tree = yaml.safe_load(text)
-    tree["train"]["output_dir"] = f"{ctx.base_cfg['train']['output_dir'].rstrip('/')}/{ctx.sweep_name}-best"
+    base_dir = ctx.base_cfg["train"]["output_dir"]  # None: its own identity dir under MEDSAM2_HOME (output_dir_of)
+    tree["train"]["output_dir"] = f"{base_dir.rstrip('/')}/{ctx.sweep_name}-best" if base_dir else None
     return yaml.safe_dump(tree, sort_keys=False)
 
 
 def _close_child_runs(uri: str, exp_id: str, parent_id: str, table) -> None:
     """Tag every child run with its Tune outcome and end the runs a trial could not end itself: Tune ends a
     stopped trial's process (ASHA stops at a rung, and at ``max_t`` on the final report) right away."""
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     outcomes = dict(zip(table["trial_id"], table["status"], strict=True))
     for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000):
         outcome = outcomes.get(run.data.tags.get(TRIAL_TAG))

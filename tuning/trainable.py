@@ -187,7 +187,7 @@ class MlflowChild(Callback):
 
     def start(self) -> str:
         mlflow.set_tracking_uri(self.ctx.tracking_uri)
-        client = MlflowClient(self.ctx.tracking_uri)
+        client = MlflowClient(self.ctx.tracking_uri, registry_uri=self.ctx.tracking_uri)
         query = f"tags.mlflow.parentRunId = '{self.ctx.parent_run_id}' and tags.`{TRIAL_TAG}` = '{self.trial_id}'"
         found = client.search_runs([self.ctx.experiment_id], query, max_results=1)
         if found:  # a retried or restored trial continues its own run

@@ -59,7 +59,7 @@ def test_a_burst_of_label_events_trains_the_data_version_once(stack, tmp_path):
     assert all(r["params"].get("only_if_new_labels") for r in ours), ours  # started by the on-new-labels trigger
 
     # one training of this data version, read through the MLflow server: one training run, one model version
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     trainings = [r for r in client.search_runs(exp_ids, f"params.`data.workdir` = '{workdir}'")
                  if r.info.run_name.startswith("train")]

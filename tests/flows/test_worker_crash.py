@@ -39,7 +39,7 @@ def _server_versions(env: dict, model: str, experiment: str) -> tuple[list[dict]
     their training resumed from; and the runs of this test's own experiment, for assertion messages."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
     ours = []
     for mv in client.search_model_versions(f"name = '{model}'"):
         resumed = int(client.get_run(mv.run_id).data.tags.get("resumed_from_step", 0) or 0)

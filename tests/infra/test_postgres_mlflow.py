@@ -168,7 +168,7 @@ def test_init_script_and_mlflow_server_on_postgres(postgres, tmp_path):
         _wait_http(f"{uri}/health", server)
         from mlflow import MlflowClient
 
-        client = MlflowClient(uri)
+        client = MlflowClient(uri, registry_uri=uri)
         exp = client.create_experiment("infra-smoke")
         run = client.create_run(exp)
         client.log_param(run.info.run_id, "backend", "postgres")
@@ -176,7 +176,7 @@ def test_init_script_and_mlflow_server_on_postgres(postgres, tmp_path):
         (tmp_path / "note.txt").write_text("hello")
         client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
         client.set_terminated(run.info.run_id)
-        got = MlflowClient(uri).get_run(run.info.run_id)
+        got = MlflowClient(uri, registry_uri=uri).get_run(run.info.run_id)
         assert got.data.params["backend"] == "postgres" and got.data.metrics["val_dice"] == 0.5
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["note.txt"]
         stored = [p.read_text() for p in (tmp_path / "artifacts").rglob("note.txt")]

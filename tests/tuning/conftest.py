@@ -72,7 +72,7 @@ def sweep_env(tmp_path, monkeypatch, ray_token, tune_workdir):
 def child_runs(uri: str, parent_id: str):
     from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     exp = client.get_run(parent_id).info.experiment_id
     return client, client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
 

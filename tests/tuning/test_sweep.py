@@ -56,7 +56,7 @@ def test_failed_trial_is_retried_and_resumes(sweep_env, tmp_path, monkeypatch):
         assert key in out
     row = pd.read_csv(out["results_csv"]).iloc[0]
     assert row["resumed_from"] == 2 and row["step"] == 4  # failed after step 2's checkpoint, resumed there
-    client = MlflowClient(sweep_env["uri"])
+    client = MlflowClient(sweep_env["uri"], registry_uri=sweep_env["uri"])
     exp = client.get_run(out["parent_run_id"]).info.experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
     assert len(children) == 1, "the retry reopens the trial's child run"
