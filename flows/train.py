@@ -87,8 +87,8 @@ def run_scoped(cfg: ExperimentCfg) -> ExperimentCfg:
     while new labels start a fresh one."""
     from medsam2.engine.train import output_dir_of
 
-    base = cfg.train.output_dir  # the deployment's dir holds one run dir per identity (None: under MEDSAM2_HOME)
-    return with_overrides(cfg, train={"output_dir": str(output_dir_of(cfg, base) if base else output_dir_of(cfg))})
+    # the deployment's dir holds one run dir per identity (no dir: under MEDSAM2_HOME)
+    return with_overrides(cfg, train={"output_dir": str(output_dir_of(cfg, cfg.train.output_dir))})
 
 
 def from_best_config(best_config: str, cfg: ExperimentCfg) -> ExperimentCfg:

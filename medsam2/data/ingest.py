@@ -150,10 +150,11 @@ class StatCache:
         return e if e and e.get("v") == version else None
 
     def put(self, uri: str, version: str, **kv: Any) -> dict[str, Any]:
-        e = self.files.get(self.key(uri))
+        key = self.key(uri)
+        e = self.files.get(key)
         if not e or e.get("v") != version:
             e = {"v": version}
-            self.files[self.key(uri)] = e
+            self.files[key] = e
         e.update(kv)
         return e
 
@@ -257,10 +258,10 @@ def discover(
 
     for rel in rels:
         f = src.info[rel]
-        k = L.classify(rel)
         if f.problem:
             units.append(L.Unit(key=key_of(rel), kind="reject", image=rel, reject=(f.problem, f.detail)))
             continue
+        k = L.classify(rel)
         if k == "sidecar":
             ignored.append(rel)
             continue

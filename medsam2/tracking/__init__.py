@@ -26,7 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from medsam2.config import ExperimentCfg, config_hash
 from medsam2.engine.callbacks import Callback
-from medsam2.home import medsam2_home  # noqa: F401 (tracking.medsam2_home is used by callers)
+from medsam2.home import medsam2_home
 from medsam2.tracking.artifacts import (  # noqa: F401 (part of tracking's API)
     download_model_checkpoint,
     download_model_files,
