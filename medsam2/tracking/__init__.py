@@ -33,6 +33,12 @@ from medsam2.tracking.artifacts import (  # noqa: F401 (part of tracking's API)
     downloaded_model,
     tracking_uri,
 )
+from medsam2.tracking.serving import (  # noqa: F401 (part of tracking's API)
+    SERVING_EXCLUDE,
+    MedSAM2PyFunc,
+    log_model,
+    serving_requirements,
+)
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
@@ -157,81 +163,6 @@ def _log_loss_curve(history: list[dict]) -> None:
     fig.tight_layout()
     mlflow.log_figure(fig, "plots/learning_curve.png")
     plt.close(fig)
-
-
-class MedSAM2PyFunc(mlflow.pyfunc.PythonModel):
-    """Serve a checkpoint: ``predict`` takes a dict / list of dicts / DataFrame with ``image`` ((H,W,3) uint8
-    array) or ``image_path``, plus ``box`` ([x0,y0,x1,y1]) or ``points`` + ``point_labels`` as the model's
-    prompt mode needs; returns a list of (H,W) uint8 {0,1} masks.
-
-    ``predict``'s input is annotated ``pd.DataFrame``: one of the types MLflow takes as a type hint without
-    inferring a schema from it (a column of (H,W,3) arrays has none), so MLflow neither warns about missing type
-    hints nor converts the input; a dict or a list of dicts is accepted as well."""
-
-    def load_context(self, context) -> None:
-        from medsam2.engine.checkpoint import load_model
-
-        # the base weights logged with the model (sha256-checked), not the training machine's file
-        self.model, self.cfg = load_model(context.artifacts["checkpoint"],
-                                          base_weights=context.artifacts.get("base_weights"))
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-                ) -> list[np.ndarray]:
-        from medsam2.data.images import read_image_any
-        from medsam2.engine.predict import predict
-
-        items = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else model_input
-        items = [items] if isinstance(items, dict) else list(items)
-        images = [np.asarray(it["image"], np.uint8) if it.get("image") is not None
-                  else read_image_any(it["image_path"]) for it in items]
-        preds = predict(self.model, images, boxes=[it.get("box") for it in items],
-                        points=[it.get("points") for it in items],
-                        point_labels=[it.get("point_labels") for it in items])
-        return [p.mask.astype(np.uint8) for p in preds]
-
-
-SERVING_EXCLUDE = {"prefect", "ray", "optuna", "great-expectations", "typer", "rich", "mlflow"}
-"""Dependencies of the medsam2 package that serving a model does not need (orchestration, CLI; mlflow adds
-itself)."""
-
-
-def serving_requirements() -> list[str]:
-    """pip requirements of a logged model: medsam2's own pinned dependencies minus :data:`SERVING_EXCLUDE`.
-    medsam2 itself travels as code (``code_paths``), it is not on PyPI."""
-    from importlib.metadata import PackageNotFoundError, requires
-
-    from packaging.requirements import Requirement
-
-    try:
-        reqs = [Requirement(r) for r in requires("medsam2") or []]
-    except PackageNotFoundError:  # running from a model's code copy: the essentials
-        import torch
-
-        return [f"torch=={torch.__version__.split('+')[0]}", "sam2==1.1.0"]
-    return [str(r) for r in reqs if r.marker is None and r.name.lower() not in SERVING_EXCLUDE]
-
-
-def log_model(checkpoint: str | Path, model_card: str | None = None) -> str:
-    """Log the checkpoint as an MLflow pyfunc model in the active run; returns its model URI.
-
-    Self-contained: the medsam2 package goes with it as code, and a checkpoint that holds only its trainable
-    tensors gets the base-weights file it was trained on as the ``base_weights`` artifact (sha256-checked here
-    and again when the model loads), so ``models:/…`` loads where the training machine's files are not.
-    """
-    import medsam2
-    from medsam2.engine.checkpoint import base_weights_file
-
-    artifacts = {"checkpoint": str(checkpoint)}
-    base = base_weights_file(checkpoint)
-    if base is not None:
-        artifacts["base_weights"] = str(base)
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=MedSAM2PyFunc(), artifacts=artifacts,
-        code_paths=[str(Path(medsam2.__file__).resolve().parent)], pip_requirements=serving_requirements(),
-    )
-    if model_card:
-        mlflow.log_text(model_card, "model/MODEL_CARD.md")
-    return info.model_uri
 
 
 def log_evaluation(result, out_dir: Path, prefix: str = "eval") -> None:

@@ -121,10 +121,18 @@ def test_evaluate_train_promote_rollback_end_to_end(kvasir_workdir, tmp_path, tr
     assert rb["champion"] == 1 and int(tracking.alias_version("medsam2", "champion").version) == 1
 
     # the registered champion serves through MLflow's pyfunc
+    import base64
+    import io
+
+    from PIL import Image
+
+    from medsam2.engine.serve import decode_mask
+
     model = mlflow.pyfunc.load_model("models:/medsam2@champion")
-    img = np.zeros((80, 100, 3), np.uint8)
-    masks = model.predict({"image": img, "box": [10, 10, 60, 50]})
-    assert masks[0].shape == (80, 100) and set(np.unique(masks[0])) <= {0, 1}
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(buf, format="PNG")
+    out = model.predict([{"image": base64.b64encode(buf.getvalue()).decode(), "box": [10, 10, 60, 50]}])
+    assert decode_mask(out[0].model_dump()).shape == (80, 100)
 
 
 def _log_model_with_results(cfg, dice: list[float], tmp_path, seed: int = 0,

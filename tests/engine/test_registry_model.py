@@ -26,12 +26,15 @@ import importlib.util, json, sys
 sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 sys.path = [p for p in sys.path if p not in ("", sys.argv[3]) and not p.startswith("__editable__")]
 assert importlib.util.find_spec("medsam2") is None, "medsam2 is importable without the model's code"
-import mlflow, numpy as np
+import base64, io, mlflow, numpy as np
+from PIL import Image
 model = mlflow.pyfunc.load_model(sys.argv[1])
 import medsam2
-img = np.load(sys.argv[2])
-mask = model.predict({"image": img, "box": [8, 6, 50, 40]})[0]
-np.save(sys.argv[2] + ".mask.npy", mask)
+buf = io.BytesIO()
+Image.fromarray(np.load(sys.argv[2])).save(buf, format="PNG")
+out = model.predict([{"image": base64.b64encode(buf.getvalue()).decode(), "box": [8, 6, 50, 40]}])[0]
+mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(out.mask)))) > 127
+np.save(sys.argv[2] + ".mask.npy", mask.astype(np.uint8))
 print(json.dumps({"medsam2": medsam2.__file__}))
 """
 

@@ -305,3 +305,15 @@ def test_image_holds_the_configs_the_flows_and_deployments_name():
         assert (ROOT / cfg).is_file(), cfg
         assert cfg.split("/")[0] in copied, f"{cfg} is not copied into the image"
     assert "configs" not in (INFRA / "Dockerfile.dockerignore").read_text().split()
+
+
+def test_serving_image_installs_what_a_served_model_needs():
+    """infra/Dockerfile.serve installs the pinned dependencies minus exactly the ones a served model does not need
+    (``SERVING_EXCLUDE``, mlflow aside: the scoring server is mlflow), and serves the registered champion."""
+    from medsam2.tracking.serving import SERVING_EXCLUDE
+
+    text = (INFRA / "Dockerfile.serve").read_text()
+    skip = set(re.findall(r"'([a-z-]+)'", re.search(r"skip = \{([^}]*)\}", text).group(1)))
+    assert skip == SERVING_EXCLUDE - {"mlflow"}
+    assert "mlflow models serve" in text and "models:/medsam2@champion" in text and "USER medsam2" in text
+    assert "--env-manager local" in text
