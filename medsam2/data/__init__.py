@@ -2,6 +2,8 @@
 
 Modules: ``manifest`` (schema, versioning, atomic I/O), ``storage`` (local / s3), ``readers`` + ``dicom``
 (decoding), ``layouts`` (pairing rules, profiles), ``deid`` (pseudonyms, PHI), ``process`` (one unit → rows),
-``ingest`` (orchestration), ``splits``, ``validate`` (great-expectations), ``transforms`` (albumentations).
+``ingest`` (orchestration) over ``discover`` (what the source holds, per kind of file), ``source`` (the
+listing, stat cache), ``ledger`` (accepted / quarantined rows, checkpoints) and ``dedup`` (same content),
+``splits``, ``validate`` (great-expectations), ``transforms`` (albumentations).
 Imports are lazy: ``import medsam2.data`` loads nothing heavy.
 """

@@ -24,7 +24,7 @@ objects, a box from a sidecar), and produces one or more manifest rows (frames, 
 * NIfTI: volumes in a mask folder, or (outside role folders) named with a ``seg``/``label``/``mask``/``gt``
   token, are label volumes; each pairs with the
   image volume of the same shape, preferring the same folder and the longest common name prefix.
-* DICOM (``.dcm`` or ``DICM`` magic): SEG objects pair with the images they reference (in ingest.py).
+* DICOM (``.dcm`` or ``DICM`` magic): SEG objects pair with the images they reference (in discover.py).
 * Sidecars (``.md .txt .json .yaml .csv ...`` and hidden files) are not inputs; they are reported as
   ``ignored``. Anything else is quarantined as ``unsupported_format``.
 
