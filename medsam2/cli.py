@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import click
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from medsam2.errors import EXIT_CODES, ErrorReport, InputDataError, UsageError, describe
 
@@ -85,6 +85,19 @@ class _Group(TyperGroup):
     def _command_path(self, argv: list[str], prog_name: str | None) -> str:
         name = next((a for a in argv if a in self.commands), None)
         return " ".join(p for p in ("medsam2", name) if p)
+
+
+class _ChoicesHelp(TyperCommand):
+    """A command whose ``--help`` ends with the config's choices (``model.adapter: bottleneck, …``), read from
+    the registries when the help is shown, so a newly registered variant is listed without editing the CLI."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from medsam2.config import ExperimentCfg
+        from medsam2.config_input import choices
+
+        self.epilog = "Choices (--set KEY=VALUE):\n\n" + "\n\n".join(
+            f"{key}: {', '.join(names)}" for key, names in choices(ExperimentCfg).items())
+        super().format_help(ctx, formatter)
 
 
 app = typer.Typer(cls=_Group, help="Fine-tune SAM2 for medical image segmentation.", no_args_is_help=True,
@@ -208,7 +221,7 @@ def validate(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_ChoicesHelp)
 def train(config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False) -> None:
     """Fine-tune SAM2 (tracked in MLflow); rerun with the same train.output_dir to resume."""
     from medsam2.steps import run_train

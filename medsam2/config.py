@@ -9,13 +9,25 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medsam2.config_input import config_error, numbers_as_text, parse_value
+from medsam2.config_input import OneOf, config_error, numbers_as_text, parse_value
 from medsam2.errors import ConfigError, register_translator
+from medsam2.home import medsam2_home
+from medsam2.registry import ADAPTERS, DECODERS, LOSSES, PRIORS, STRATEGIES
+
+#: The relative work dir a config without ``data.workdir`` had before it moved under ``MEDSAM2_HOME``; the config
+#: hash still reads the default work dir as this, so that an unchanged config keeps its identity.
+_LEGACY_WORKDIR = ".medsam2/work"
+
+
+def default_workdir() -> str:
+    """``data.workdir`` when a config does not set it: ``$MEDSAM2_HOME/work`` (absolute), read when the config is
+    built, so nothing is written outside ``MEDSAM2_HOME`` by default."""
+    return str(medsam2_home() / "work")
 
 
 class _Cfg(BaseModel):
@@ -29,8 +41,9 @@ class _Cfg(BaseModel):
 
 
 class DataCfg(_Cfg):
-    workdir: str = ".medsam2/work"
-    """Ingest work dir: ``manifest.parquet``, ``quarantine.parquet``, ``cache/``."""
+    workdir: str = Field(default_factory=default_workdir)
+    """Ingest work dir: ``manifest.parquet``, ``quarantine.parquet``, ``cache/``. Default: ``$MEDSAM2_HOME/work``
+    (:func:`default_workdir`)."""
     source: str | None = None
     """Folder or ``s3://bucket/prefix`` to ingest before training (flows only); None = use the manifest as is."""
     train_datasets: list[str] | None = None
@@ -56,20 +69,22 @@ class ModelCfg(_Cfg):
     """Square input side in pixels; must be a multiple of 32 (Hiera patch 4 × 3 poolings)."""
     checkpoint: str = "none"
     """Local path, s3://, https://, MLflow model URI, release name (``sam2.1_hiera_tiny``) or ``none``."""
-    adapter: Literal["full", "decoder_only", "bottleneck", "lora"] = "full"
+    adapter: Annotated[str, OneOf(ADAPTERS)] = "full"
+    """A registered adapter (``medsam2.model.adapters``; ``medsam2 train --help`` lists them)."""
     adapter_rank: int = Field(8, ge=1)
     """LoRA rank (``adapter: lora``)."""
     bottleneck_ratio: float = Field(0.25, gt=0, le=4)
     """Bottleneck adapter width as a fraction of each Hiera stage's width (``adapter: bottleneck``)."""
     lora_decoder: bool = False
-    decoder: Literal["sam2", "multiscale", "prompt_free"] = "sam2"
+    decoder: Annotated[str, OneOf(DECODERS)] = "sam2"
+    """A registered decoder (``medsam2.model.decoders``)."""
     prompt: Literal["box", "points", "none"] = "box"
     box_jitter: float = Field(0.1, ge=0, le=1)
     """Max box-corner shift as a fraction of the box side (training only)."""
     box_mask: bool = False
     """Also give the box to SAM's prompt encoder as a dense mask (the box filled, at S/4): a spatial prior that a
     randomly initialised model learns from far sooner than from the corner tokens alone. ``prompt: box`` only."""
-    box_prior: str = "none"
+    box_prior: Annotated[str, OneOf(PRIORS, ("none",))] = "none"
     """``none`` or a registered box prior (``medsam2.model.priors``: ``ellipse``, ``box``): the mask logits are the
     prior's log-odds plus a zero-initialised learned correction, so an untrained model already scores the trivial
     baseline and training refines it. ``prompt: box`` only."""
@@ -94,12 +109,6 @@ class ModelCfg(_Cfg):
                          ("box_crop", self.box_crop is not None)):
             if on and self.prompt != "box":
                 raise ValueError(f"model.{name} needs model.prompt=box (got model.prompt={self.prompt})")
-        if self.box_prior != "none":
-            from medsam2.model.priors import PRIORS
-
-            if self.box_prior not in PRIORS:
-                raise ValueError(f"unknown model.box_prior {self.box_prior!r}; known: none, "
-                                 + ", ".join(PRIORS.names()))
         if self.prompt == "points" and self.num_pos_points + self.num_neg_points == 0:
             raise ValueError("model.prompt=points needs num_pos_points + num_neg_points > 0")
         return self
@@ -114,7 +123,7 @@ class TrainCfg(_Cfg):
     warmup_steps: int = Field(20, ge=0)
     clip_grad: float = Field(1.0, ge=0)
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    loss: str = "dice_bce"
+    loss: Annotated[str, OneOf(LOSSES)] = "dice_bce"
     loss_options: dict[str, float] = Field(default_factory=dict)
     """Keyword options of the loss (``train.loss_options.bce_weight=2``); see ``medsam2.losses``."""
     iou_weight: float = Field(0.1, ge=0)
@@ -143,14 +152,15 @@ class TrainCfg(_Cfg):
         from medsam2.losses import create_loss
 
         try:
-            create_loss(self.loss, **self.loss_options)  # unknown loss or option: an error now, not mid-run
+            create_loss(self.loss, **self.loss_options)  # unknown option: an error now, not mid-run
         except (KeyError, TypeError) as e:
             raise ValueError(str(e).strip("'\"")) from None
         return self
 
 
 class SemiSupCfg(_Cfg):
-    method: Literal["none", "mean_teacher", "mutual_consistency", "adversarial"] = "none"
+    method: Annotated[str, OneOf(STRATEGIES)] = "none"
+    """A registered semi-supervised strategy (``medsam2.semisup``); ``none`` is plain supervised training."""
     unlabelled_weight: float = Field(0.5, ge=0)
     self_training_rounds: int = Field(0, ge=0)
     confidence: Literal["mean_prob", "entropy", "pred_iou"] = "mean_prob"
@@ -198,7 +208,7 @@ class TrackingCfg(_Cfg):
 
 class ExperimentCfg(_Cfg):
     name: str = "medsam2"
-    data: DataCfg = DataCfg()
+    data: DataCfg = Field(default_factory=DataCfg)  # a factory: the default work dir is read per config
     model: ModelCfg = ModelCfg()
     train: TrainCfg = TrainCfg()
     semisup: SemiSupCfg = SemiSupCfg()
@@ -288,8 +298,13 @@ def with_overrides(cfg: ExperimentCfg, **sections: dict[str, Any]) -> Experiment
 
 
 def config_hash(cfg: ExperimentCfg) -> str:
-    """Stable 12-hex identity of the resolved config (excludes nothing: paths are part of identity)."""
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    """Stable 12-hex identity of the resolved config (excludes nothing: paths are part of identity). The default
+    work dir (``$MEDSAM2_HOME/work``) counts as the relative ``.medsam2/work`` it replaced, so a config that sets
+    no work dir has the same hash as before, wherever ``MEDSAM2_HOME`` is."""
+    values = cfg.model_dump(mode="json")
+    if values["data"]["workdir"] == default_workdir():
+        values["data"]["workdir"] = _LEGACY_WORKDIR
+    blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

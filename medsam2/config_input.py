@@ -6,6 +6,10 @@
 * :func:`numbers_as_text` does the same for a YAML file (``sam2_version: 2.1``) inside the models' validation.
 * :func:`config_error` turns a pydantic ``ValidationError`` into one :class:`~medsam2.errors.ConfigError`: an
   unknown key names the closest valid keys (difflib), a choice error lists the choices and the closest one.
+* :class:`OneOf` makes a text field a name of a :class:`~medsam2.registry.Registry` (``Annotated[str,
+  OneOf(ADAPTERS)]``): checked against the registry's names when a config is validated, not when it is
+  written, so a variant registered later (a new module, a test) is accepted, and a wrong name is the same choice
+  error as a ``Literal``'s. :func:`choices` lists every choice field of a config (the CLI's help).
 
 The schema is read from the pydantic models themselves (``model_fields`` and their annotations), so a new field
 or section needs nothing here.
@@ -17,14 +21,62 @@ import difflib
 import re
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, GetCoreSchemaHandler, GetJsonSchemaHandler, ValidationError
+from pydantic_core import PydanticKnownError, core_schema
 
 from medsam2.errors import ConfigError
+from medsam2.registry import Registry
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")  # 1e-4, 5E3: numbers YAML 1.1 leaves as text
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """Field metadata: the value is one of ``extra`` or a name registered in ``registry`` (read at validation).
+
+    A wrong name raises pydantic's own ``literal_error`` (what a ``Literal`` field raises), so it reads the same
+    everywhere: ``model.adapter: 'loraa' is not one of bottleneck, decoder_only, full, lora; did you mean 'lora'?``.
+    The JSON schema lists the names as an ``enum``."""
+
+    registry: Registry
+    extra: tuple[str, ...] = ()
+
+    def names(self) -> list[str]:
+        return [*self.extra, *(n for n in self.registry.names() if n not in self.extra)]
+
+    def _check(self, value: str) -> str:
+        if value in self.extra or value in self.registry:
+            return value
+        quoted = [repr(n) for n in self.names()]
+        expected = " or ".join([", ".join(quoted[:-1]), quoted[-1]]) if len(quoted) > 1 else "".join(quoted)
+        raise PydanticKnownError("literal_error", {"expected": expected})
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self._check, handler(source))
+
+    def __get_pydantic_json_schema__(self, schema: core_schema.CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        return {**handler(schema), "enum": self.names()}
+
+
+def choices(model: type[BaseModel], prefix: str = "") -> dict[str, list[str]]:
+    """Every choice field of ``model`` → its choices: ``{"model.adapter": ["bottleneck", …], …}`` (``OneOf``
+    fields read their registry now; ``Literal`` fields their values)."""
+    out: dict[str, list[str]] = {}
+    for name, f in model.model_fields.items():
+        sub = _section(f.annotation)
+        if sub is not None:
+            out.update(choices(sub, f"{prefix}{name}."))
+            continue
+        one_of = next((m for m in f.metadata if isinstance(m, OneOf)), None)
+        literal = [c for arm in _arms(f.annotation) if typing.get_origin(arm) is Literal for c in typing.get_args(arm)]
+        if one_of is not None or literal:
+            out[prefix + name] = one_of.names() if one_of is not None else [str(c) for c in literal]
+    return out
 
 
 def _arms(annotation: Any) -> list[Any]:

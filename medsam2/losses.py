@@ -25,10 +25,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from medsam2.registry import Registry
+from medsam2.registry import LOSSES
 
 LossFn = Callable[..., torch.Tensor]
-LOSSES: Registry[LossFn] = Registry("loss")
 
 
 def _prepare(

@@ -13,6 +13,9 @@ Constraints between sampled keys are resolved per trial by :func:`resolve_constr
 space. Today: ``model.decoder=prompt_free`` forces ``model.prompt=none``.
 
 ``SPACE_RESOURCES`` gives each space's default per-trial resources (the GPU plan in ``infra/README.md``).
+
+The adapters × decoders spaces search every registered adapter and decoder (``medsam2.registry``): a new
+variant joins them by being registered.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 from ray import tune
 
 from medsam2.config import ExperimentCfg, with_overrides
-from medsam2.registry import Registry
+from medsam2.registry import ADAPTERS, DECODERS, Registry
 
 SPACES = Registry("search_space")
 
@@ -35,9 +38,6 @@ SPACE_RESOURCES: dict[str, dict[str, float]] = {
     "adapters_x_decoders": {"cpus_per_trial": 3, "gpus_per_trial": 0.25},
     "gpu_h100": {"cpus_per_trial": 3, "gpus_per_trial": 0.25},
 }
-
-ADAPTERS = ["bottleneck", "lora", "decoder_only", "full"]
-DECODERS = ["sam2", "multiscale", "prompt_free"]
 
 
 @SPACES.register("smoke")
@@ -71,8 +71,8 @@ def smoke() -> SpaceFn:
 
 def _adapter_decoder_space() -> dict[str, Any]:
     return {
-        "model.adapter": tune.choice(ADAPTERS),
-        "model.decoder": tune.choice(DECODERS),
+        "model.adapter": tune.choice(ADAPTERS.names()),
+        "model.decoder": tune.choice(DECODERS.names()),
         "train.lr": tune.loguniform(3e-5, 1e-3),
         "model.adapter_rank": tune.choice([4, 8, 16]),
         "model.bottleneck_ratio": tune.choice([0.125, 0.25, 0.5]),

@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medsam2.registry import Registry
+from medsam2.registry import PRIORS
 
-PRIORS: Registry = Registry("box prior")
 SHARPNESS = 4.0
 
 

@@ -65,3 +65,16 @@ def test_prepare_config_precedence_and_absolute_paths(tmp_path, monkeypatch):
     assert cfg.data.workdir == str(tmp_path / "rel" / "work")
     assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
     assert parse_overrides_flat(["model.adapter=lora", "x"]) == {"model.adapter": "lora"}
+
+
+def test_a_newly_registered_adapter_joins_the_adapter_spaces(monkeypatch):
+    from medsam2.registry import ADAPTERS, DECODERS
+
+    ADAPTERS.names()
+    monkeypatch.setitem(ADAPTERS._items, "test_only", lambda model, cfg: None)
+    for name in ("adapters_x_decoders", "gpu_h100"):
+        space, _ = SPACES.create(name)
+        assert space["model.adapter"].categories == ADAPTERS.names() and "test_only" in ADAPTERS.names()
+        assert space["model.decoder"].categories == DECODERS.names()
+    cfg = apply_params(ExperimentCfg(), {"model.adapter": "test_only"})
+    assert cfg.model.adapter == "test_only"

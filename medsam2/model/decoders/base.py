@@ -1,6 +1,7 @@
-"""The decoder registry: the one source of the decoders' names (config validation, CLI help and search
-spaces read it). A leaf module, so that the variants register into it without importing their package."""
+"""The decoder registry, ``DECODERS``. It is declared in ``medsam2.registry``, so that config validation, the
+CLI's help and the search spaces read its names without importing this package, and re-exported here, a leaf
+module, so that the variants register into it without importing their package."""
 
-from medsam2.registry import Registry
+from medsam2.registry import DECODERS
 
-DECODERS: Registry = Registry("decoder")
+__all__ = ["DECODERS"]
