@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
 from medsam2.config import ExperimentCfg, config_hash, with_overrides
 from medsam2.data.dataset import SegDataset, StepSampler
 from medsam2.data.selection import select_rows, training_data_version
-from medsam2.engine.callbacks import Callback, CallbackList
+from medsam2.engine.callbacks import Callback, CallbackList, TrainStart
 from medsam2.engine.checkpoint import BEST, LAST, atomic_save, build_model, model_payload, read_checkpoint
 from medsam2.engine.runtime import (
     autocast,
@@ -37,6 +38,8 @@ from medsam2.engine.runtime import (
     to_device,
 )
 from medsam2.home import medsam2_home
+from medsam2.model.backbone import BaseWeights
+from medsam2.model.segmenter import ParamCount, Segmenter
 from medsam2.semisup import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -123,12 +126,158 @@ def output_dir_of(cfg: ExperimentCfg, base: str | Path | None = None) -> Path:
     return root / f"{config_hash(cfg)}-{training_data_version(cfg.data)}"
 
 
+@dataclass
+class TrainState:
+    """What a run carries from step to step and what ``last.pt`` holds: the live model, optimiser, strategy
+    modules (``extra``) and EMA, and the loop's counters. :meth:`save` writes ``last.pt``; :meth:`load` restores
+    one into a freshly built run, which then continues as if it had never stopped."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    extra: list[torch.nn.Module]
+    ema: EMA | None
+    config_hash: str
+    data_version: str
+    step: int = 0
+    best: float = -1.0
+    """Best val Dice so far (-1 before the first evaluation)."""
+    best_step: int = 0
+    bad_evals: int = 0
+    """Evaluations since the last improvement (early stopping)."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    """Training seconds of every attempt so far (a crash + resume included)."""
+    stopped: bool = False
+    """This attempt stopped before ``max_steps``: the time budget or early stopping."""
+
+    def save(self, path: Path) -> None:
+        atomic_save({
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(), "elapsed_s": self.elapsed_s,
+            "extra": [m.state_dict() for m in self.extra],
+            "ema": {k: v.cpu() for k, v in self.ema.shadow.items()} if self.ema else None,
+            "rng": torch.get_rng_state(), "step": self.step, "best": self.best, "history": self.history,
+            "bad_evals": self.bad_evals, "config_hash": self.config_hash, "data_version": self.data_version,
+            "stopped": self.stopped, "best_step": self.best_step,
+        }, path)
+
+    def load(self, path: Path, device: torch.device) -> bool:
+        """Restore ``path`` (a ``last.pt`` of this config and data); True when that run had stopped early."""
+        blob = read_checkpoint(path)
+        version = blob.get("data_version", self.data_version)
+        if blob.get("config_hash") != self.config_hash or version != self.data_version:
+            raise ValueError(f"{path} was written by a different config or data version; "
+                             "use another train.output_dir")
+        self.model.load_state_dict(blob["model"], strict=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        for m, state in zip(self.extra, blob.get("extra", []), strict=False):
+            m.load_state_dict(state)
+        if self.ema is not None and blob.get("ema"):
+            self.ema.shadow = {k: v.to(device) for k, v in blob["ema"].items()}
+        torch.set_rng_state(blob["rng"])
+        self.step, self.best, self.history = blob["step"], blob["best"], blob["history"]
+        self.bad_evals, self.best_step = blob.get("bad_evals", 0), blob.get("best_step", 0)
+        self.elapsed_s = blob.get("elapsed_s", 0.0)
+        return blob.get("stopped", False)
+
+
+@dataclass
+class _Run:
+    """What a run is set up with and does not change: config, device, data, model, strategy, parameters."""
+
+    cfg: ExperimentCfg
+    device: torch.device
+    out_dir: Path
+    model: Segmenter
+    base: BaseWeights
+    strategy: Any
+    params: list[torch.nn.Parameter]
+    counts: ParamCount
+    data_version: str
+    train_rows: pd.DataFrame
+    unlabelled_rows: pd.DataFrame
+    val_rows: pd.DataFrame
+    """The val rows that are evaluated (those with a mask)."""
+    val_images: int
+    budget_s: float | None
+
+    def start_info(self, resumed_from: int) -> TrainStart:
+        return TrainStart(
+            config=self.cfg, trainable_params=self.counts.trainable, total_params=self.counts.total,
+            device=str(self.device), base_weights=vars(self.base), data_version=self.data_version,
+            train_images=len(self.train_rows), val_images=self.val_images,
+            unlabelled_images=len(self.unlabelled_rows), resumed_from=resumed_from)
+
+
+@dataclass
+class _Meter:
+    """The attempt's clock, images seen and the loss sums since the last log line."""
+
+    spent_before: float
+    budget_s: float | None
+    t0: float = field(default_factory=time.perf_counter)
+    seen: int = 0
+    running: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def elapsed(self) -> float:  # training seconds so far, including the attempts before a crash + resume
+        return self.spent_before + self.wall()
+
+    def budget_frac(self) -> float:
+        return min(1.0, self.elapsed() / self.budget_s) if self.budget_s else 0.0
+
+
 def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainResult:
     """Fine-tune SAM2 as configured; resumes from ``output_dir_of(cfg)/last.pt`` when it exists."""
     if cfg.train.output_dir is None:
         cfg = with_overrides(cfg, train={"output_dir": str(output_dir_of(cfg))})
+    tc, cbs = cfg.train, CallbackList(callbacks or [])
+    run, state = _setup(cfg)
+    last, final = run.out_dir / LAST, run.out_dir / "final.pt"
+    finished = False
+    if last.exists():
+        finished = state.load(last, run.device) or state.step >= tc.max_steps  # budget, early stop or all done
+        log.info("resuming from %s at step %d", last, state.step)
+    start = state.step
+    if finished and final.exists():  # a rerun of a finished run trains nothing more
+        return _result(final, run, state, start)
+
+    cbs.on_train_start(run.start_info(start))
+    loader, unl_iter = _loaders(run, start)
+    meter = _Meter(state.elapsed_s, run.budget_s)
+    progress = _progress(tc.progress, start, tc.max_steps)
+    for step, batch in enumerate(loader if not finished else [], start=start + 1):  # finished: just write final
+        state.step = step
+        budget_frac = meter.budget_frac()
+        lr = tc.lr * lr_factor(step - 1, tc.warmup_steps, tc.max_steps, budget_frac)
+        _optimise(run, state, meter, batch, next(unl_iter) if unl_iter is not None else None, lr)
+        if run.budget_s is not None and meter.elapsed() > run.budget_s:
+            log.info("train.max_minutes=%s reached at step %d", tc.max_minutes, step)
+            state.stopped = True
+        if step % LOG_EVERY == 0 or step == tc.max_steps or state.stopped:
+            logs = _log_line(run, state, meter, lr, budget_frac)
+            cbs.on_step(step, logs)
+            progress(step, logs)
+        if len(run.val_rows) and (step % tc.eval_every == 0 or step == tc.max_steps or state.stopped):
+            _evaluate(run, state, cbs)
+        if step % tc.checkpoint_every == 0 or step == tc.max_steps or state.stopped:
+            state.elapsed_s = meter.elapsed()
+            state.save(last)
+            cbs.on_checkpoint(step, str(last))
+        if state.stopped:
+            break
+    progress(None, None)
+    wall = meter.wall()
+    result = _result(_write_final(run, state, final), run, state, start, wall, meter.seen)
+    cbs.on_train_end(result)
+    return result
+
+
+def _setup(cfg: ExperimentCfg) -> tuple[_Run, TrainState]:
+    """Seeds, data rows, the model (adapted, on its device), the strategy, the optimiser and the EMA."""
     tc, dc = cfg.train, cfg.data
-    cbs = CallbackList(callbacks or [])
     device = pick_device(tc.device)
     out_dir = Path(tc.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,138 +298,108 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     extra = [m.to(device) for m in strategy.extra_modules()]
     params = [p for p in model.parameters() if p.requires_grad] + [p for m in extra for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
-    budget_s = 60 * tc.max_minutes if tc.max_minutes is not None else None
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    counts = model.param_count()
-
-    start, best, history, bad_evals, spent_before, finished, best_step = 0, -1.0, [], 0, 0.0, False, 0
-    last = out_dir / LAST
-    if last.exists():
-        blob = read_checkpoint(last)
-        if blob.get("config_hash") != config_hash(cfg) or blob.get("data_version", data_version) != data_version:
-            raise ValueError(f"{last} was written by a different config or data version; "
-                             "use another train.output_dir")
-        model.load_state_dict(blob["model"], strict=True)
-        opt.load_state_dict(blob["optimizer"])
-        for m, state in zip(extra, blob.get("extra", []), strict=False):
-            m.load_state_dict(state)
-        if ema is not None and blob.get("ema"):
-            ema.shadow = {k: v.to(device) for k, v in blob["ema"].items()}
-        torch.set_rng_state(blob["rng"])
-        start, best, history, bad_evals = blob["step"], blob["best"], blob["history"], blob.get("bad_evals", 0)
-        spent_before = blob.get("elapsed_s", 0.0)
-        best_step = blob.get("best_step", 0)
-        finished = blob.get("stopped", False) or start >= tc.max_steps  # budget, early stop or all steps done
-        log.info("resuming from %s at step %d", last, start)
-    if finished and (out_dir / "final.pt").exists():  # a rerun of a finished run trains nothing more
-        return _result(out_dir / "final.pt", cfg, counts, base, data_version, start, history, 0.0, 0, start)
-
-    cbs.on_train_start(
-        {"config": cfg, "trainable_params": counts.trainable, "total_params": counts.total, "device": str(device),
-         "base_weights": vars(base), "data_version": data_version, "train_images": len(train_rows),
-         "val_images": len(val_rows), "unlabelled_images": len(unlabelled_rows), "resumed_from": start}
+    run = _Run(
+        cfg=cfg, device=device, out_dir=out_dir, model=model, base=base, strategy=strategy, params=params,
+        counts=model.param_count(), data_version=data_version, train_rows=train_rows,
+        unlabelled_rows=unlabelled_rows, val_images=len(val_rows),
+        val_rows=val_rows[val_rows["label_kind"] == "mask"] if "label_kind" in val_rows else val_rows,
+        budget_s=60 * tc.max_minutes if tc.max_minutes is not None else None,
     )
-    ds = SegDataset(train_rows, dc.workdir, cfg.model, dc.augment)
+    return run, TrainState(model, opt, extra, ema, config_hash(cfg), data_version)
+
+
+def _loaders(run: _Run, start: int) -> tuple[DataLoader, Any]:
+    """The labelled batches from step ``start`` on, and an iterator of unlabelled ones (None if not used)."""
+    cfg, tc, dc = run.cfg, run.cfg.train, run.cfg.data
+    ds = SegDataset(run.train_rows, dc.workdir, cfg.model, dc.augment)
     sampler = StepSampler(len(ds), tc.batch_size * tc.grad_accum, tc.max_steps, tc.seed, start)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        pin_memory=run.device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if dc.num_workers else None)
     unl_iter = None
-    if strategy.needs_unlabelled and len(unlabelled_rows):
-        uds = SegDataset(unlabelled_rows, dc.workdir, cfg.model, dc.augment)
+    if run.strategy.needs_unlabelled and len(run.unlabelled_rows):
+        uds = SegDataset(run.unlabelled_rows, dc.workdir, cfg.model, dc.augment)
         usampler = StepSampler(len(uds), tc.batch_size, tc.max_steps, tc.seed + 1, start)
         unl_iter = iter(DataLoader(uds, batch_sampler=usampler, num_workers=dc.num_workers, collate_fn=collate))
-    val_rows = val_rows[val_rows["label_kind"] == "mask"] if "label_kind" in val_rows else val_rows
-    best_path = out_dir / BEST
+    return loader, unl_iter
 
-    running: dict[str, torch.Tensor] = {}
-    t0, seen, step, stopped = time.perf_counter(), 0, start, False
-    progress = _progress(tc.progress, start, tc.max_steps)
 
-    def elapsed() -> float:  # training seconds so far, including the attempts before a crash + resume
-        return spent_before + time.perf_counter() - t0
+def _optimise(run: _Run, state: TrainState, meter: _Meter, batch: dict, unl: dict | None, lr: float) -> None:
+    """One optimiser step at ``lr``: the strategy's losses over ``grad_accum`` chunks, clip, AdamW, EMA."""
+    tc, model, opt = run.cfg.train, run.model, state.optimizer
+    for g in opt.param_groups:
+        g["lr"] = lr
+    batch = to_device(batch, run.device)
+    unl = to_device(unl, run.device) if unl is not None else None
+    chunks = _split(batch, tc.grad_accum)
+    for chunk in chunks:
+        with autocast(run.device, tc.precision):
+            losses = run.strategy.losses(model, chunk, unl, state.step)
+        (losses["loss"] / len(chunks)).backward()
+        for k, v in losses.items():
+            meter.running[k] = meter.running.get(k, 0.0) + v.detach().float() / len(chunks)
+    if tc.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, tc.clip_grad)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    run.strategy.after_step(model)
+    if state.ema is not None:
+        state.ema.update(model)
+    meter.seen += batch["image"].shape[0]
 
-    for step, batch in enumerate(loader if not finished else [], start=start + 1):  # finished: just write final
-        budget_frac = min(1.0, elapsed() / budget_s) if budget_s else 0.0
-        lr = tc.lr * lr_factor(step - 1, tc.warmup_steps, tc.max_steps, budget_frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = to_device(batch, device)
-        unl = to_device(next(unl_iter), device) if unl_iter is not None else None
-        chunks = _split(batch, tc.grad_accum)
-        for chunk in chunks:
-            with autocast(device, tc.precision):
-                losses = strategy.losses(model, chunk, unl, step)
-            (losses["loss"] / len(chunks)).backward()
-            for k, v in losses.items():
-                running[k] = running.get(k, 0.0) + v.detach().float() / len(chunks)
-        if tc.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.clip_grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        strategy.after_step(model)
-        if ema is not None:
-            ema.update(model)
-        seen += batch["image"].shape[0]
-        if budget_s is not None and elapsed() > budget_s:
-            log.info("train.max_minutes=%s reached at step %d", tc.max_minutes, step)
-            stopped = True
-        if step % LOG_EVERY == 0 or step == tc.max_steps or stopped:
-            n = LOG_EVERY if step % LOG_EVERY == 0 else step % LOG_EVERY
-            logs = {k: float(v) / n for k, v in running.items()}  # the only host sync: every LOG_EVERY steps
-            logs["lr"] = lr
-            if budget_s:
-                logs["budget_used"] = budget_frac  # fraction of train.max_minutes spent when this step began
-            logs["images_per_s"] = seen / max(1e-9, time.perf_counter() - t0)
-            running = {}
-            history.append({"step": step, **logs})
-            cbs.on_step(step, logs)
-            progress(step, logs)
-        if len(val_rows) and (step % tc.eval_every == 0 or step == tc.max_steps or stopped):
-            if ema is not None:
-                ema.swap(model)
-            dice = validate_dice(model, val_rows, dc.workdir, tc.precision, tc.batch_size)
-            improved = dice > best
-            if improved:  # the exported model is the best-val one: what is reported is what is shipped
-                atomic_save({**model_payload(model, cfg, base), "step": step, "val_dice": dice}, best_path)
-                best_step = step
-            if ema is not None:
-                ema.swap(model)
-            best, bad_evals = (dice, 0) if improved else (best, bad_evals + 1)
-            cbs.on_eval(step, {"val_dice": dice, "best_val_dice": best})
-            history.append({"step": step, "val_dice": dice})
-            if tc.early_stop_patience and bad_evals >= tc.early_stop_patience:
-                stopped = True
 
-        if step % tc.checkpoint_every == 0 or step == tc.max_steps or stopped:
-            state = {
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(), "elapsed_s": elapsed(),
-                "extra": [m.state_dict() for m in extra],
-                "ema": {k: v.cpu() for k, v in ema.shadow.items()} if ema else None,
-                "rng": torch.get_rng_state(), "step": step, "best": best, "history": history,
-                "bad_evals": bad_evals, "config_hash": config_hash(cfg), "data_version": data_version,
-                "stopped": stopped, "best_step": best_step,
-            }
-            atomic_save(state, last)
-            cbs.on_checkpoint(step, str(last))
-        if stopped:
-            break
-    progress(None, None)
-    wall = time.perf_counter() - t0
+def _log_line(run: _Run, state: TrainState, meter: _Meter, lr: float, budget_frac: float) -> dict[str, float]:
+    """The mean losses since the last log line (the only host sync: every ``LOG_EVERY`` steps), into history."""
+    step = state.step
+    n = LOG_EVERY if step % LOG_EVERY == 0 else step % LOG_EVERY
+    logs = {k: float(v) / n for k, v in meter.running.items()}
+    logs["lr"] = lr
+    if run.budget_s:
+        logs["budget_used"] = budget_frac  # fraction of train.max_minutes spent when this step began
+    logs["images_per_s"] = meter.seen / max(1e-9, meter.wall())
+    meter.running = {}
+    state.history.append({"step": step, **logs})
+    return logs
+
+
+def _evaluate(run: _Run, state: TrainState, cbs: Callback) -> None:
+    """Val Dice (of the EMA weights when there is an EMA); a new best is written to ``best.pt``, the exported
+    model; too many evaluations without improvement stop the run (``early_stop_patience``)."""
+    tc, model, ema, step = run.cfg.train, run.model, state.ema, state.step
     if ema is not None:
         ema.swap(model)
-    if best_step and best_path.exists():  # ship the best-val weights, and say so
-        final_blob = {**read_checkpoint(best_path), "step": step, "selected": "best", "selected_step": best_step}
+    dice = validate_dice(model, run.val_rows, run.cfg.data.workdir, tc.precision, tc.batch_size)
+    improved = dice > state.best
+    if improved:  # the exported model is the best-val one: what is reported is what is shipped
+        atomic_save({**model_payload(model, run.cfg, run.base), "step": step, "val_dice": dice}, run.out_dir / BEST)
+        state.best_step = step
+    if ema is not None:
+        ema.swap(model)
+    state.best, state.bad_evals = (dice, 0) if improved else (state.best, state.bad_evals + 1)
+    cbs.on_eval(step, {"val_dice": dice, "best_val_dice": state.best})
+    state.history.append({"step": step, "val_dice": dice})
+    if tc.early_stop_patience and state.bad_evals >= tc.early_stop_patience:
+        state.stopped = True
+
+
+def _write_final(run: _Run, state: TrainState, path: Path) -> Path:
+    """``final.pt``: the best-val weights when there was a val split (``selected: best``), else the last ones
+    (of the EMA, when there is one)."""
+    if state.ema is not None:
+        state.ema.swap(run.model)
+    best_path = run.out_dir / BEST
+    if state.best_step and best_path.exists():  # ship the best-val weights, and say so
+        blob = {**read_checkpoint(best_path), "step": state.step, "selected": "best",
+                "selected_step": state.best_step}
     else:
-        final_blob = {**model_payload(model, cfg, base), "step": step, "selected": "last", "selected_step": step}
-    final = atomic_save(final_blob, out_dir / "final.pt")
-    result = _result(final, cfg, counts, base, data_version, step, history, wall, seen, start, stopped)
-    cbs.on_train_end(result)
-    return result
+        blob = {**model_payload(run.model, run.cfg, run.base), "step": state.step, "selected": "last",
+                "selected_step": state.step}
+    return atomic_save(blob, path)
 
 
-def _result(path, cfg, counts, base, data_version, step, history, wall, seen, start, stopped=False):
+def _result(path: Path, run: _Run, state: TrainState, start: int, wall: float = 0.0, seen: int = 0) -> TrainResult:
+    history, step = state.history, state.step
     losses = [h for h in history if "loss" in h]
     vals = [h["val_dice"] for h in history if "val_dice" in h]
     metrics = {"final_loss": losses[-1]["loss"] if losses else float("nan")}
@@ -292,10 +411,10 @@ def _result(path, cfg, counts, base, data_version, step, history, wall, seen, st
     if exported.get("selected") == "best":
         metrics["selected_val_dice"] = float(exported["val_dice"])
     return TrainResult(
-        checkpoint=str(path), steps=step, metrics=metrics, trainable_params=counts.trainable,
-        total_params=counts.total, base_weights=vars(base), config_hash=config_hash(cfg),
-        data_version=data_version, wall_s=wall, images_per_s=seen / wall if wall else 0.0,
-        stopped_early=stopped, resumed_from=start, history=history,
+        checkpoint=str(path), steps=step, metrics=metrics, trainable_params=run.counts.trainable,
+        total_params=run.counts.total, base_weights=vars(run.base), config_hash=state.config_hash,
+        data_version=run.data_version, wall_s=wall, images_per_s=seen / wall if wall else 0.0,
+        stopped_early=state.stopped, resumed_from=start, history=history,
     )
 
 
