@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import re
+from pathlib import Path
 
 import torch
 
 from medsam2.model.segmenter import normalize
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -20,10 +26,43 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+@functools.cache
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16 flags; False where unknown).
+
+    Without them PyTorch emulates bf16 matmuls and convolutions: on 2 AVX2-only EPYC cores the demo recipe took
+    12.1 s per training step under bf16 autocast against 1.2 s in fp32 (it was 0.34 s with bf16 on a host with
+    AVX-512 BF16)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", text) is not None
+
+
+def effective_precision(device: torch.device, precision: str = "auto") -> str:
+    """``bf16`` or ``fp32``: bf16 on CUDA unless ``fp32``; on CPU fp32 unless ``bf16`` is asked for and the CPU
+    has native bf16 (:func:`cpu_has_native_bf16`): emulated bf16 is ~10x slower, so it falls back to fp32, with
+    a warning."""
+    if precision == "fp32":
+        return "fp32"
+    if device.type != "cpu":
+        return "bf16"
+    if precision == "bf16" and not cpu_has_native_bf16():
+        _warn_emulated_bf16()
+        return "fp32"
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    log.warning("precision bf16 asked for, but this CPU has no native bf16 (avx512_bf16 / amx_bf16): running "
+                "fp32 instead (emulated bf16 is ~10x slower)")
+
+
 def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA unless ``precision == "fp32"``; fp32 (no autocast) on CPU unless asked."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    """bf16 autocast where :func:`effective_precision` says bf16; else fp32 (no autocast)."""
+    if effective_precision(device, precision) != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
