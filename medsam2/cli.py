@@ -177,10 +177,18 @@ def _main(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _default_workdir() -> str:
+    """The work dir a config without ``data.workdir`` uses, so ``ingest`` and ``train`` agree by default."""
+    from medsam2.config import default_workdir
+
+    return default_workdir()
+
+
 @app.command()
 def ingest(
     source: Annotated[str, typer.Argument(help="Folder or s3://bucket/prefix.")],
-    workdir: Annotated[str, typer.Option(help="Work dir for manifest, quarantine and cache.")] = ".medsam2/work",
+    workdir: Annotated[str | None, typer.Option(
+        help="Work dir for manifest, quarantine and cache (default $MEDSAM2_HOME/work).")] = None,
     dataset: Annotated[str | None, typer.Option(help="Dataset name (default: the folder name).")] = None,
     layout: Annotated[Path | None, typer.Option(help="YAML mapping for your own folder layout.")] = None,
     s3_endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (MinIO, moto).")] = None,
@@ -199,6 +207,7 @@ def ingest(
             lay = yaml.safe_load(layout.read_text())
         except yaml.YAMLError as e:
             raise UsageError(f"layout {layout}: not valid YAML: {' '.join(str(e).split())}", "fix the file") from None
+    workdir = workdir or _default_workdir()
     res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)  # checks S3 first
     _emit(res, json_, f"added {res['added']}, unchanged {res['unchanged']}, quarantined {res['quarantined']}, "
                       f"rows {res['rows']}, dataset version {res['dataset_version']}")
@@ -206,13 +215,15 @@ def ingest(
 
 @app.command()
 def validate(
-    workdir: Annotated[str, typer.Option(help="Work dir holding manifest.parquet.")] = ".medsam2/work",
+    workdir: Annotated[str | None, typer.Option(
+        help="Work dir holding manifest.parquet (default $MEDSAM2_HOME/work).")] = None,
     data_docs: Annotated[str | None, typer.Option(help="Where to write the Data Docs HTML.")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Run the great-expectations suite over the manifest; exits 1 with a readable report if it fails."""
     from medsam2.steps import run_validate
 
+    workdir = workdir or _default_workdir()
     _check_workdir(workdir, "validate")
     res = run_validate(workdir, data_docs)
     human = "validation passed" if res["success"] else "validation FAILED:\n- " + "\n- ".join(res["failures"])

@@ -54,3 +54,17 @@ def test_two_cli_trainings_with_different_settings_and_no_output_dir_both_succee
         assert sorted(p.name for p in cwd.iterdir()) == []  # nothing outside MEDSAM2_HOME
     finally:
         remove_checkpoints(home)
+
+
+def test_ingest_and_validate_without_a_work_dir_write_under_medsam2_home(sample_data, tmp_path):
+    """``medsam2 ingest`` / ``validate`` without ``--workdir`` use the work dir a config without ``data.workdir``
+    uses, ``$MEDSAM2_HOME/work``; before, they wrote ``./.medsam2/work`` in the working directory."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "MEDSAM2_HOME": str(home)}
+    cli = [sys.executable, "-m", "medsam2.cli"]
+    for args in (["ingest", str(sample_data / "busi"), "--json"], ["validate", "--json"]):
+        out = subprocess.run(cli + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert (home / "work" / "manifest.parquet").is_file()
+    assert sorted(p.name for p in cwd.iterdir()) == []  # nothing outside MEDSAM2_HOME
