@@ -194,5 +194,5 @@ def test_loss_options_and_iou_weight_come_from_the_config():
     assert torch.allclose(sup.loss_fn(logits, target), want) and sup.iou_weight == 0.3
     with pytest.raises(ValueError, match="no option"):
         load_config(None, ["train.loss_options.focal_weight=2"])  # an option of focal_dice, not dice_bce
-    with pytest.raises(ValueError, match="unknown loss"):
+    with pytest.raises(ValueError, match="train.loss: 'nope' is not one of bce, dice, dice_bce"):
         load_config(None, ["train.loss=nope"])

@@ -24,6 +24,12 @@ RUN = {  # command as written → expected exit code
 }
 
 SKIP = {  # command as written → why a test does not run it
+    "mlflow models serve -m models:/medsam2@champion --env-manager local -h 127.0.0.1 -p 8080":
+        "a long-running server (tests/engine/test_serving.py starts it on a free port with a registered champion)",
+    "IMG=$(base64 -w0 polyp.jpg)": "a placeholder for the reader's own image (the serving test posts real ones)",
+    ("""curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: application/json' -d '{"inputs": """
+     """[{"image": "'"$IMG"'", "box": [120, 88, 410, 350]}], "params": {"format": "rle"}}'"""):
+        "needs the server above (tests/engine/test_serving.py posts the same request shape over HTTP)",
     "make demo": "the full local stack and a training run (~10 min); the flow tests run its parts",
     "make test": "the test suite itself",
     "medsam2 ingest /data/my-ct-export --workdir .medsam2/work --json":
