@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from ray import tune
 
 from medsam2.config import ExperimentCfg
-from medsam2.engine.callbacks import Callback
+from medsam2.engine.callbacks import Callback, TrainStart
 from medsam2.engine.train import train
 from medsam2.tracking import MlflowCallback
 from tuning.spaces import apply_params
@@ -110,8 +110,8 @@ class TuneReport(Callback):
         self._pending: dict[str, float] | None = None
         self._final: tuple[dict[str, Any], Path | None] | None = None
 
-    def on_train_start(self, info: dict[str, Any]) -> None:
-        self.resumed_from = int(info.get("resumed_from", 0))
+    def on_train_start(self, info: TrainStart) -> None:
+        self.resumed_from = info.resumed_from
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         tc = self.cfg.train
@@ -217,8 +217,8 @@ class MlflowChild(Callback):
             mlflow.log_metric("resumed_from", step)
             self.resume_logged = True
 
-    def on_train_start(self, info: dict[str, Any]) -> None:
-        self.note_resumed(int(info.get("resumed_from") or 0))
+    def on_train_start(self, info: TrainStart) -> None:
+        self.note_resumed(info.resumed_from)
         if not self.reopened:  # a reopened run has its params from the first attempt (params are immutable)
             self.inner.on_train_start(info)
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -11,9 +10,8 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True, eq=False)
-class TrainStart(Mapping[str, Any]):
-    """What ``on_train_start`` is told about a run. Read it by attribute (``info.data_version``) or, as a
-    read-only mapping, by key (``info["data_version"]``)."""
+class TrainStart:
+    """What ``on_train_start`` is told about a run (``info.data_version``, ``info.resumed_from``, …)."""
 
     config: ExperimentCfg
     trainable_params: int
@@ -27,21 +25,6 @@ class TrainStart(Mapping[str, Any]):
     unlabelled_images: int
     resumed_from: int
     """The step this attempt starts from (0: a fresh run)."""
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys())
-
-    def __len__(self) -> int:
-        return len(self._keys())
-
-    @classmethod
-    def _keys(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 class Callback:

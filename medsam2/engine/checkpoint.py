@@ -128,10 +128,15 @@ def _check_base(path: Path, sha256: str, recorded: dict[str, str], what: str) ->
         )
 
 
+def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's payload with its tensors memory-mapped, not read: for its ``config``, ``full`` and ``base``."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
 def base_weights_file(path: str | Path) -> Path | None:
     """The local base-weights file a non-full checkpoint needs (verified against the recorded sha256), or None
     when the checkpoint is full (it needs no other file)."""
-    blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: tensors are not read
+    blob = checkpoint_meta(path)
     if blob.get("full", True):
         return None
     recorded = blob["base"]

@@ -48,10 +48,12 @@ def effective_precision(device: torch.device, precision: str = "auto") -> str:
         return "fp32"
     if device.type != "cpu":
         return "bf16"
-    if precision == "bf16" and not cpu_has_native_bf16():
+    if precision != "bf16":  # auto on CPU
+        return "fp32"
+    if not cpu_has_native_bf16():
         _warn_emulated_bf16()
         return "fp32"
-    return "bf16" if precision == "bf16" else "fp32"
+    return "bf16"
 
 
 @functools.cache

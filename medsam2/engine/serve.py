@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from medsam2.data.images import read_image_any
 from medsam2.data.readers import QuarantineError
+from medsam2.engine.predict import predict
 from medsam2.engine.prompt_sources import check_prompt
 
 FORMATS = ("png", "rle")
@@ -284,8 +285,6 @@ def serve(model, prompt: str, records: Sequence[ServeRecord | dict[str, Any]], p
           limits: ServeLimits | None = None) -> list[ServeResult]:
     """Check, decode and predict one request with a loaded ``Segmenter``; ``prompt`` is the model's prompt mode
     (``box``/``points``/``none``). Raises :class:`RequestError` for anything the client has to fix."""
-    from medsam2.engine.predict import predict
-
     fmt = output_format(params)
     recs, images = load_records(records, prompt, limits or ServeLimits.from_env())
     box, pts = prompt == "box", prompt == "points"

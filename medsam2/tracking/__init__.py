@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from medsam2.config import ExperimentCfg, config_hash
-from medsam2.engine.callbacks import Callback
+from medsam2.engine.callbacks import Callback, TrainStart
 from medsam2.home import medsam2_home
 from medsam2.tracking.artifacts import (  # noqa: F401 (part of tracking's API)
     download_model_checkpoint,
@@ -96,18 +96,18 @@ class MlflowCallback(Callback):
     """Logs a training run into the active MLflow run: params at start, loss/LR/throughput per log step,
     validation Dice per evaluation, parameter counts and whether the base was randomly initialised."""
 
-    def on_train_start(self, info: dict[str, Any]) -> None:
-        log_config(info["config"], info["data_version"])
-        random_init = info["base_weights"]["source"] == "none"
+    def on_train_start(self, info: TrainStart) -> None:
+        log_config(info.config, info.data_version)
+        random_init = info.base_weights["source"] == "none"
         mlflow.set_tags({
-            "base_weights": info["base_weights"]["source"], "base_weights_sha256": info["base_weights"]["sha256"],
-            "random_init": str(random_init).lower(), "device": info["device"],
-            "resumed_from_step": str(info["resumed_from"]),
+            "base_weights": info.base_weights["source"], "base_weights_sha256": info.base_weights["sha256"],
+            "random_init": str(random_init).lower(), "device": info.device,
+            "resumed_from_step": str(info.resumed_from),
         })
-        mlflow.log_params({"trainable_params": info["trainable_params"], "total_params": info["total_params"],
-                           "train_images": info["train_images"], "val_images": info["val_images"],
-                           "unlabelled_images": info["unlabelled_images"]})
-        log_dataset(info["config"], info["data_version"])
+        mlflow.log_params({"trainable_params": info.trainable_params, "total_params": info.total_params,
+                           "train_images": info.train_images, "val_images": info.val_images,
+                           "unlabelled_images": info.unlabelled_images})
+        log_dataset(info.config, info.data_version)
         if random_init:
             mlflow.set_tag("mlflow.note.content",
                            "RANDOM INIT: no pretrained SAM2 weights were loaded (model.checkpoint=none).")
@@ -476,7 +476,7 @@ class ChildRunCallback(MlflowCallback):
         self.parent, self.name, self.extra = parent_run_id, name, dict(extra_metrics or {})
         self.run_id: str | None = None
 
-    def on_train_start(self, info: dict[str, Any]) -> None:
+    def on_train_start(self, info: TrainStart) -> None:
         tags = {"mlflow.parentRunId": self.parent} if self.parent else {}
         self.run_id = mlflow.start_run(run_name=self.name, tags=tags, nested=mlflow.active_run() is not None
                                        ).info.run_id

@@ -123,13 +123,13 @@ def log_model(checkpoint: str | Path, model_card: str | None = None) -> str:
     the model on it once, so a model that cannot serve fails to log visibly).
     """
     import medsam2
-    from medsam2.engine.checkpoint import base_weights_file, read_checkpoint
+    from medsam2.engine.checkpoint import base_weights_file, checkpoint_meta
 
     artifacts = {"checkpoint": str(checkpoint)}
     base = base_weights_file(checkpoint)
     if base is not None:
         artifacts["base_weights"] = str(base)
-    prompt = read_checkpoint(checkpoint)["config"]["model"]["prompt"]
+    prompt = checkpoint_meta(checkpoint)["config"]["model"]["prompt"]
     info = mlflow.pyfunc.log_model(
         name="model", python_model=MedSAM2PyFunc(), artifacts=artifacts, input_example=input_example(prompt),
         code_paths=[str(Path(medsam2.__file__).resolve().parent)], pip_requirements=serving_requirements(),
