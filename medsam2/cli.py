@@ -323,6 +323,12 @@ def predict(
                        ] = None,
     ids: Annotated[list[str] | None, typer.Option("--id", help="Manifest image id (repeatable; default: all rows "
                                                                "of --workdir).")] = None,
+    engine: Annotated[str, typer.Option(
+        help="torch, or onnx: ONNX Runtime on an export (--model is the export directory, or a registered model "
+             "with an export logged by medsam2 export).")] = "torch",
+    precision: Annotated[str, typer.Option(
+        help="auto, fp32, bf16 (PyTorch autocast; CPUs without native bf16 run fp32), or int8 (--engine onnx, "
+             "an export made with --quantize int8).")] = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Segment images, one output per input: a PNG mask (and a DICOM-SEG for DICOM input) each.
@@ -336,17 +342,48 @@ def predict(
 
     if workdir is not None and not (prompts or box or points or inputs):
         _check_workdir(workdir, "predict")
+    if engine not in ("torch", "onnx"):
+        raise UsageError(f"--engine {engine!r} is not one of torch, onnx")
+    if precision not in ("auto", "fp32", "bf16", "int8"):
+        raise UsageError(f"--precision {precision!r} is not one of auto, fp32, bf16, int8")
     items = collect(list(inputs or []), box=box, points=points, prompts=prompts, workdir=workdir, ids=ids)
     _check_model(model)
     from medsam2.predict_files import predict_files
 
-    res = predict_files(model, items, out)
+    res = predict_files(model, items, out, engine=engine, precision=precision)
     failed = [o for o in res["outputs"] if o["status"] != "ok"]
     _emit(res, json_, f"wrote {res['n_ok']} masks to {out}" + "".join(
         f"\n  failed: {o['input']}: {o['error']}" for o in failed))
     if res["n_ok"] == 0:
         raise InputDataError(f"every input failed ({len(failed)}); first: {failed[0]['input']}: {failed[0]['error']}",
                              "see the outputs' errors (--json) and fix the inputs or prompts")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Option(help="Checkpoint path or MLflow model URI.")] = ...,  # type: ignore[assignment]
+    out: Annotated[Path, typer.Option(help="Export directory (new, empty, or an earlier export to replace).")
+                   ] = ...,  # type: ignore[assignment]
+    format_: Annotated[str, typer.Option("--format", help="onnx (an encoder and a prompt+decoder graph).")] = "onnx",
+    quantize: Annotated[str | None, typer.Option(help="int8: also write dynamically quantised graphs.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Export a model for ONNX Runtime; a registered model also gets the export logged beside it.
+
+    The export is checked before it is written: ONNX Runtime's logits must match PyTorch fp32 within 1e-3.
+    Predict with it: medsam2 predict IMAGES --model DIR --engine onnx (or --model models:/… --engine onnx).
+    """
+    if format_ != "onnx":
+        raise UsageError(f"--format {format_!r} is not supported", "use --format onnx")
+    if quantize not in (None, "int8"):
+        raise UsageError(f"--quantize {quantize!r} is not supported", "use --quantize int8 or leave it out")
+    _check_model(model)
+    from medsam2.steps import run_export
+
+    res = run_export(model, out, fmt=format_, quantize=quantize)
+    _emit(res, json_, f"exported {model} to {out} ({', '.join(res['files'])}); ONNX vs PyTorch logits max "
+                      f"|diff| {res['parity_fp32']['logits_max_abs']:.1e}"
+          + (f"; logged as {res['logged']['artifact_uri']}" if res.get("logged") else ""))
 
 
 @app.command()

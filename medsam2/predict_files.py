@@ -74,7 +74,8 @@ def _frames(item: PromptItem) -> list[np.ndarray]:
     return [read_image_any(path)]
 
 
-def _one(net, mode: str, item: PromptItem, out: Path, stem: str) -> dict[str, Any]:
+def _one(net, mode: str, item: PromptItem, out: Path, stem: str, cache=None, precision: str | None = None
+         ) -> dict[str, Any]:
     """Segment one input and write its outputs; raises on a problem of this input."""
     if item.error:
         raise InputDataError(item.error)
@@ -88,7 +89,8 @@ def _one(net, mode: str, item: PromptItem, out: Path, stem: str) -> dict[str, An
     check_prompt(item.box if mode == "box" else None, item.points if mode == "points" else None,
                  frames[0].shape[:2])
     n = len(frames)
-    preds = predict(net, frames, boxes=[item.box] * n, points=[item.points] * n, point_labels=[item.labels] * n)
+    preds = predict(net, frames, boxes=[item.box] * n, points=[item.points] * n, point_labels=[item.labels] * n,
+                    cache=cache, precision=_torch_precision(precision))
     masks = [p.mask for p in preds]
     png = out / f"{stem}_mask.png"
     Image.fromarray((masks[0] * 255).astype(np.uint8)).save(png)
@@ -101,6 +103,11 @@ def _one(net, mode: str, item: PromptItem, out: Path, stem: str) -> dict[str, An
     return entry
 
 
+def _torch_precision(precision: str | None) -> str:
+    """``--precision`` for PyTorch's autocast (``int8`` is the ONNX engine's, chosen when it is loaded)."""
+    return precision if precision in ("fp32", "bf16") else "auto"
+
+
 def _stems(items: list[PromptItem]) -> list[str]:
     """One output stem per item, unique within the batch (``a``, ``a-2``, … for inputs that share a name)."""
     seen: dict[str, int] = {}
@@ -111,28 +118,37 @@ def _stems(items: list[PromptItem]) -> list[str]:
     return out
 
 
-def predict_files(model: str, items: list[PromptItem], out: Path) -> dict[str, Any]:
+def predict_files(model: str, items: list[PromptItem], out: Path, engine: str = "torch",
+                  precision: str | None = None) -> dict[str, Any]:
     """Segment every item (one mask PNG each, plus a DICOM-SEG for a DICOM input) into ``out``.
+
+    ``engine``: ``torch`` or ``onnx`` (:func:`medsam2.steps.load_engine`); ``precision``: ``auto``/``fp32``/``bf16``
+    (PyTorch autocast) or ``int8`` (the ONNX engine's quantised graphs).
 
     Returns ``{"model", "outputs": [one entry per item, in order], "n_inputs", "n_ok", "n_failed"}``; an entry is
     ``{"input", "status": "ok", "mask_png", "iou_pred", "foreground_fraction", "frames"[, "box", "dicom_seg"]}``
     or ``{"input", "status": "failed", "error", "kind", "hint"}``: a failing input does not stop the batch.
     """
+    from medsam2.engine.predict import FeatureCache
     from medsam2.errors import describe
-    from medsam2.steps import load_for_eval
+    from medsam2.steps import load_engine
 
-    net, _ = load_for_eval(model)
+    net, cleanup = load_engine(model, engine, precision)
     mode = net.cfg.prompt
+    cache = FeatureCache(size=4)  # several prompts on one image (a prompts file's rows) encode it once
     out.mkdir(parents=True, exist_ok=True)
     outputs = []
-    for item, stem in zip(items, _stems(items), strict=True):
-        try:
-            outputs.append(_one(net, mode, item, out, stem))
-        except Exception as e:  # noqa: BLE001 - reported for this input; the batch goes on
-            report = describe(e)
-            if report.kind == "usage":  # a ValueError of a bad prompt is this input's data, not a wrong option
-                report = type(report)(report.error, "input", None)
-            outputs.append({"input": item.label, "status": "failed", **report.to_dict()})
+    try:
+        for item, stem in zip(items, _stems(items), strict=True):
+            try:
+                outputs.append(_one(net, mode, item, out, stem, cache, precision))
+            except Exception as e:  # noqa: BLE001 - reported for this input; the batch goes on
+                report = describe(e)
+                if report.kind == "usage":  # a ValueError of a bad prompt is this input's data, not a wrong option
+                    report = type(report)(report.error, "input", None)
+                outputs.append({"input": item.label, "status": "failed", **report.to_dict()})
+    finally:
+        cleanup()
     n_ok = sum(o["status"] == "ok" for o in outputs)
-    return {"model": model, "outputs": outputs, "n_inputs": len(outputs), "n_ok": n_ok,
+    return {"model": model, "engine": engine, "outputs": outputs, "n_inputs": len(outputs), "n_ok": n_ok,
             "n_failed": len(outputs) - n_ok}

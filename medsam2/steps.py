@@ -85,6 +85,69 @@ def load_for_eval(model: str, cfg_overrides: list[str] | None = None, workdir: s
     return net, cfg
 
 
+def run_export(model: str, out: str | Path, *, fmt: str = "onnx", quantize: str | None = None) -> dict[str, Any]:
+    """Export ``model`` (checkpoint path or MLflow URI) to ONNX in ``out``; an MLflow model also gets the export
+    logged beside it (:mod:`medsam2.tracking.exports`). Returns the manifest's summary + where it was logged."""
+    from medsam2.engine.export import export_onnx
+    from medsam2.errors import InputDataError
+
+    if fmt != "onnx":
+        raise InputDataError(f"--format {fmt!r} is not supported", "use --format onnx")
+    registered = not Path(model).exists()
+    source = model
+    if registered:
+        from medsam2.tracking.exports import resolved_version
+
+        source = resolved_version(model)
+    net, cfg = load_for_eval(source)
+    manifest = export_onnx(net, cfg, out, source=source, quantize=quantize)
+    res = {"out": str(out), "source": source, "files": sorted(manifest["files"]),
+           "parity_fp32": manifest["parity_fp32"], "export_s": manifest["export_s"],
+           "quantized": (manifest.get("quantized") or {}).get("kind")}
+    if registered:
+        from medsam2.tracking.exports import log_onnx_export
+
+        res["logged"] = log_onnx_export(source, out, quantized=quantize is not None)
+    return res
+
+
+def load_engine(model: str, engine: str = "torch", precision: str | None = None):
+    """The engine ``medsam2 predict`` runs: the PyTorch model of a checkpoint / MLflow URI (``torch``), or the
+    ONNX Runtime engine of an export directory or of the export logged beside an MLflow model (``onnx``;
+    ``precision`` ``int8`` picks its quantised graphs). Returns ``(engine, cleanup)``."""
+    from medsam2.errors import InputDataError
+
+    if engine == "torch":
+        if precision == "int8":
+            raise InputDataError("--precision int8 is the ONNX engine's", "add --engine onnx (with an export made "
+                                 "with --quantize int8), or use --precision fp32 / bf16")
+        return load_for_eval(model)[0], lambda: None
+    if engine != "onnx":
+        raise InputDataError(f"--engine {engine!r} is not one of torch, onnx")
+    import shutil
+
+    from medsam2.engine.export import OnnxEngine
+
+    precision = "int8" if precision == "int8" else "fp32"
+    path = Path(model)
+    if path.is_dir():
+        return OnnxEngine(path, precision), lambda: None
+    if path.exists():
+        raise InputDataError(f"--engine onnx takes an export directory or a registered model, not the file {model}",
+                             f"export it first: medsam2 export --model {model} --format onnx --out DIR")
+    from medsam2.tracking.exports import download_onnx_export, resolved_version
+
+    local = download_onnx_export(model)
+    want = resolved_version(model)
+    eng = OnnxEngine(local, precision)
+    if eng.manifest["source"] != want:
+        shutil.rmtree(local, ignore_errors=True)
+        raise InputDataError(f"the ONNX export logged for {model} was made from {eng.manifest['source']}, not "
+                             f"{want}: it does not match the model", f"re-export: medsam2 export --model {want} "
+                             "--format onnx --out DIR")
+    return eng, lambda: shutil.rmtree(local, ignore_errors=True)
+
+
 def run_evaluate(
     model: str, cfg_overrides: list[str] | None = None, *, workdir: str | None = None, run_id: str | None = None,
     report_dir: str | None = None, parent_run_id: str | None = None,

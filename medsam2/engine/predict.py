@@ -15,6 +15,8 @@ which :func:`~medsam2.data.crops.paste_logits` then places in the image (its own
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,23 +59,100 @@ def _flip_prompts(kw: dict[str, torch.Tensor], size: int) -> dict[str, torch.Ten
     return out
 
 
-def _forward(model: Segmenter, x: torch.Tensor, kw: dict[str, torch.Tensor]
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The model's output at its own resolution, before any resampling to the image.
+def decode_features(model: Segmenter, feats: dict, x: torch.Tensor, kw: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The model's output at its own resolution from :meth:`Segmenter.encode`'s features, before any resampling
+    to the image (the ONNX decoder graph of :mod:`medsam2.engine.export` is this function).
 
     Returns ``(logits (B,1,s,s), iou_pred (B,1), prior (B,1,S,S) or None)``: for SAM2's stock decoder the
     low-resolution logits (s = S/4) and the box prior's log-odds apart (``model(x)`` would be
     ``upsample_S(logits) + prior``); for the other decoders ``model(x)``'s logits (s = S) and None.
     """
     if not isinstance(model.decoder, StockDecoder):
-        res = model(x, **kw)
+        res = model.decode(feats, x, **kw)
         return res["logits"], res["iou_pred"], None
-    feats = model.encode(x)
     sparse, dense = model.prompt_embeddings(x.shape[0], x.device, kw.get("boxes"), kw.get("points"),
                                             kw.get("point_labels"))
     low_res, iou_pred = run_sam_decoder(model.sam, feats, sparse, dense)
     prior = model.prior.fn(kw["boxes"], model.image_size) if model.prior is not None else None
     return low_res, iou_pred, prior
+
+
+class TorchEngine:
+    """A :class:`Segmenter` seen as an inference engine: ``encode(x) -> feats`` and ``decode(feats, x, kw)``
+    (:func:`decode_features`). :class:`~medsam2.engine.export.OnnxEngine` has the same interface."""
+
+    name = "torch"
+
+    def __init__(self, model: Segmenter) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        self.image_size = model.image_size
+        self.device = next(model.parameters()).device
+
+    def encode(self, x: torch.Tensor) -> dict:
+        return self.model.encode(x)
+
+    def decode(self, feats: dict, x: torch.Tensor, kw: dict[str, torch.Tensor]):
+        return decode_features(self.model, feats, x, kw)
+
+
+class FeatureCache:
+    """Image-encoder features by model input, so that more prompts on one image cost a decoder pass only.
+
+    Keyed by a digest of the (S,S,3) uint8 model input (the resized image, or the crop window with
+    ``model.box_crop``) and the flip of test-time augmentation; holds at most ``size`` inputs (least recently
+    used out). At 1024 px one entry is ~16 MB (hiera-t: (256,64,64) + (32,256,256) + (64,128,128) float32)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._store: OrderedDict[tuple[bytes, bool], dict] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(image_u8: np.ndarray, flip: bool) -> tuple[bytes, bool]:
+        return hashlib.blake2b(np.ascontiguousarray(image_u8).data, digest_size=16).digest(), flip
+
+    def get(self, key: tuple[bytes, bool]) -> dict | None:
+        if key in self._store:
+            self._store.move_to_end(key)
+            self.hits += 1
+            return self._store[key]
+        self.misses += 1
+        return None
+
+    def put(self, key: tuple[bytes, bool], feats: dict) -> None:
+        self._store[key] = feats
+        self._store.move_to_end(key)
+        while len(self._store) > self.size:
+            self._store.popitem(last=False)
+
+
+def _one_feats(feats: dict, j: int) -> dict:
+    """Image j of batched features, kept batched (batch 1)."""
+    return {"image_embed": feats["image_embed"][j:j + 1], "high_res": [h[j:j + 1] for h in feats["high_res"]]}
+
+
+def _cat_feats(items: list[dict]) -> dict:
+    return {"image_embed": torch.cat([f["image_embed"] for f in items]),
+            "high_res": [torch.cat(level) for level in zip(*(f["high_res"] for f in items), strict=True)]}
+
+
+def _encode_cached(engine, x: torch.Tensor, inputs_u8: list[np.ndarray], flip: bool, cache: FeatureCache
+                   ) -> dict:
+    """``engine.encode(x)`` for the (B,3,S,S) batch, running the encoder only on inputs not in ``cache`` (an
+    input repeated in the batch is encoded once)."""
+    keys = [cache.key(u8, flip) for u8 in inputs_u8]
+    found = {k: f for k in set(keys) if (f := cache.get(k)) is not None}
+    todo = list(dict.fromkeys(k for k in keys if k not in found))
+    if todo:
+        first = {k: keys.index(k) for k in todo}
+        feats = engine.encode(x[[first[k] for k in todo]])
+        for j, k in enumerate(todo):
+            found[k] = _one_feats(feats, j)
+            cache.put(k, found[k])
+    return _cat_feats([found[k] for k in keys])
 
 
 def _resample(logits: torch.Tensor, prior: torch.Tensor | None, hw: tuple[int, int]) -> torch.Tensor:
@@ -86,7 +165,7 @@ def _resample(logits: torch.Tensor, prior: torch.Tensor | None, hw: tuple[int, i
 
 @torch.no_grad()
 def predict(
-    model: Segmenter,
+    model,
     images: Sequence[np.ndarray],
     boxes: Sequence[np.ndarray | None] | None = None,
     points: Sequence[np.ndarray | None] | None = None,
@@ -94,16 +173,22 @@ def predict(
     *,
     precision: str = "auto",
     batch_size: int = 8,
+    cache: FeatureCache | None = None,
 ) -> list[Prediction]:
     """Segment ``images`` (each (H,W,3) uint8 RGB) with the model's prompt mode.
 
-    ``boxes[i]``: (4,) x0,y0,x1,y1 in image i's pixels (prompt ``box``). ``points[i]``: (N,2) x,y and
-    ``point_labels[i]``: (N,) 1/0 (prompt ``points``). Prompt-free models ignore prompts.
+    ``model``: a :class:`Segmenter`, or an engine with its interface (:class:`TorchEngine`,
+    :class:`~medsam2.engine.export.OnnxEngine`). ``boxes[i]``: (4,) x0,y0,x1,y1 in image i's pixels (prompt
+    ``box``). ``points[i]``: (N,2) x,y and ``point_labels[i]``: (N,) 1/0 (prompt ``points``). Prompt-free models
+    ignore prompts. One image with several prompts is encoded once: pass it several times (its features are
+    reused within the call), and a ``cache`` keeps features across calls.
     """
-    device = next(model.parameters()).device
-    size = model.image_size
-    mode = model.cfg.prompt
-    margin = model.cfg.box_crop if mode == "box" else None
+    engine = TorchEngine(model) if isinstance(model, Segmenter) else model
+    cache = cache if cache is not None else FeatureCache(size=batch_size)
+    device = engine.device
+    size = engine.image_size
+    mode = engine.cfg.prompt
+    margin = engine.cfg.box_crop if mode == "box" else None
     out: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         idx = range(start, min(len(images), start + batch_size))
@@ -128,13 +213,16 @@ def predict(
                 np.stack([_scale(np.asarray(points[i], np.float32), images[i].shape[:2], size) for i in idx])
             ).to(device)
             kw["point_labels"] = torch.from_numpy(np.stack([np.asarray(point_labels[i]) for i in idx])).to(device)
-        batch = np.stack([crop_pair(images[i], None, windows[i], size)[0] if i in windows
-                          else resize_pair(images[i], None, size)[0] for i in idx]).astype(np.float32) / 255.0
-        x = normalize(torch.from_numpy(batch).permute(0, 3, 1, 2).to(device))
+        inputs_u8 = [crop_pair(images[i], None, windows[i], size)[0] if i in windows
+                     else resize_pair(images[i], None, size)[0] for i in idx]
+        x = normalize(torch.from_numpy(np.stack(inputs_u8).astype(np.float32) / 255.0).permute(0, 3, 1, 2).to(device))
         with autocast(device, precision):
-            logits, iou, prior = _forward(model, x, kw)
-            if model.cfg.tta_flip:  # mean of the logits of the image and its mirror image (flipped back)
-                f_logits, f_iou, f_prior = _forward(model, x.flip(-1), _flip_prompts(kw, size))
+            feats = _encode_cached(engine, x, inputs_u8, False, cache)
+            logits, iou, prior = engine.decode(feats, x, kw)
+            if engine.cfg.tta_flip:  # mean of the logits of the image and its mirror image (flipped back)
+                xf = x.flip(-1)
+                f_feats = _encode_cached(engine, xf, inputs_u8, True, cache)
+                f_logits, f_iou, f_prior = engine.decode(f_feats, xf, _flip_prompts(kw, size))
                 logits, iou = (logits + f_logits.flip(-1)) / 2, (iou + f_iou) / 2
                 prior = None if prior is None else (prior + f_prior.flip(-1)) / 2
         logits, iou = logits.float(), iou.float()

@@ -89,7 +89,11 @@ class Segmenter(nn.Module):
         )
 
     def forward(self, images, boxes=None, points=None, point_labels=None) -> dict[str, torch.Tensor]:
-        feats = self.encode(images)
+        return self.decode(self.encode(images), images, boxes, points, point_labels)
+
+    def decode(self, feats: dict, images, boxes=None, points=None, point_labels=None) -> dict[str, torch.Tensor]:
+        """Prompts + :meth:`encode`'s features → ``forward``'s output: the part to re-run for another prompt on
+        an already-encoded image (``images`` (B,3,S,S) is read by the decoders that refine at full resolution)."""
         sparse, dense = self.prompt_embeddings(images.shape[0], images.device, boxes, points, point_labels)
         logits, iou_pred = self.decoder(self.sam, feats, sparse, dense, images)
         if self.prior is not None:
