@@ -1,0 +1,336 @@
+"""CPU inference: our engines against ``sam2``'s ``SAM2ImagePredictor``, same weights, images and boxes.
+
+For each config (default hiera-t @1024, hiera-t @512, hiera-b+ @1024; random init, seed 0, SAM2's own decoder
+and a box prompt, i.e. the plain SAM2 image path that ``SAM2ImagePredictor`` also runs) and each engine:
+
+- ``torch-fp32`` / ``torch-fp32-b6`` (batch 6) / ``torch-bf16`` / ``torch-compile`` (inductor, fp32) /
+  ``torch-int8`` (``torch.ao`` dynamic int8 Linear): :func:`medsam2.engine.predict.predict`;
+- ``onnx-fp32`` / ``onnx-int8``: the ``medsam2 export`` graphs under ONNX Runtime;
+- ``sam2-predictor``: ``SAM2ImagePredictor.set_image`` + ``predict(box=…, multimask_output=False)``;
+
+it measures end-to-end latency per image (file decode → mask at the original size), img/s, achieved GFLOP/s
+(forward FLOPs from ``torch.utils.flop_counter`` × img/s) against the cores' peak, the process's peak RSS, and
+Dice/IoU of the masks against ``torch-fp32``'s on the first Kvasir PraNet test images with their ground-truth
+boxes. Each engine runs in its own process (clean peak RSS, no shared caches); the first image is a warm-up.
+``encoder_once``: one image with 1 and with 6 boxes (the features are reused), the cost of each extra prompt.
+
+    python benchmarks/cpu_infer.py --out benchmarks/results/cpu-infer-$(date +%Y%m%d).json
+    python benchmarks/cpu_infer.py --quick        # 64 px, 2 images, a smoke of every engine
+
+Random-init weights give masks near the decision threshold, so the Dice parity of bf16 and int8 here is a
+pessimistic figure; ``--checkpoint`` adds the same engines on a trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as bench  # noqa: E402
+
+ENGINES = ("torch-fp32", "torch-fp32-b6", "torch-bf16", "torch-compile", "torch-int8", "onnx-fp32", "onnx-int8",
+           "sam2-predictor")
+CONFIGS = ("hiera_t@1024", "hiera_t@512", "hiera_b+@1024")
+HEAVY = {"torch-fp32-b6", "torch-compile"}  # run on the first config only (time)
+
+
+def kvasir_items(data: Path, n: int) -> list[tuple[Path, list[float]]]:
+    """The first ``n`` PraNet test images and their ground-truth tight boxes (x0,y0,x1,y1 in pixels)."""
+    from PIL import Image
+
+    root = data / "kvasir-seg"
+    stems = [s.strip() for s in (root / "split_pranet_test.txt").read_text().split() if s.strip()][:n]
+    items = []
+    for stem in stems:
+        m = np.asarray(Image.open(root / "masks" / f"{stem}.jpg").convert("L")) > 127
+        ys, xs = np.nonzero(m)
+        items.append((root / "images" / f"{stem}.jpg", [float(xs.min()), float(ys.min()), float(xs.max() + 1),
+                                                         float(ys.max() + 1)]))
+    return items
+
+
+def peak_gflops(threads: int) -> dict[str, Any]:
+    """The cores' peak: threads × clock × 32 fp32 FLOP/cycle (one 512-bit FMA, or two 256-bit), ×2 for bf16 on
+    AVX-512 BF16 (VDPBF16PS). An estimate from /proc/cpuinfo, stated as such."""
+    from medsam2.engine.runtime import cpu_has_native_bf16
+
+    mhz = 0.0
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            mhz = float(line.split(":")[1])
+            break
+    fp32 = threads * mhz / 1000 * 32
+    return {"fp32": round(fp32, 1), "bf16": round(fp32 * (2 if cpu_has_native_bf16() else 1), 1),
+            "basis": f"{threads} threads x {mhz:.0f} MHz x 32 FP32 FLOP/cycle; bf16 x2 where avx512_bf16"}
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def _model(backbone: str, size: int, checkpoint: str | None):
+    from medsam2.config import ModelCfg
+    from medsam2.engine.checkpoint import build_model, load_model
+
+    if checkpoint:
+        return load_model(checkpoint)[0]
+    model, _ = build_model(ModelCfg(backbone=backbone, image_size=size, adapter="decoder_only", decoder="sam2",
+                                    prompt="box"), seed=0)
+    return model.eval()
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One engine on one config: timings, peak RSS and the masks (saved to ``spec['masks']``)."""
+    import torch
+
+    from medsam2.data.images import read_image_any
+    from medsam2.engine.predict import predict
+    from medsam2.engine.runtime import pick_device
+
+    pick_device("cpu")  # flush denormals, as predict's callers do
+    engine, items = spec["engine"], [(Path(p), b) for p, b in spec["items"]]
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if engine.startswith("onnx"):
+        from medsam2.engine.export import OnnxEngine
+
+        net = OnnxEngine(spec["export_dir"], "int8" if engine == "onnx-int8" else "fp32")
+    else:
+        net = _model(spec["backbone"], spec["size"], spec.get("checkpoint"))
+        if engine == "torch-compile":
+            from medsam2.engine.runtime import compile_encoder
+
+            err = compile_encoder(net)
+            extra["compile_error"] = err
+        if engine == "torch-int8":
+            net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
+    if engine == "sam2-predictor":
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        sam_pred = SAM2ImagePredictor(net.sam)
+        s = net.image_size  # its feature sizes are written for 1024 px; other sizes need theirs
+        sam_pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    precision = "bf16" if engine == "torch-bf16" else "fp32"
+    extra["load_s"] = round(time.perf_counter() - t0, 2)
+
+    def run(batch: list[tuple[Path, list[float]]]) -> list[np.ndarray]:
+        images = [read_image_any(p) for p, _ in batch]
+        if engine == "sam2-predictor":
+            out = []
+            for img, (_, box) in zip(images, batch, strict=True):
+                with torch.inference_mode():
+                    sam_pred.set_image(img)
+                    m, _, _ = sam_pred.predict(box=np.asarray(box), multimask_output=False)
+                out.append(m[0] > 0)
+            return out
+        preds = predict(net, images, boxes=[np.asarray(b, np.float32) for _, b in batch], precision=precision,
+                        batch_size=len(batch))
+        return [p.mask for p in preds]
+
+    t = time.perf_counter()
+    run(items[:1])  # warm-up (and, compiled, the compilation)
+    extra["first_call_s"] = round(time.perf_counter() - t, 2)
+    bs = 6 if engine == "torch-fp32-b6" else 1
+    lat, masks = [], []
+    t_all = time.perf_counter()
+    for i in range(0, len(items), bs):
+        t = time.perf_counter()
+        masks += run(items[i:i + bs])
+        lat.append((time.perf_counter() - t) / len(items[i:i + bs]))
+    wall = time.perf_counter() - t_all
+    np.savez_compressed(spec["masks"], *masks)
+    res = {"engine": engine, "batch": bs, "n_images": len(items), "latency_s_mean": float(np.mean(lat)),
+           "latency_s_per_image": [round(v, 3) for v in lat], "img_s": len(items) / wall,
+           "peak_rss_mb": bench._rss_hwm_bytes() / 2**20, **extra}
+    if spec.get("encoder_once") and engine == "torch-fp32":
+        res["encoder_once"] = encoder_once(net, read_image_any(items[0][0]), items[0][1])
+    return res
+
+
+def encoder_once(net, img: np.ndarray, box: list[float], n: int = 6) -> dict[str, Any]:
+    """Seconds for one image with 1 box and with ``n`` boxes (jittered copies): the encoder runs once."""
+    from medsam2.engine.predict import predict
+
+    rng = np.random.default_rng(0)
+    b = np.asarray(box, np.float32)
+    boxes = [b] + [b + rng.uniform(-10, 10, 4).astype(np.float32) for _ in range(n - 1)]
+    t = time.perf_counter()
+    predict(net, [img], boxes=boxes[:1])
+    one = time.perf_counter() - t
+    t = time.perf_counter()
+    predict(net, [img] * n, boxes=boxes, batch_size=n)
+    many = time.perf_counter() - t
+    extra = (many - one) / (n - 1)
+    return {"prompts": n, "one_prompt_s": one, "n_prompts_s": many, "extra_prompt_s": extra,
+            "extra_prompt_share": extra / one, "target_share": 0.05}
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+def _flops(backbone: str, size: int, checkpoint: str | None) -> float:
+    import torch
+
+    model = _model(backbone, size, checkpoint)
+    x = torch.randn(1, 3, model.image_size, model.image_size)
+    box = torch.tensor([[size * 0.2, size * 0.2, size * 0.7, size * 0.7]])
+    return bench.count_flops(lambda: model(x, boxes=box)) / 1e9  # (FlopCounterMode fails under no_grad)
+
+
+def _export(backbone: str, size: int, checkpoint: str | None, d: Path) -> dict[str, Any]:
+    from medsam2.config import ExperimentCfg, ModelCfg
+    from medsam2.engine.export import export_onnx
+
+    model = _model(backbone, size, checkpoint)
+    cfg = ExperimentCfg(model=model.cfg if checkpoint else ModelCfg(**{**model.cfg.model_dump()}))
+    t = time.perf_counter()
+    man = export_onnx(model, cfg, d, source=checkpoint or f"random-init {backbone}@{size}", quantize="int8")
+    return {"export_s": round(time.perf_counter() - t, 1), "parity_fp32": man["parity_fp32"]}
+
+
+def _dice_iou(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    inter, total, union = (a & b).sum(), a.sum() + b.sum(), (a | b).sum()
+    return (1.0 if total == 0 else 2 * inter / total), (1.0 if union == 0 else inter / union)
+
+
+def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    try:
+        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                             timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"engine": spec["engine"], "error": f"timed out after {timeout:.0f} s"}
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        return {"engine": spec["engine"], "error": bench.short_error(RuntimeError(out.stderr[-1500:]))}
+    return json.loads(lines[-1])
+
+
+def run_config(name: str, args, items, scratch: Path, peak: dict, deadline: float) -> dict[str, Any]:
+    backbone, size = name.split("@")
+    size = int(args.size or size)
+    ckpt = args.checkpoint if name == "checkpoint" else None
+    res: dict[str, Any] = {"config": name, "backbone": backbone, "image_size": size}
+    res["gflop_per_image"] = _flops(backbone, size, ckpt)
+    engines = [e for e in args.engines if not (e in HEAVY and name != args.configs[0])]
+    if any(e.startswith("onnx") for e in engines):
+        try:
+            res["export"] = _export(backbone, size, ckpt, scratch / f"{name}-onnx")
+        except Exception as exc:  # noqa: BLE001 - recorded; the ONNX engines are then skipped
+            res["export"] = {"error": bench.short_error(exc)}
+            engines = [e for e in engines if not e.startswith("onnx")]
+    rows = []
+    for engine in engines:
+        left = deadline - time.time()
+        if left < 30:
+            rows.append({"engine": engine, "skipped": "budget"})
+            continue
+        spec = {"engine": engine, "backbone": backbone, "size": size, "checkpoint": ckpt,
+                "items": [(str(p), b) for p, b in items], "export_dir": str(scratch / f"{name}-onnx"),
+                "masks": str(scratch / f"{name}-{engine}.npz"), "encoder_once": True}
+        bench.log(f"cpu_infer: {name} {engine}")
+        row = _spawn(spec, left)
+        if "error" not in row:
+            prec = "bf16" if engine == "torch-bf16" else "fp32"
+            row["achieved_gflop_s"] = res["gflop_per_image"] * row["img_s"]
+            row["share_of_peak"] = row["achieved_gflop_s"] / peak[prec]
+            row["peak_basis"] = prec
+        rows.append(row)
+    ref = scratch / f"{name}-torch-fp32.npz"
+    base = next((r for r in rows if r["engine"] == "sam2-predictor" and "img_s" in r), None)
+    for row in rows:
+        f = scratch / f"{name}-{row['engine']}.npz"
+        if ref.is_file() and f.is_file():
+            a, b = np.load(ref), np.load(f)
+            scores = [_dice_iou(a[k], b[k]) for k in a.files]
+            row["dice_vs_fp32"] = float(np.mean([s[0] for s in scores]))
+            row["iou_vs_fp32"] = float(np.mean([s[1] for s in scores]))
+        if base and "img_s" in row:
+            row["speedup_vs_sam2_predictor"] = row["img_s"] / base["img_s"]
+    res["engines"] = rows
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="64 px, 2 images, hiera_t only")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--images", type=int, default=6)
+    ap.add_argument("--size", type=int, help="override every config's image size (the smoke uses 64)")
+    ap.add_argument("--checkpoint", help="also run the engines on this trained checkpoint (config 'checkpoint')")
+    ap.add_argument("--data", help="folder holding kvasir-seg/ (default $MEDSAM2_SAMPLE_DATA)")
+    ap.add_argument("--budget-minutes", type=float, default=40.0)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(bench.finite(worker(json.loads(args.worker)))))
+        return {}
+    if args.quick:
+        args.configs, args.images, args.size = "hiera_t@64", 2, 64
+    args.configs = bench.csv(args.configs) + (["checkpoint"] if args.checkpoint else [])
+    args.engines = bench.csv(args.engines)
+    data = Path(args.data or os.environ.get("MEDSAM2_SAMPLE_DATA") or bench.REPO.parent / "shared" / "data")
+    items = kvasir_items(data, args.images)
+    import torch
+
+    threads = torch.get_num_threads()
+    peak = peak_gflops(threads)
+    deadline = time.time() + args.budget_minutes * 60
+    t0 = time.time()
+    result: dict[str, Any] = {"benchmark": "cpu_infer", **bench.cpu_environment(), "cpu": bench.cpu_model(),
+                              "peak_gflop_s": peak, "images": [p.name for p, _ in items],
+                              "boxes": "ground-truth tight box of each mask", "weights": "random init, seed 0",
+                              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "configs": []}
+    with tempfile.TemporaryDirectory(prefix="cpu_infer_") as tmp:
+        for name in args.configs:
+            result["configs"].append(run_config(name, args, items, Path(tmp), peak, deadline))
+            bench.write_json(args.out, result)
+    result["wall_s"] = round(time.time() - t0, 1)
+    result["targets"] = targets(result)
+    bench.write_json(args.out, result)
+    print(json.dumps(bench.finite(result)))
+    return result
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 20's targets on the first config (hiera-t @1024 by default), each with our figure."""
+    if not result["configs"]:
+        return []
+    rows = {r["engine"]: r for r in result["configs"][0]["engines"]}
+
+    def ratio(engine: str) -> float | None:
+        return rows.get(engine, {}).get("speedup_vs_sam2_predictor")
+
+    def dice(engine: str) -> float | None:
+        return rows.get(engine, {}).get("dice_vs_fp32")
+
+    int8 = max((e for e in ("onnx-int8", "torch-int8") if ratio(e)), key=lambda e: ratio(e) or 0, default=None)
+    once = rows.get("torch-fp32", {}).get("encoder_once") or {}
+    out = [
+        {"target": "fp32 >= 1.3x SAM2ImagePredictor", "engine": "torch-fp32", "value": ratio("torch-fp32"),
+         "met": (ratio("torch-fp32") or 0) >= 1.3},
+        {"target": "bf16 >= 2x, Dice within 0.005 of fp32", "engine": "torch-bf16", "value": ratio("torch-bf16"),
+         "dice_vs_fp32": dice("torch-bf16"),
+         "met": (ratio("torch-bf16") or 0) >= 2 and (dice("torch-bf16") or 0) >= 0.995},
+        {"target": "int8 >= 3x, Dice within 0.01", "engine": int8, "value": ratio(int8) if int8 else None,
+         "dice_vs_fp32": dice(int8) if int8 else None,
+         "met": bool(int8) and (ratio(int8) or 0) >= 3 and (dice(int8) or 0) >= 0.99},
+        {"target": "each extra prompt <= 5 % of a full prediction", "engine": "torch-fp32",
+         "value": once.get("extra_prompt_share"), "met": (once.get("extra_prompt_share") or 1) <= 0.05},
+    ]
+    return out
+
+
+if __name__ == "__main__":
+    main()
