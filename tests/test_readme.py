@@ -47,6 +47,13 @@ SKIP = {  # command as written → why a test does not run it
         "needs the champion of `make demo` and the reader's prompt file (tests/engine/test_predict_prompts.py)",
     'medsam2 predict --workdir "$MEDSAM2_HOME/work" --model models:/medsam2@champion --out preds --json':
         "needs the champion of `make demo` (tests/engine/test_predict_prompts.py::test_manifest_boxes)",
+    "medsam2 export --model models:/medsam2@champion --format onnx --quantize int8 --out champion-onnx --json":
+        "needs the champion of `make demo` (tests/engine/test_export.py exports a registered model the same way)",
+    "medsam2 predict scan1.png --model champion-onnx --engine onnx --box 40,30,200,180 --out preds":
+        "needs the export above (tests/engine/test_export.py::test_cli_predict_engine_onnx_gives_the_pytorch_masks)",
+    "medsam2 predict scan1.png --model models:/medsam2@champion --engine onnx --precision int8 --box "
+    "40,30,200,180 --out preds":
+        "needs the champion and its logged export (tests/engine/test_export.py, registered-model test)",
 }
 
 _BLOCK = re.compile(r"^```(?:bash|sh|shell|console)\s*\n(.*?)^```", re.MULTILINE | re.DOTALL)

@@ -25,6 +25,11 @@ class TrainStart:
     unlabelled_images: int
     resumed_from: int
     """The step this attempt starts from (0: a fresh run)."""
+    precision: str = "fp32"
+    """What autocast runs: ``bf16`` or ``fp32`` (``train.precision`` after the CPU fallback)."""
+    compiled: bool = False
+    """Whether the image encoder runs ``torch.compile``d (``train.compile`` and the compile succeeded)."""
+    compile_error: str | None = None
 
 
 class Callback:

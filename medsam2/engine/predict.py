@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from medsam2.data.crops import box_to_crop, crop_pair, crop_window, paste_logits
 from medsam2.data.dataset import resize_pair
-from medsam2.engine.runtime import autocast
+from medsam2.engine.runtime import autocast, inference_precision
 from medsam2.model.decoders.stock import StockDecoder, run_sam_decoder
 from medsam2.model.segmenter import Segmenter, normalize
 
@@ -180,8 +180,9 @@ def predict(
     ``model``: a :class:`Segmenter`, or an engine with its interface (:class:`TorchEngine`,
     :class:`~medsam2.engine.export.OnnxEngine`). ``boxes[i]``: (4,) x0,y0,x1,y1 in image i's pixels (prompt
     ``box``). ``points[i]``: (N,2) x,y and ``point_labels[i]``: (N,) 1/0 (prompt ``points``). Prompt-free models
-    ignore prompts. One image with several prompts is encoded once: pass it several times (its features are
-    reused within the call), and a ``cache`` keeps features across calls.
+    ignore prompts. ``precision``: ``auto`` (:func:`~medsam2.engine.runtime.inference_precision`: bf16 on CUDA
+    and on CPUs with native bf16, else fp32), ``fp32`` or ``bf16``. One image with several prompts is encoded
+    once: pass it several times (its features are reused within the call); a ``cache`` keeps them across calls.
     """
     engine = TorchEngine(model) if isinstance(model, Segmenter) else model
     cache = cache if cache is not None else FeatureCache(size=batch_size)
@@ -189,6 +190,8 @@ def predict(
     size = engine.image_size
     mode = engine.cfg.prompt
     margin = engine.cfg.box_crop if mode == "box" else None
+    # autocast for PyTorch only (an ONNX engine runs its own graphs' precision)
+    precision = inference_precision(device, precision) if engine.name == "torch" else "fp32"
     out: list[Prediction] = []
     for start in range(0, len(images), batch_size):
         idx = range(start, min(len(images), start + batch_size))

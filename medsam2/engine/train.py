@@ -33,6 +33,7 @@ from medsam2.engine.runtime import (
     autocast,
     collate,
     compile_encoder,
+    effective_precision,
     enable_activation_checkpointing,
     pick_device,
     to_device,
@@ -60,6 +61,9 @@ class TrainResult:
     images_per_s: float
     stopped_early: bool = False
     resumed_from: int = 0
+    precision: str = "fp32"
+    """The precision autocast ran in (see ``runtime.effective_precision``)."""
+    compiled: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,13 +204,18 @@ class _Run:
     """The val rows that are evaluated (those with a mask)."""
     val_images: int
     budget_s: float | None
+    precision: str
+    """What autocast runs (``runtime.effective_precision``): ``bf16`` asked for on a CPU without it runs fp32."""
+    compile_error: str | None
+    """None, or why ``train.compile`` fell back to eager (None also when compile was not asked for)."""
 
     def start_info(self, resumed_from: int) -> TrainStart:
         return TrainStart(
             config=self.cfg, trainable_params=self.counts.trainable, total_params=self.counts.total,
             device=str(self.device), base_weights=vars(self.base), data_version=self.data_version,
             train_images=len(self.train_rows), val_images=self.val_images,
-            unlabelled_images=len(self.unlabelled_rows), resumed_from=resumed_from)
+            unlabelled_images=len(self.unlabelled_rows), resumed_from=resumed_from, precision=self.precision,
+            compiled=self.cfg.train.compile and self.compile_error is None, compile_error=self.compile_error)
 
 
 @dataclass
@@ -305,6 +314,7 @@ def _setup(cfg: ExperimentCfg) -> tuple[_Run, TrainState]:
         unlabelled_rows=unlabelled_rows, val_images=len(val_rows),
         val_rows=val_rows[val_rows["label_kind"] == "mask"] if "label_kind" in val_rows else val_rows,
         budget_s=60 * tc.max_minutes if tc.max_minutes is not None else None,
+        precision=effective_precision(device, tc.precision), compile_error=compile_error,
     )
     return run, TrainState(model, opt, extra, ema, config_hash(cfg), data_version)
 
@@ -414,7 +424,8 @@ def _result(path: Path, run: _Run, state: TrainState, start: int, wall: float = 
         checkpoint=str(path), steps=step, metrics=metrics, trainable_params=run.counts.trainable,
         total_params=run.counts.total, base_weights=vars(run.base), config_hash=state.config_hash,
         data_version=run.data_version, wall_s=wall, images_per_s=seen / wall if wall else 0.0,
-        stopped_early=state.stopped, resumed_from=start, history=history,
+        stopped_early=state.stopped, resumed_from=start, history=history, precision=run.precision,
+        compiled=run.cfg.train.compile and run.compile_error is None,
     )
 
 

@@ -102,8 +102,11 @@ class MlflowCallback(Callback):
         mlflow.set_tags({
             "base_weights": info.base_weights["source"], "base_weights_sha256": info.base_weights["sha256"],
             "random_init": str(random_init).lower(), "device": info.device,
-            "resumed_from_step": str(info.resumed_from),
+            "resumed_from_step": str(info.resumed_from), "precision_effective": info.precision,
+            "encoder_compiled": str(info.compiled).lower(),
         })
+        if info.compile_error:
+            mlflow.set_tag("compile_error", info.compile_error[:500])
         mlflow.log_params({"trainable_params": info.trainable_params, "total_params": info.total_params,
                            "train_images": info.train_images, "val_images": info.val_images,
                            "unlabelled_images": info.unlabelled_images})

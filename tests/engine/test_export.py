@@ -83,7 +83,7 @@ def test_cli_predict_engine_onnx_gives_the_pytorch_masks(exported, sample_data, 
     w, h = Image.open(img).size
     box = f"{w // 4},{h // 4},{3 * w // 4},{3 * h // 4}"
     masks = {}
-    for name, model, extra in (("torch", str(ckpt), ()), ("onnx", str(d), ("--engine", "onnx")),
+    for name, model, extra in (("torch", str(ckpt), ("--precision", "fp32")), ("onnx", str(d), ("--engine", "onnx")),
                                ("int8", str(d), ("--engine", "onnx", "--precision", "int8"))):
         out = _cli("predict", str(img), "--model", model, "--box", box, "--out", str(tmp_path / name), "--json",
                    *extra)
@@ -164,9 +164,9 @@ def test_one_image_with_several_prompts_is_encoded_once():
     img = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
     boxes = [np.array(b, np.float32) for b in ([5, 5, 60, 50], [30, 20, 110, 85], [0, 0, 119, 89])]
     eng = _Counting(model)
-    together = predict(eng, [img] * 3, boxes=boxes)
+    together = predict(eng, [img] * 3, boxes=boxes, precision="fp32")
     assert eng.encoded == 2  # the image and its mirror image (flip TTA), once for three boxes
-    alone = [predict(model, [img], boxes=[b])[0] for b in boxes]
+    alone = [predict(model, [img], boxes=[b], precision="fp32")[0] for b in boxes]
     for a, b in zip(together, alone, strict=True):
         np.testing.assert_allclose(a.prob, b.prob, atol=1e-5)
     assert not np.array_equal(together[0].mask, together[1].mask)  # the prompts do matter
