@@ -145,38 +145,48 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     run(items[:1])  # warm-up (and, compiled, the compilation)
     extra["first_call_s"] = round(time.perf_counter() - t, 2)
     bs = 6 if engine == "torch-fp32-b6" else 1
-    lat, masks = [], []
-    t_all = time.perf_counter()
-    for i in range(0, len(items), bs):
-        t = time.perf_counter()
-        masks += run(items[i:i + bs])
-        lat.append((time.perf_counter() - t) / len(items[i:i + bs]))
-    wall = time.perf_counter() - t_all
+    passes = []  # the best of ``repeats`` timed passes over the images: runs on a shared host vary by ~15 %
+    for _ in range(spec.get("repeats", 2)):
+        lat, masks = [], []
+        t_all = time.perf_counter()
+        for i in range(0, len(items), bs):
+            t = time.perf_counter()
+            masks += run(items[i:i + bs])
+            lat.append((time.perf_counter() - t) / len(items[i:i + bs]))
+        passes.append((time.perf_counter() - t_all, lat))
+    wall, lat = min(passes, key=lambda p: p[0])
     np.savez_compressed(spec["masks"], *masks)
     res = {"engine": engine, "batch": bs, "n_images": len(items), "latency_s_mean": float(np.mean(lat)),
            "latency_s_per_image": [round(v, 3) for v in lat], "img_s": len(items) / wall,
+           "passes_s": [round(p[0], 2) for p in passes],
            "peak_rss_mb": bench._rss_hwm_bytes() / 2**20, **extra}
     if spec.get("encoder_once") and engine == "torch-fp32":
         res["encoder_once"] = encoder_once(net, read_image_any(items[0][0]), items[0][1])
     return res
 
 
-def encoder_once(net, img: np.ndarray, box: list[float], n: int = 6) -> dict[str, Any]:
-    """Seconds for one image with 1 box and with ``n`` boxes (jittered copies): the encoder runs once."""
-    from medsam2.engine.predict import predict
+def encoder_once(net, img: np.ndarray, box: list[float], n: int = 5) -> dict[str, Any]:
+    """The end-to-end cost of one more prompt on an already-encoded image (a ``predict`` call whose features
+    come from the cache) against a full prediction (median of ``n`` calls each)."""
+    from medsam2.engine.predict import FeatureCache, predict
 
     rng = np.random.default_rng(0)
     b = np.asarray(box, np.float32)
-    boxes = [b] + [b + rng.uniform(-10, 10, 4).astype(np.float32) for _ in range(n - 1)]
-    t = time.perf_counter()
-    predict(net, [img], boxes=boxes[:1])
-    one = time.perf_counter() - t
-    t = time.perf_counter()
-    predict(net, [img] * n, boxes=boxes, batch_size=n)
-    many = time.perf_counter() - t
-    extra = (many - one) / (n - 1)
-    return {"prompts": n, "one_prompt_s": one, "n_prompts_s": many, "extra_prompt_s": extra,
-            "extra_prompt_share": extra / one, "target_share": 0.05}
+    boxes = [b + rng.uniform(-10, 10, 4).astype(np.float32) for _ in range(n)]
+    full, extra = [], []
+    for bb in boxes:
+        t = time.perf_counter()
+        predict(net, [img], boxes=[bb], precision="fp32")
+        full.append(time.perf_counter() - t)
+    cache = FeatureCache(size=2)
+    predict(net, [img], boxes=[b], cache=cache, precision="fp32")
+    for bb in boxes:
+        t = time.perf_counter()
+        predict(net, [img], boxes=[bb], cache=cache, precision="fp32")
+        extra.append(time.perf_counter() - t)
+    f, e = float(np.median(full)), float(np.median(extra))
+    return {"prompts": n, "full_prediction_s": f, "extra_prompt_s": e, "extra_prompt_share": e / f,
+            "cache_hits": cache.hits, "target_share": 0.05}
 
 
 # ---------------------------------------------------------------------------------------------- parent

@@ -146,10 +146,14 @@ def _encode_cached(engine, x: torch.Tensor, inputs_u8: list[np.ndarray], flip: b
     keys = [cache.key(u8, flip) for u8 in inputs_u8]
     found = {k: f for k in set(keys) if (f := cache.get(k)) is not None}
     todo = list(dict.fromkeys(k for k in keys if k not in found))
-    if todo:
-        first = {k: keys.index(k) for k in todo}
-        feats = engine.encode(x[[first[k] for k in todo]])
-        for j, k in enumerate(todo):
+    first = {k: keys.index(k) for k in todo}
+    # on CPU one image at a time: measured on 2 cores (hiera-t @1024), a batch of 6 ran at 0.29 img/s against
+    # 0.40 one by one (benchmarks/results/cpu-infer-20261202.json); a GPU takes the batch at once
+    step = 1 if x.device.type == "cpu" else max(1, len(todo))
+    for s in range(0, len(todo), step):
+        chunk = todo[s:s + step]
+        feats = engine.encode(x[[first[k] for k in chunk]])
+        for j, k in enumerate(chunk):
             found[k] = _one_feats(feats, j)
             cache.put(k, found[k])
     return _cat_feats([found[k] for k in keys])
