@@ -224,7 +224,8 @@ GOAL_GAP_10 = 0.03  # BENCHMARKS.md: at 10 % labels self-training >= the fair ba
 # All three semi-supervised candidates at 10 % (selection on val) would add (3.7 + 4.4) x 1.6 x 80 ≈ 1040 s
 # (≈ 51 min in all), so the default runs one: adversarial, the cheapest per step of the three as measured above.
 # `--semisup mean_teacher mutual_consistency adversarial` runs all three at 10 % and keeps the best on val Dice
-# (pair it with `--steps 50` to stay within 40 min). `--max-minutes` (default 40) skips arms that no longer fit,
+# (pair it with `--steps 50` to stay within 40 min on fp32; with native bf16 all three at `--steps 120` took 17.8 min,
+# benchmarks/results/label-efficiency-cpu-20261202). `--max-minutes` (default 40) skips arms that no longer fit,
 # and says so in the JSON; arms run in the order 10 %, 100 %, 25 % so the headline numbers come first.
 CPU = {"fractions": (0.1, 0.25, 1.0), "steps": 80, "st_rounds": 1, "select_at": 0.1,
        "semisup_candidates": ("adversarial",), "max_minutes": 40.0}
