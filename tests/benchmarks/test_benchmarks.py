@@ -383,3 +383,24 @@ def test_label_efficiency_cpu_profile_quick(sample_data: Path, tmp_path: Path) -
     for key, g in s["gap_to_full_labels"].items():
         assert g["gap_to_full"] == pytest.approx(full - by[(g["arm"], g["fraction"])]["test_dice"]), key
     assert set(res["per_arm_s_per_step"]) == {f"{r['arm']}/{r['method']}@{100 * r['fraction']:g}" for r in table}
+
+
+@pytest.mark.slow  # one ONNX export and three engine processes (~1.5 min)
+def test_cpu_infer_quick_compares_engines_on_the_same_images(sample_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cpu_infer.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "cpu_infer.py"), "--quick", "--engines",
+                           "torch-fp32,onnx-fp32,sam2-predictor", "--data", str(sample_data), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and res["cpu"] and res["git_commit"] and res["peak_gflop_s"]["fp32"] > 0
+    (cfg,) = res["configs"]
+    assert cfg["export"]["parity_fp32"]["logits_max_abs"] <= 1e-3 and cfg["gflop_per_image"] > 0
+    rows = {r["engine"]: r for r in cfg["engines"]}
+    assert set(rows) == {"torch-fp32", "onnx-fp32", "sam2-predictor"}
+    for r in rows.values():
+        assert r["img_s"] > 0 and r["peak_rss_mb"] > 0 and 0 <= r["dice_vs_fp32"] <= 1
+        assert r["speedup_vs_sam2_predictor"] == pytest.approx(r["img_s"] / rows["sam2-predictor"]["img_s"])
+    assert rows["onnx-fp32"]["dice_vs_fp32"] > 0.999  # the same model through ONNX Runtime
+    assert rows["torch-fp32"]["encoder_once"]["cache_hits"] == 5
+    assert {t["target"] for t in res["targets"]} >= {"fp32 >= 1.3x SAM2ImagePredictor"}
