@@ -68,12 +68,8 @@ def peak_gflops(threads: int) -> dict[str, Any]:
     AVX-512 BF16 (VDPBF16PS). An estimate from /proc/cpuinfo, stated as such."""
     from medsam2.engine.runtime import cpu_has_native_bf16
 
-    mhz = 0.0
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("cpu MHz"):
-            mhz = float(line.split(":")[1])
-            break
     flags = Path("/proc/cpuinfo").read_text()
+    mhz = next((float(line.split(":")[1]) for line in flags.splitlines() if line.startswith("cpu MHz")), 0.0)
     vnni = " avx512_vnni" in flags or " avx_vnni" in flags
     fp32 = threads * mhz / 1000 * 32
     return {"fp32": round(fp32, 1), "bf16": round(fp32 * (2 if cpu_has_native_bf16() else 1), 1),
@@ -221,11 +217,6 @@ def _export(backbone: str, size: int, checkpoint: str | None, d: Path) -> dict[s
     return {"export_s": round(time.perf_counter() - t, 1), "parity_fp32": man["parity_fp32"]}
 
 
-def _dice_iou(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    inter, total, union = (a & b).sum(), a.sum() + b.sum(), (a | b).sum()
-    return (1.0 if total == 0 else 2 * inter / total), (1.0 if union == 0 else inter / union)
-
-
 def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     try:
@@ -276,14 +267,16 @@ def run_config(name: str, args, items, scratch: Path, peak: dict, deadline: floa
             row["peak_basis"] = prec
         rows.append(row)
     ref = scratch / f"{name}-torch-fp32.npz"
+    from medsam2.metrics import segmentation_metrics
+
     base = next((r for r in rows if r["engine"] == "sam2-predictor" and "img_s" in r), None)
     for row in rows:
         f = scratch / f"{name}-{row['engine']}.npz"
         if ref.is_file() and f.is_file():
             a, b = np.load(ref), np.load(f)
-            scores = [_dice_iou(a[k], b[k]) for k in a.files]
-            row["dice_vs_fp32"] = float(np.mean([s[0] for s in scores]))
-            row["iou_vs_fp32"] = float(np.mean([s[1] for s in scores]))
+            scores = [segmentation_metrics(b[k], a[k]) for k in a.files]
+            row["dice_vs_fp32"] = float(np.mean([s["dice"] for s in scores]))
+            row["iou_vs_fp32"] = float(np.mean([s["iou"] for s in scores]))
         if base and "img_s" in row:
             row["speedup_vs_sam2_predictor"] = row["img_s"] / base["img_s"]
     res["engines"] = rows

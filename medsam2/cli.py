@@ -380,7 +380,7 @@ def export(
     _check_model(model)
     from medsam2.steps import run_export
 
-    res = run_export(model, out, fmt=format_, quantize=quantize)
+    res = run_export(model, out, quantize=quantize)
     _emit(res, json_, f"exported {model} to {out} ({', '.join(res['files'])}); ONNX vs PyTorch logits max "
                       f"|diff| {res['parity_fp32']['logits_max_abs']:.1e}"
           + (f"; logged as {res['logged']['artifact_uri']}" if res.get("logged") else ""))

@@ -85,14 +85,11 @@ def load_for_eval(model: str, cfg_overrides: list[str] | None = None, workdir: s
     return net, cfg
 
 
-def run_export(model: str, out: str | Path, *, fmt: str = "onnx", quantize: str | None = None) -> dict[str, Any]:
+def run_export(model: str, out: str | Path, *, quantize: str | None = None) -> dict[str, Any]:
     """Export ``model`` (checkpoint path or MLflow URI) to ONNX in ``out``; an MLflow model also gets the export
     logged beside it (:mod:`medsam2.tracking.exports`). Returns the manifest's summary + where it was logged."""
     from medsam2.engine.export import export_onnx
-    from medsam2.errors import InputDataError
 
-    if fmt != "onnx":
-        raise InputDataError(f"--format {fmt!r} is not supported", "use --format onnx")
     registered = not Path(model).exists()
     source = model
     if registered:

@@ -36,6 +36,7 @@ from medsam2.config import ExperimentCfg, ModelCfg
 from medsam2.engine.predict import decode_features
 from medsam2.errors import InputDataError
 from medsam2.hashing import file_sha256
+from medsam2.model.decoders.stock import StockDecoder
 from medsam2.model.segmenter import Segmenter
 
 MANIFEST = "export.json"
@@ -76,14 +77,11 @@ class _Decoder(nn.Module):
         return (logits, iou) if prior is None else (logits, iou, prior)
 
 
-def uses_image(cfg: ModelCfg) -> bool:
-    """Whether the decoder reads the image itself (the multiscale and prompt-free refiners do; SAM2's does not)."""
-    return cfg.decoder != "sam2"
-
-
-def decoder_inputs(cfg: ModelCfg) -> list[str]:
-    names = list(FEATURES) + (["image"] if uses_image(cfg) else [])
-    return names + {"box": ["boxes"], "points": ["points", "point_labels"]}.get(cfg.prompt, [])
+def decoder_inputs(model: Segmenter) -> list[str]:
+    """The decoder graph's inputs: the features, the image for the decoders that read it (every one but SAM2's
+    own, the same test as ``decode_features``), and the prompt of the model's mode."""
+    names = list(FEATURES) + ([] if isinstance(model.decoder, StockDecoder) else ["image"])
+    return names + {"box": ["boxes"], "points": ["points", "point_labels"]}.get(model.cfg.prompt, [])
 
 
 def _example(model: Segmenter, batch: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -132,7 +130,8 @@ def export_onnx(model: Segmenter, cfg: ExperimentCfg, out: str | Path, *, source
     """Export ``model`` (trained with ``cfg``, loaded from ``source``) to ``out``; returns the manifest.
 
     Written into a temporary sibling first and moved into place, so ``out`` is either the complete export or
-    untouched. ``out`` must not exist, be empty, or hold an earlier export (which is replaced)."""
+    untouched. ``out`` must not exist, be empty, or hold an earlier export (which is replaced). ``model`` is put
+    in eval mode, fp32, on the CPU, in place."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise InputDataError(f"{out} exists and is not an ONNX export: refusing to write into it",
@@ -170,7 +169,7 @@ def _write_graphs(model: Segmenter, d: Path) -> dict[str, Any]:
     with torch.no_grad():
         feats = model.encode(x)
         ref = decode_features(model, feats, x, kw)
-    names = decoder_inputs(mcfg)
+    names = decoder_inputs(model)
     values = {"image_embed": feats["image_embed"], "high_res_0": feats["high_res"][0],
               "high_res_1": feats["high_res"][1], "image": x, **kw}
     outputs = ["logits", "iou_pred"] + (["prior"] if ref[2] is not None else [])
@@ -229,7 +228,6 @@ class OnnxEngine:
         graphs = manifest["decoder_graph"]
         self._setup(d, cfg.model, manifest["image_size"], graphs["inputs"], graphs["outputs"], precision)
         self.manifest = manifest
-        self.experiment = cfg
 
     @classmethod
     def from_graphs(cls, d: Path, cfg: ModelCfg, size: int, inputs: list[str], outputs: list[str],
@@ -242,8 +240,7 @@ class OnnxEngine:
     def _setup(self, d: Path, cfg: ModelCfg, size: int, inputs: list[str], outputs: list[str], precision: str
                ) -> None:
         suffix = ".int8.onnx" if precision == "int8" else ".onnx"
-        self.path, self.cfg, self.image_size, self.precision = d, cfg, size, precision
-        self.inputs, self.outputs = inputs, outputs
+        self.cfg, self.image_size, self.inputs, self.outputs = cfg, size, inputs, outputs
         self.device = torch.device("cpu")
         self._enc = _session(d / f"encoder{suffix}")
         self._dec = _session(d / f"decoder{suffix}")

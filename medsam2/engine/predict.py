@@ -101,20 +101,21 @@ class FeatureCache:
     """Image-encoder features by model input, so that more prompts on one image cost a decoder pass only.
 
     Keyed by a digest of the (S,S,3) uint8 model input (the resized image, or the crop window with
-    ``model.box_crop``) and the flip of test-time augmentation; holds at most ``size`` inputs (least recently
-    used out). At 1024 px one entry is ~16 MB (hiera-t: (256,64,64) + (32,256,256) + (64,128,128) float32)."""
+    ``model.box_crop``), the flip of test-time augmentation and the precision the features were computed in;
+    holds at most ``size`` inputs (least recently used out). At 1024 px one entry is ~16 MB (hiera-t:
+    (256,64,64) + (32,256,256) + (64,128,128) float32)."""
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        self._store: OrderedDict[tuple[bytes, bool], dict] = OrderedDict()
+        self._store: OrderedDict[tuple[bytes, bool, str], dict] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     @staticmethod
-    def key(image_u8: np.ndarray, flip: bool) -> tuple[bytes, bool]:
-        return hashlib.blake2b(np.ascontiguousarray(image_u8).data, digest_size=16).digest(), flip
+    def key(image_u8: np.ndarray, flip: bool, precision: str) -> tuple[bytes, bool, str]:
+        return hashlib.blake2b(np.ascontiguousarray(image_u8).data, digest_size=16).digest(), flip, precision
 
-    def get(self, key: tuple[bytes, bool]) -> dict | None:
+    def get(self, key: tuple[bytes, bool, str]) -> dict | None:
         if key in self._store:
             self._store.move_to_end(key)
             self.hits += 1
@@ -122,7 +123,7 @@ class FeatureCache:
         self.misses += 1
         return None
 
-    def put(self, key: tuple[bytes, bool], feats: dict) -> None:
+    def put(self, key: tuple[bytes, bool, str], feats: dict) -> None:
         self._store[key] = feats
         self._store.move_to_end(key)
         while len(self._store) > self.size:
@@ -139,16 +140,17 @@ def _cat_feats(items: list[dict]) -> dict:
             "high_res": [torch.cat(level) for level in zip(*(f["high_res"] for f in items), strict=True)]}
 
 
-def _encode_cached(engine, x: torch.Tensor, inputs_u8: list[np.ndarray], flip: bool, cache: FeatureCache
-                   ) -> dict:
+def _encode_cached(engine, x: torch.Tensor, inputs_u8: list[np.ndarray], flip: bool, precision: str,
+                   cache: FeatureCache) -> dict:
     """``engine.encode(x)`` for the (B,3,S,S) batch, running the encoder only on inputs not in ``cache`` (an
     input repeated in the batch is encoded once)."""
-    keys = [cache.key(u8, flip) for u8 in inputs_u8]
+    keys = [cache.key(u8, flip, precision) for u8 in inputs_u8]
     found = {k: f for k in set(keys) if (f := cache.get(k)) is not None}
     todo = list(dict.fromkeys(k for k in keys if k not in found))
     first = {k: keys.index(k) for k in todo}
-    # on CPU one image at a time: measured on 2 cores (hiera-t @1024), a batch of 6 ran at 0.29 img/s against
-    # 0.40 one by one (benchmarks/results/cpu-infer-20261202.json); a GPU takes the batch at once
+    # on CPU one image at a time: on 2 cores (hiera-t @1024) a batched encoder ran a batch of 6 at 0.285 img/s
+    # against 0.404 one by one (the first cpu_infer run of 20261202, before this change); with it, 0.458 vs
+    # 0.454 (benchmarks/results/cpu-infer-20261202.json). A GPU takes the batch at once
     step = 1 if x.device.type == "cpu" else max(1, len(todo))
     for s in range(0, len(todo), step):
         chunk = todo[s:s + step]
@@ -224,11 +226,11 @@ def predict(
                      else resize_pair(images[i], None, size)[0] for i in idx]
         x = normalize(torch.from_numpy(np.stack(inputs_u8).astype(np.float32) / 255.0).permute(0, 3, 1, 2).to(device))
         with autocast(device, precision):
-            feats = _encode_cached(engine, x, inputs_u8, False, cache)
+            feats = _encode_cached(engine, x, inputs_u8, False, precision, cache)
             logits, iou, prior = engine.decode(feats, x, kw)
             if engine.cfg.tta_flip:  # mean of the logits of the image and its mirror image (flipped back)
                 xf = x.flip(-1)
-                f_feats = _encode_cached(engine, xf, inputs_u8, True, cache)
+                f_feats = _encode_cached(engine, xf, inputs_u8, True, precision, cache)
                 f_logits, f_iou, f_prior = engine.decode(f_feats, xf, _flip_prompts(kw, size))
                 logits, iou = (logits + f_logits.flip(-1)) / 2, (iou + f_iou) / 2
                 prior = None if prior is None else (prior + f_prior.flip(-1)) / 2

@@ -58,9 +58,10 @@ def effective_precision(device: torch.device, precision: str = "auto") -> str:
 
 def inference_precision(device: torch.device, precision: str = "auto") -> str:
     """What prediction runs: as :func:`effective_precision`, except that ``auto`` on a CPU with native bf16 is
-    bf16. Measured on 2 AVX-512 BF16 cores (benchmarks/results/cpu-infer-20261202.json): 1.8-2.0x fp32's img/s
-    for hiera-t/b+ at 512-1024 px, and on the demo champion the masks of 40 Kvasir test images have Dice 0.9997
-    against fp32's. ``fp32`` stays available (``--precision fp32``)."""
+    bf16. Measured on 2 AVX-512 BF16 cores (benchmarks/results/cpu-infer-20261202.json): 1.7-2.0x fp32's img/s
+    (hiera-t @1024 1.70x, @512 2.01x, hiera-b+ @1024 1.88x), and on the demo champion the masks of the Kvasir
+    test images have Dice 0.9997 against fp32's (6 images there; also 0.9997 on 40 in a run not committed).
+    ``fp32`` stays available (``--precision fp32``)."""
     if precision == "auto" and device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return effective_precision(device, precision)

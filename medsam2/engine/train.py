@@ -209,13 +209,18 @@ class _Run:
     compile_error: str | None
     """None, or why ``train.compile`` fell back to eager (None also when compile was not asked for)."""
 
+    @property
+    def compiled(self) -> bool:
+        """Whether the image encoder runs compiled (``train.compile`` asked for, and it compiled)."""
+        return self.cfg.train.compile and self.compile_error is None
+
     def start_info(self, resumed_from: int) -> TrainStart:
         return TrainStart(
             config=self.cfg, trainable_params=self.counts.trainable, total_params=self.counts.total,
             device=str(self.device), base_weights=vars(self.base), data_version=self.data_version,
             train_images=len(self.train_rows), val_images=self.val_images,
             unlabelled_images=len(self.unlabelled_rows), resumed_from=resumed_from, precision=self.precision,
-            compiled=self.cfg.train.compile and self.compile_error is None, compile_error=self.compile_error)
+            compiled=self.compiled, compile_error=self.compile_error)
 
 
 @dataclass
@@ -425,7 +430,7 @@ def _result(path: Path, run: _Run, state: TrainState, start: int, wall: float = 
         total_params=run.counts.total, base_weights=vars(run.base), config_hash=state.config_hash,
         data_version=run.data_version, wall_s=wall, images_per_s=seen / wall if wall else 0.0,
         stopped_early=state.stopped, resumed_from=start, history=history, precision=run.precision,
-        compiled=run.cfg.train.compile and run.compile_error is None,
+        compiled=run.compiled,
     )
 
 

@@ -19,6 +19,7 @@ from medsam2.config import ExperimentCfg, ModelCfg
 from medsam2.engine.checkpoint import atomic_save, build_model, model_payload
 from medsam2.engine.export import OnnxEngine, _example, export_onnx
 from medsam2.engine.predict import FeatureCache, TorchEngine, decode_features, predict
+from medsam2.metrics import segmentation_metrics
 
 S = 64
 # the demo's prompt path: box prompt + box raster, ellipse prior, box-centred crop, flip TTA
@@ -73,10 +74,6 @@ def test_onnx_logits_match_pytorch_fp32_at_another_batch_size(exported):
         assert float((got[2] - want[2]).abs().max()) <= 1e-4  # the box prior, computed in the graph
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
-
-
 def test_cli_predict_engine_onnx_gives_the_pytorch_masks(exported, sample_data, tmp_path):
     _, ckpt, d = exported
     img = sorted((sample_data / "kvasir-seg" / "images").glob("*.jpg"))[0]
@@ -93,7 +90,7 @@ def test_cli_predict_engine_onnx_gives_the_pytorch_masks(exported, sample_data, 
         masks[name] = np.array(Image.open(res["outputs"][0]["mask_png"])) > 0
     assert masks["torch"].shape == (h, w) and 0 < masks["torch"].mean() < 1
     assert (masks["onnx"] != masks["torch"]).mean() < 1e-4  # a pixel at p≈0.5 may flip
-    assert _dice(masks["int8"], masks["torch"]) > 0.95
+    assert segmentation_metrics(masks["int8"], masks["torch"])["dice"] > 0.95
 
 
 def test_broken_or_mismatched_exports_are_refused_clearly(exported, sample_data, tmp_path):

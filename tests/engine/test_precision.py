@@ -41,8 +41,8 @@ def test_bf16_where_the_cpu_has_it(monkeypatch):
 
 
 def test_prediction_defaults_to_bf16_only_where_the_cpu_has_it(monkeypatch):
-    """``predict``'s ``auto``: bf16 on CPUs with native bf16 (1.8-2x fp32 there, Dice 0.9997 vs fp32 on the demo
-    champion), fp32 elsewhere; an explicit choice is kept, and training's ``auto`` stays fp32 on CPU."""
+    """``predict``'s ``auto``: bf16 on CPUs with native bf16 (1.7-2.0x fp32 there, Dice 0.9997 vs fp32 on the
+    demo champion), fp32 elsewhere; an explicit choice is kept, and training's ``auto`` stays fp32 on CPU."""
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert runtime.inference_precision(CPU) == "bf16"
     assert runtime.inference_precision(CPU, "fp32") == "fp32"
