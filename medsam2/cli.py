@@ -233,16 +233,34 @@ def validate(
 
 
 @app.command(cls=_ChoicesHelp)
-def train(config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False) -> None:
-    """Fine-tune SAM2 (tracked in MLflow); rerun with the same train.output_dir to resume."""
-    from medsam2.steps import run_train
-
+def train(
+    config: ConfigOpt = None, set_: SetOpt = None, json_: JsonOpt = False,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster for train.num_workers > 1 (or RAY_ADDRESS); default: a local Ray.")] = None,
+    max_failures: Annotated[int, typer.Option(
+        help="train.num_workers > 1: restarts of the worker group after a worker dies (from the last "
+             "checkpoint).")] = 1,
+) -> None:
+    """Fine-tune SAM2 (tracked in MLflow); a rerun with the same settings resumes. train.num_workers=N trains
+    one model on N data-parallel workers (Ray Train)."""
     cfg = _cfg(config, set_)
     _check_workdir(cfg.data.workdir, "train")
     _needs_mlflow(cfg.tracking.tracking_uri)
-    res = run_train(cfg)
-    _emit(res, json_, f"run {res['run_id']}: {res['steps']} steps, metrics {res['metrics']}, "
-                      f"model {res['model_uri']}")
+    if cfg.train.num_workers > 1:
+        from medsam2.services import check_ray
+
+        check_ray(address)
+        try:
+            from tuning.distributed import run_train_distributed
+        except ImportError as exc:  # tuning/ ships with the same distribution; only a broken install gets here
+            raise typer.BadParameter(f"the tuning package is not importable: {exc}") from exc
+        res = run_train_distributed(cfg, address=address, max_failures=max_failures, quiet=json_)
+    else:
+        from medsam2.steps import run_train
+
+        res = run_train(cfg)
+    _emit(res, json_, f"run {res['run_id']}: {res['steps']} steps on {res['num_workers']} worker(s), "
+                      f"metrics {res['metrics']}, model {res['model_uri']}")
 
 
 @app.command()

@@ -146,6 +146,22 @@ class TrainCfg(_Cfg):
     activation_checkpointing: bool = False
     """Recompute Hiera block activations in backward (hiera_l / large batches at 1024 px)."""
     progress: bool = True
+    num_workers: int = Field(1, ge=1)
+    """Data-parallel workers training one model (Ray Train's ``TorchTrainer``, launched by ``tuning.distributed``;
+    gloo on CPU, NCCL on GPU). ``batch_size`` stays the global batch: each worker takes ``batch_size /
+    num_workers`` of it. Where a run trains, not what it trains: not in the config hash (1 and N workers reach
+    the same weights, ``tests/tuning/test_distributed.py``)."""
+    use_gpu: bool = False
+    """One GPU per worker (``gpus_per_worker``) when ``num_workers > 1``."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> TrainCfg:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"train.batch_size is the global batch and must split evenly over "
+                             f"train.num_workers: {self.batch_size} images over {self.num_workers} workers")
+        return self
 
     @model_validator(mode="after")
     def _check_loss(self) -> TrainCfg:
@@ -297,11 +313,18 @@ def with_overrides(cfg: ExperimentCfg, **sections: dict[str, Any]) -> Experiment
     return _validate(_merge(cfg.model_dump(), sections), "--set")
 
 
+RUN_ENVIRONMENT = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker")
+"""``train`` fields that say where a run trains, not what it trains: left out of :func:`config_hash`."""
+
+
 def config_hash(cfg: ExperimentCfg) -> str:
-    """Stable 12-hex identity of the resolved config (excludes nothing: paths are part of identity). The default
+    """Stable 12-hex identity of the resolved config (paths are part of identity; how many workers train it,
+    :data:`RUN_ENVIRONMENT`, is not). The default
     work dir (``$MEDSAM2_HOME/work``) counts as the relative ``.medsam2/work`` it replaced, so a config that sets
     no work dir has the same hash as before, wherever ``MEDSAM2_HOME`` is."""
     values = cfg.model_dump(mode="json")
+    for key in RUN_ENVIRONMENT:
+        values["train"].pop(key)
     if values["data"]["workdir"] == default_workdir():
         values["data"]["workdir"] = _LEGACY_WORKDIR
     blob = json.dumps(values, sort_keys=True).encode()

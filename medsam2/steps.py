@@ -50,14 +50,16 @@ def model_card(cfg: ExperimentCfg, result: Any, modality: str = "see manifest") 
 
 
 def run_train(cfg: ExperimentCfg, *, parent_run_id: str | None = None, run_name: str | None = None,
-              callbacks: list | None = None) -> dict:
-    """Train inside an MLflow run (nested under ``parent_run_id`` if given) and log the model as a pyfunc."""
+              callbacks: list | None = None, run_id: str | None = None) -> dict:
+    """Train inside an MLflow run (nested under ``parent_run_id`` if given; ``run_id``: continue that run, as
+    rank 0 of a distributed run does, every attempt into the one run its launcher made) and log the model as a
+    pyfunc."""
     from medsam2 import tracking
     from medsam2.engine.train import train
 
     tracking.setup(cfg)
     with tracking.active_run(run_name=run_name or f"train-{config_hash(cfg)}", parent_run_id=parent_run_id,
-                             system_metrics=True) as run_id:
+                             run_id=run_id, system_metrics=True) as run_id:
         result = train(cfg, callbacks=[tracking.MlflowCallback(), *(callbacks or [])])
         model_uri = tracking.log_model(result.checkpoint, model_card(cfg, result))
         return {"run_id": run_id, "model_uri": model_uri, **result.to_dict()}

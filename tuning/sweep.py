@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from medsam2 import tracking
 from medsam2.config import ExperimentCfg, config_hash, load_config, parse_overrides, with_overrides
+from tuning.ray_session import init_ray, is_local, portable_config, storage_root
 from tuning.report import parallel_coordinates, results_table
 from tuning.spaces import SPACE_RESOURCES, SPACES, apply_params
 from tuning.trainable import (
@@ -45,16 +45,6 @@ from tuning.trainable import (
 )
 
 log = logging.getLogger(__name__)
-STORAGE_ENV = "MEDSAM2_TUNE_STORAGE"
-"""Default Tune storage: a path all nodes see, or ``s3://bucket/prefix``.
-Unset: ``$MEDSAM2_HOME/ray_results``."""
-FORWARDED_ENV_PREFIXES = ("MEDSAM2_", "MLFLOW_", "AWS_")
-"""Driver env vars shipped to every trial (S3 endpoint, tracking settings, test hooks) via ``runtime_env``."""
-SECRET_ENV = re.compile(r"SECRET|PASSWORD|TOKEN|_KEY|SALT")
-"""Never shipped: ``runtime_env`` is visible in the Ray dashboard. Local workers inherit the driver's env;
-cluster nodes get secrets from their own environment (compose ``.env``, Kubernetes secrets)."""
-
-
 @dataclass
 class SweepResult:
     name: str
@@ -80,62 +70,10 @@ class SweepResult:
 
 
 def prepare_config(space: str, base_cfg: ExperimentCfg, overrides: list[str] | None = None) -> ExperimentCfg:
-    """Base config ← the space's fixed values ← ``overrides``; local paths made absolute and the tracking URI
-    made concrete, so the config means the same thing in every worker process."""
+    """Base config ← the space's fixed values ← ``overrides``, made portable (``ray_session.portable_config``)."""
     _, base = SPACES.create(space)
     cfg = apply_params(base_cfg, base)
-    cfg = with_overrides(cfg, **parse_overrides(overrides))
-    data, model = {}, {}
-    if "://" not in cfg.data.workdir:
-        data["workdir"] = str(Path(cfg.data.workdir).resolve())
-    if cfg.data.source and "://" not in cfg.data.source:
-        data["source"] = str(Path(cfg.data.source).resolve())
-    if Path(cfg.model.checkpoint).exists():
-        model["checkpoint"] = str(Path(cfg.model.checkpoint).resolve())
-    return with_overrides(cfg, data=data, model=model, tracking={"tracking_uri": tracking.tracking_uri(cfg)})
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def _runtime_env(local: bool) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and not SECRET_ENV.search(k)}
-    if local:  # same machine: pin the home dir (relative by default) and make the checkout importable
-        env["MEDSAM2_HOME"] = str(tracking.medsam2_home())
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return {"env_vars": env}
-
-
-def _refresh_ray_auth() -> None:
-    """Ray reads ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN`` once, when it is imported; re-read them so values set
-    later in a long-lived process (a test session, a notebook, a Prefect worker) are the ones used."""
-    try:
-        from ray._raylet import AuthenticationTokenLoader, Config
-    except ImportError:  # pragma: no cover - private API moved: Ray's import-time reading still applies
-        return
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
-def _init_ray(address: str | None, num_cpus: int | None, quiet: bool) -> bool:
-    """Start or join Ray; returns True when this call started it (and so must shut it down)."""
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN"):
-        _refresh_ray_auth()
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, runtime_env=_runtime_env(local=False), log_to_driver=not quiet)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            runtime_env=_runtime_env(local=True),
-            log_to_driver=not quiet,
-        )
-    return True
+    return portable_config(with_overrides(cfg, **parse_overrides(overrides)))
 
 
 OPTUNA_DB = "optuna.db"  # the Optuna study of an optuna sweep, in its folder: kept across --resume, inspectable
@@ -183,7 +121,7 @@ def _fail_interrupted_trials(sweep_dir: Path) -> int:
 def _experiment_name(space: str, cfg: ExperimentCfg, storage: str, resume: bool) -> str:
     prefix = f"{space}-{config_hash(cfg)}"
     if resume:
-        if not _is_local(storage):
+        if not is_local(storage):
             raise ValueError("resume=True needs a local storage_path (or pass name=...)")
         found = sorted(p.name for p in Path(storage).glob(f"{prefix}-*") if (p / "sweep.json").exists())
         if not found:
@@ -222,11 +160,9 @@ def run_sweep(
     pinned = set(parse_overrides_flat(overrides))
     param_space = {k: v for k, v in param_space.items() if k not in pinned}
     cfg = prepare_config(space, base_cfg, overrides)
-    storage = storage_path or os.environ.get(STORAGE_ENV) or str(tracking.medsam2_home() / "ray_results")
-    storage = storage.removeprefix("file://")
-    storage = str(Path(storage).resolve()) if "://" not in storage else storage
+    storage = storage_root(storage_path)
     name = name or _experiment_name(space, cfg, storage, resume)
-    local_out = Path(storage) / name if _is_local(storage) else tracking.medsam2_home() / "sweeps" / name
+    local_out = Path(storage) / name if is_local(storage) else tracking.medsam2_home() / "sweeps" / name
     local_out.mkdir(parents=True, exist_ok=True)
 
     exp_id = tracking.setup(cfg)  # creates the store and experiment once, before any trial touches them
@@ -260,7 +196,7 @@ def run_sweep(
                     "sweep.name": name,
                 }
             )
-        started_ray = _init_ray(address, num_cpus, quiet)
+        started_ray = init_ray(address, num_cpus, quiet)
         ctx = SweepContext(
             base_cfg=cfg.model_dump(mode="json"),
             tracking_uri=uri,
@@ -274,7 +210,7 @@ def run_sweep(
         )
         if resume:
             tuner = tune.Tuner.restore(
-                str(local_out) if _is_local(storage) else f"{storage}/{name}",
+                str(local_out) if is_local(storage) else f"{storage}/{name}",
                 trainable,
                 resume_unfinished=True,
                 resume_errored=True,
@@ -294,7 +230,7 @@ def run_sweep(
                 quiet,
             )
         grid = tuner.fit()
-        if search == "optuna" and _is_local(storage):
+        if search == "optuna" and is_local(storage):
             _fail_interrupted_trials(local_out)
         result = _summarise(grid, cfg, ctx, local_out, storage, name, exp_id, parent_id, uri, t0)
         mlflow.end_run("FINISHED")
@@ -328,7 +264,7 @@ def _tuner(
             mode="max",
             scheduler=scheduler,
             num_samples=num_samples,
-            search_alg=_searcher(search, seed, Path(storage) / name if _is_local(storage) else None),
+            search_alg=_searcher(search, seed, Path(storage) / name if is_local(storage) else None),
             max_concurrent_trials=max_concurrent,
             trial_dirname_creator=_trial_dirname,
         ),
@@ -387,7 +323,7 @@ def _summarise(grid, cfg, ctx, local_out: Path, storage, name, exp_id, parent_id
         best_val_dice=best_dice,
         best_trial=best_trial,
         wall_s=wall,
-        experiment_path=str(local_out) if _is_local(storage) else f"{storage}/{name}",
+        experiment_path=str(local_out) if is_local(storage) else f"{storage}/{name}",
         results_csv=str(csv_path),
         **counts,
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from medsam2.config import ExperimentCfg
 from medsam2.engine.callbacks import Callback, TrainStart
 from medsam2.engine.train import train
 from medsam2.tracking import MlflowCallback
+from tuning.ray_session import restore_last, stage_last
 from tuning.spaces import apply_params
 
 FAULT_ENV = "MEDSAM2_TUNE_FAIL_ONCE"
@@ -145,17 +145,9 @@ class TuneReport(Callback):
         if last_pt is None:
             tune.report(metrics)
             return
-        stage = Path(tempfile.mkdtemp(prefix=".tune-ckpt-", dir=last_pt.parent))
-        try:
-            try:  # a hard link costs nothing; Tune copies the file into its storage
-                os.link(last_pt, stage / last_pt.name)
-            except OSError:
-                shutil.copy2(last_pt, stage / last_pt.name)
-            resolved = yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False)
-            (stage / CONFIG_FILE).write_text(resolved)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(stage)))
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+        resolved = yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False)
+        with stage_last(last_pt, {CONFIG_FILE: resolved}) as stage:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(stage))
 
 
 class FailOnce(Callback):
@@ -243,7 +235,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     out = trial_output_dir(ctx, trial_id)
     cfg = trial_config(ctx.base_cfg, params, out)
-    _restore_last(out)
+    restore_last(out, tune.get_checkpoint())
     reporter = TuneReport(cfg)
     child = MlflowChild(ctx, trial_id, trial_name, params)
     callbacks: list[Callback] = [child, reporter]  # child first: its on_train_end precedes the final report
@@ -273,17 +265,3 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
             )
         )
     child.finish("FINISHED")
-
-
-def _restore_last(out: Path) -> None:
-    """Seed ``out/last.pt`` from Tune's last checkpoint when the trial restarts somewhere without it."""
-    ckpt = tune.get_checkpoint()
-    if ckpt is None or (out / "last.pt").exists():
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with ckpt.as_directory() as d:
-        src = Path(d) / "last.pt"
-        if src.exists():
-            tmp = out / ".last.pt.restore"
-            shutil.copy2(src, tmp)
-            os.replace(tmp, out / "last.pt")

@@ -139,12 +139,19 @@ class StepSampler(Sampler):
 
     Epoch e is a permutation drawn from ``(seed, e)``; the k-th sample of the run gets seed ``(seed, k)``. So the
     batch at step t is the same whether a run went straight through or resumed at t.
+
+    With ``world`` data-parallel workers, ``batch_size`` is the global batch and rank ``rank`` gets its
+    ``rank``-th contiguous ``batch_size / world`` share: the N shards of a step are exactly the one-worker batch.
     """
 
-    def __init__(self, n: int, batch_size: int, max_steps: int, seed: int, start_step: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, max_steps: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
         if n == 0:
             raise ValueError("no training images: check the manifest's train split and data.train_datasets")
+        if batch_size % world:
+            raise ValueError(f"a global batch of {batch_size} does not split into {world} equal shards")
         self.n, self.bs, self.max_steps, self.seed, self.start = n, batch_size, max_steps, seed, start_step
+        self.shard = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start)
@@ -162,4 +169,4 @@ class StepSampler(Sampler):
                 batch.append(
                     (int(perms[epoch][pos]), int(np.random.SeedSequence((self.seed, k)).generate_state(1)[0]))
                 )
-            yield batch
+            yield batch[self.shard]

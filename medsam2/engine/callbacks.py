@@ -30,10 +30,15 @@ class TrainStart:
     compiled: bool = False
     """Whether the image encoder runs ``torch.compile``d (``train.compile`` and the compile succeeded)."""
     compile_error: str | None = None
+    num_workers: int = 1
+    """Data-parallel workers training this run (``train.num_workers``)."""
 
 
 class Callback:
-    """Override what you need. ``logs``/``metrics`` hold plain floats (already synced to the host)."""
+    """Override what you need. ``logs``/``metrics`` hold plain floats (already synced to the host).
+
+    With N data-parallel workers each runs its own callbacks: ``on_eval`` fires on rank 0 only (it alone
+    evaluates), the others on every rank at the same steps; the launcher gives logging callbacks to rank 0."""
 
     def on_train_start(self, info: TrainStart) -> None: ...
 

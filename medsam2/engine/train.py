@@ -8,6 +8,10 @@ a rerun with the same ``train.output_dir`` resumes from it and reaches the same 
 resolution (the test evaluation's code); the best-val weights are kept in ``best.pt`` and are what ``final.pt``
 ships (``selected: best``; ``last`` when there is no val split). Loss values are synced to the host only every
 ``LOG_EVERY`` steps so the GPU is never stalled by ``.item()``.
+
+With ``train.num_workers > 1`` the same loop runs in each of N data-parallel workers (``engine.distributed``;
+launched by ``tuning.distributed``): each takes its shard of the global batch, gradients are averaged across them
+before clipping, and rank 0 alone evaluates, writes checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.utils.data import DataLoader
 from medsam2.config import ExperimentCfg, config_hash, with_overrides
 from medsam2.data.dataset import SegDataset, StepSampler
 from medsam2.data.selection import select_rows, training_data_version
+from medsam2.engine import distributed
 from medsam2.engine.callbacks import Callback, CallbackList, TrainStart
 from medsam2.engine.checkpoint import BEST, LAST, atomic_save, build_model, model_payload, read_checkpoint
 from medsam2.engine.runtime import (
@@ -64,6 +69,8 @@ class TrainResult:
     precision: str = "fp32"
     """The precision autocast ran in (see ``runtime.effective_precision``)."""
     compiled: bool = False
+    num_workers: int = 1
+    """Data-parallel workers that trained it (``train.num_workers``)."""
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +198,7 @@ class _Run:
 
     cfg: ExperimentCfg
     device: torch.device
+    workers: distributed.Workers
     out_dir: Path
     model: Segmenter
     base: BaseWeights
@@ -220,7 +228,7 @@ class _Run:
             device=str(self.device), base_weights=vars(self.base), data_version=self.data_version,
             train_images=len(self.train_rows), val_images=self.val_images,
             unlabelled_images=len(self.unlabelled_rows), resumed_from=resumed_from, precision=self.precision,
-            compiled=self.compiled, compile_error=self.compile_error)
+            compiled=self.compiled, compile_error=self.compile_error, num_workers=self.workers.world)
 
 
 @dataclass
@@ -249,6 +257,7 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
         cfg = with_overrides(cfg, train={"output_dir": str(output_dir_of(cfg))})
     tc, cbs = cfg.train, CallbackList(callbacks or [])
     run, state = _setup(cfg)
+    main, workers = run.workers.main, run.workers
     last, final = run.out_dir / LAST, run.out_dir / "final.pt"
     finished = False
     if last.exists():
@@ -261,30 +270,36 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
     cbs.on_train_start(run.start_info(start))
     loader, unl_iter = _loaders(run, start)
     meter = _Meter(state.elapsed_s, run.budget_s)
-    progress = _progress(tc.progress, start, tc.max_steps)
+    progress = _progress(tc.progress and not workers.distributed, start, tc.max_steps)  # a worker logs
     for step, batch in enumerate(loader if not finished else [], start=start + 1):  # finished: just write final
         state.step = step
         budget_frac = meter.budget_frac()
         lr = tc.lr * lr_factor(step - 1, tc.warmup_steps, tc.max_steps, budget_frac)
         _optimise(run, state, meter, batch, next(unl_iter) if unl_iter is not None else None, lr)
-        if run.budget_s is not None and meter.elapsed() > run.budget_s:
-            log.info("train.max_minutes=%s reached at step %d", tc.max_minutes, step)
-            state.stopped = True
+        if run.budget_s is not None:
+            state.stopped = workers.agree(meter.elapsed() > run.budget_s, run.device)  # the first rank out stops all
+            if state.stopped:
+                log.info("train.max_minutes=%s reached at step %d", tc.max_minutes, step)
         if step % LOG_EVERY == 0 or step == tc.max_steps or state.stopped:
             logs = _log_line(run, state, meter, lr, budget_frac)
             cbs.on_step(step, logs)
             progress(step, logs)
         if len(run.val_rows) and (step % tc.eval_every == 0 or step == tc.max_steps or state.stopped):
-            _evaluate(run, state, cbs)
+            if main:
+                _evaluate(run, state, cbs)
+            state.stopped = workers.agree(state.stopped, run.device)  # rank 0's early stop, known to all
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or state.stopped:
             state.elapsed_s = meter.elapsed()
-            state.save(last)
+            if main:
+                state.save(last)
             cbs.on_checkpoint(step, str(last))
         if state.stopped:
             break
     progress(None, None)
     wall = meter.wall()
-    result = _result(_write_final(run, state, final), run, state, start, wall, meter.seen)
+    if main:
+        _write_final(run, state, final)
+    result = _result(final, run, state, start, wall, meter.seen)
     cbs.on_train_end(result)
     return result
 
@@ -292,7 +307,10 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
 def _setup(cfg: ExperimentCfg) -> tuple[_Run, TrainState]:
     """Seeds, data rows, the model (adapted, on its device), the strategy, the optimiser and the EMA."""
     tc, dc = cfg.train, cfg.data
-    device = pick_device(tc.device)
+    workers = distributed.current()
+    if workers.world != tc.num_workers and workers.distributed:
+        raise ValueError(f"train.num_workers={tc.num_workers} but this process group has {workers.world} workers")
+    device = workers.device(pick_device(tc.device))
     out_dir = Path(tc.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tc.seed)
@@ -310,11 +328,13 @@ def _setup(cfg: ExperimentCfg) -> tuple[_Run, TrainState]:
         log.warning("torch.compile failed, training eager: %s", compile_error)
     strategy = STRATEGIES.create(cfg.semisup.method, model, cfg)
     extra = [m.to(device) for m in strategy.extra_modules()]
+    workers.broadcast_params([model, *extra])  # N workers start from rank 0's weights, as DDP does
     params = [p for p in model.parameters() if p.requires_grad] + [p for m in extra for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type == "cuda")
     ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     run = _Run(
-        cfg=cfg, device=device, out_dir=out_dir, model=model, base=base, strategy=strategy, params=params,
+        cfg=cfg, device=device, workers=workers, out_dir=out_dir, model=model, base=base, strategy=strategy,
+        params=params,
         counts=model.param_count(), data_version=data_version, train_rows=train_rows,
         unlabelled_rows=unlabelled_rows, val_images=len(val_rows),
         val_rows=val_rows[val_rows["label_kind"] == "mask"] if "label_kind" in val_rows else val_rows,
@@ -328,20 +348,22 @@ def _loaders(run: _Run, start: int) -> tuple[DataLoader, Any]:
     """The labelled batches from step ``start`` on, and an iterator of unlabelled ones (None if not used)."""
     cfg, tc, dc = run.cfg, run.cfg.train, run.cfg.data
     ds = SegDataset(run.train_rows, dc.workdir, cfg.model, dc.augment)
-    sampler = StepSampler(len(ds), tc.batch_size * tc.grad_accum, tc.max_steps, tc.seed, start)
+    rank, world = run.workers.rank, run.workers.world
+    sampler = StepSampler(len(ds), tc.batch_size * tc.grad_accum, tc.max_steps, tc.seed, start, rank, world)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
                         pin_memory=run.device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if dc.num_workers else None)
     unl_iter = None
     if run.strategy.needs_unlabelled and len(run.unlabelled_rows):
         uds = SegDataset(run.unlabelled_rows, dc.workdir, cfg.model, dc.augment)
-        usampler = StepSampler(len(uds), tc.batch_size, tc.max_steps, tc.seed + 1, start)
+        usampler = StepSampler(len(uds), tc.batch_size, tc.max_steps, tc.seed + 1, start, rank, world)
         unl_iter = iter(DataLoader(uds, batch_sampler=usampler, num_workers=dc.num_workers, collate_fn=collate))
     return loader, unl_iter
 
 
 def _optimise(run: _Run, state: TrainState, meter: _Meter, batch: dict, unl: dict | None, lr: float) -> None:
-    """One optimiser step at ``lr``: the strategy's losses over ``grad_accum`` chunks, clip, AdamW, EMA."""
+    """One optimiser step at ``lr``: the strategy's losses over ``grad_accum`` chunks (of this worker's shard),
+    gradients averaged over the workers, clip, AdamW, EMA."""
     tc, model, opt = run.cfg.train, run.model, state.optimizer
     for g in opt.param_groups:
         g["lr"] = lr
@@ -354,6 +376,7 @@ def _optimise(run: _Run, state: TrainState, meter: _Meter, batch: dict, unl: dic
         (losses["loss"] / len(chunks)).backward()
         for k, v in losses.items():
             meter.running[k] = meter.running.get(k, 0.0) + v.detach().float() / len(chunks)
+    run.workers.average_gradients(run.params)
     if tc.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(run.params, tc.clip_grad)
     opt.step()
@@ -361,7 +384,7 @@ def _optimise(run: _Run, state: TrainState, meter: _Meter, batch: dict, unl: dic
     run.strategy.after_step(model)
     if state.ema is not None:
         state.ema.update(model)
-    meter.seen += batch["image"].shape[0]
+    meter.seen += batch["image"].shape[0] * run.workers.world  # every worker took an equal shard
 
 
 def _log_line(run: _Run, state: TrainState, meter: _Meter, lr: float, budget_frac: float) -> dict[str, float]:
@@ -421,7 +444,8 @@ def _result(path: Path, run: _Run, state: TrainState, start: int, wall: float = 
     if vals:
         metrics["best_val_dice"] = max(vals)
         metrics["last_val_dice"] = vals[-1]
-    exported = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: tensors not read
+    exported = (torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: tensors not read
+                if run.workers.main else {})  # another rank: rank 0 wrote final.pt, maybe on another node
     metrics["selected_step"] = float(exported.get("selected_step", step))
     if exported.get("selected") == "best":
         metrics["selected_val_dice"] = float(exported["val_dice"])
@@ -430,7 +454,7 @@ def _result(path: Path, run: _Run, state: TrainState, start: int, wall: float = 
         total_params=run.counts.total, base_weights=vars(run.base), config_hash=state.config_hash,
         data_version=run.data_version, wall_s=wall, images_per_s=seen / wall if wall else 0.0,
         stopped_early=state.stopped, resumed_from=start, history=history, precision=run.precision,
-        compiled=run.compiled,
+        compiled=run.compiled, num_workers=run.workers.world,
     )
 
 

@@ -103,7 +103,7 @@ class MlflowCallback(Callback):
             "base_weights": info.base_weights["source"], "base_weights_sha256": info.base_weights["sha256"],
             "random_init": str(random_init).lower(), "device": info.device,
             "resumed_from_step": str(info.resumed_from), "precision_effective": info.precision,
-            "encoder_compiled": str(info.compiled).lower(),
+            "encoder_compiled": str(info.compiled).lower(), "num_workers": str(info.num_workers),
         })
         if info.compile_error:
             mlflow.set_tag("compile_error", info.compile_error[:500])
