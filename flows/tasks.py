@@ -65,8 +65,16 @@ class ProgressArtifact(Callback):
 
 
 @reported_task(name="train", retries=0, cache_policy=NO_CACHE)
-def train_task(cfg: ExperimentCfg, parent_run_id: str | None) -> dict[str, Any]:
+def train_task(cfg: ExperimentCfg, parent_run_id: str | None, address: str | None = None,
+               max_failures: int = 1) -> dict[str, Any]:
+    """One process, or ``train.num_workers`` Ray Train workers (``tuning.distributed``; no progress artifact:
+    the workers run outside this flow run)."""
     with concurrency("gpu", occupy=1, lease_duration=GPU_LEASE_S):
+        if cfg.train.num_workers > 1:
+            from tuning.distributed import run_train_distributed
+
+            return run_train_distributed(cfg, parent_run_id=parent_run_id, address=address,
+                                         max_failures=max_failures, quiet=True)
         return steps.run_train(cfg, parent_run_id=parent_run_id, callbacks=[ProgressArtifact(cfg.train.max_steps)])
 
 
@@ -96,8 +104,9 @@ def check_labels_task(cfg: ExperimentCfg) -> dict[str, Any]:
 
 @reported_task(name="sweep", retries=0, cache_policy=NO_CACHE)
 def sweep_task(space: str, num_samples: int, address: str | None, config: str | None,
-               overrides: list[str] | None) -> dict[str, Any]:
+               overrides: list[str] | None, parent_run_id: str | None = None) -> dict[str, Any]:
+    """The sweep, its MLflow parent run nested under the pipeline's ``parent_run_id``."""
     from tuning.sweep import cli_sweep
 
     return cli_sweep(space=space, num_samples=num_samples, address=address, config=config, overrides=overrides,
-                     json=True)
+                     json=True, parent_run_id=parent_run_id)

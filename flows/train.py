@@ -45,6 +45,22 @@ Override = Annotated[str, StringConstraints(pattern=r"^\s*[A-Za-z_][\w.]*\s*=")]
 """A dotted ``key=value`` config override (``train.max_steps=50``), as ``medsam2 … --set`` takes."""
 
 
+class ScaleOut(BaseModel):
+    """Train the model on several data-parallel workers (Ray Train); the global batch stays ``train.batch_size``."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_workers: int = Field(2, ge=2, description="Workers training one model (train.num_workers).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); CPU workers use gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    address: str | None = Field(None, description="Ray cluster address (None: RAY_ADDRESS or a local Ray).")
+    max_failures: int = Field(1, ge=0, description="Restarts of the worker group after a worker dies.")
+
+    def overrides(self) -> list[str]:
+        return [f"train.{k}={getattr(self, k)}" for k in ("num_workers", "use_gpu", "cpus_per_worker",
+                                                          "gpus_per_worker")]
+
+
 class SweepStage(BaseModel):
     """An optional Ray Tune sweep after validation; the final model trains from the best trial's config."""
 
@@ -132,7 +148,7 @@ def _skip(check: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pipeline(cfg: ExperimentCfg, config: str | None, overrides: list[str] | None, workdir: str | None,
-              sweep: SweepStage | None) -> dict[str, Any]:
+              sweep: SweepStage | None, scale_out: ScaleOut | None) -> dict[str, Any]:
     """[sweep] → train → [self-training] → evaluate → promote under one MLflow parent run."""
     parent = tracking.start_parent_run(cfg, f"pipeline-{cfg.name}")
     status, swept, tags = "FAILED", None, {}
@@ -140,11 +156,13 @@ def _pipeline(cfg: ExperimentCfg, config: str | None, overrides: list[str] | Non
         if sweep is not None:
             path = config_path(config)
             swept = {"space": sweep.space, **sweep_task(sweep.space, sweep.num_samples, sweep.address,
-                                                        str(path) if path else None, override_list(overrides, workdir))}
+                                                        str(path) if path else None, override_list(overrides, workdir),
+                                                        parent)}
             tags = {"sweep_parent_run_id": swept.get("parent_run_id") or "", "sweep_space": sweep.space}
             cfg = from_best_config(swept["best_config"], cfg)
         cfg = run_scoped(cfg)
-        trained = train_task(cfg, parent)
+        trained = train_task(cfg, parent, scale_out.address if scale_out else None,
+                             scale_out.max_failures if scale_out else 1)
         candidate, cand_run = trained["model_uri"], trained["run_id"]
         selftrained = None
         if cfg.semisup.self_training_rounds > 0:
@@ -170,6 +188,7 @@ def train_medsam2(
     only_if_new_labels: bool = False,
     self_training_rounds: Annotated[int, Field(ge=0)] | None = None,
     sweep: SweepStage | None = None,
+    scale_out: ScaleOut | None = None,
 ) -> dict[str, Any]:
     """Fine-tune SAM2 on ``source`` and gate the result against the champion.
 
@@ -181,13 +200,17 @@ def train_medsam2(
         only_if_new_labels: Train only when the labelled-data version is new (schedules, new-labels trigger).
         self_training_rounds: Self-training rounds after training; empty: the config's.
         sweep: Run a Ray Tune sweep first and train the final model from its best trial's config.
+        scale_out: Train the model on several data-parallel Ray Train workers (one MLflow run, one model).
     """
     if self_training_rounds is not None:
         overrides = [*(overrides or []), f"semisup.self_training_rounds={self_training_rounds}"]
+    if scale_out is not None:
+        overrides = [*(overrides or []), *scale_out.overrides()]
     cfg = resolve_cfg(config, overrides, workdir)
     check_mlflow(cfg.tracking.tracking_uri)  # an unreachable server fails the run in seconds, before any work
-    if sweep is not None:
-        check_ray(sweep.address)
+    for ray_stage in (sweep, scale_out):
+        if ray_stage is not None:
+            check_ray(ray_stage.address)
     wd = cfg.data.workdir
     ingested = ingest_task(source, wd) if source else None
     validated = validate_task(wd)
@@ -201,7 +224,7 @@ def train_medsam2(
             check = check_labels_task(cfg)
             if not check["retrain"]:
                 return _skip(check)
-        res = _pipeline(cfg, config, overrides, workdir, sweep)
+        res = _pipeline(cfg, config, overrides, workdir, sweep, scale_out)
     res = {"ingest": ingested, "validate": {"success": validated["success"]}, **res}
     publish("train-medsam2", _summary_md(res), {**res["eval"]["metrics"], **gate_metrics(res["promotion"])})
     return res

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-STATUSES = ("COMPLETED", "STOPPED_EARLY", "ERROR", "NO_RESULT")
+STATUSES = ("COMPLETED", "STOPPED_EARLY", "ENDED_BY_TRAINER", "ERROR", "NO_RESULT")
+"""STOPPED_EARLY: ASHA stopped the trial; ENDED_BY_TRAINER: its own time budget or patience did
+(``tuning.trainable.ENDED_BY_TRAINER``)."""
 
 
 def _outcome(result) -> str:
@@ -19,6 +21,8 @@ def _outcome(result) -> str:
     step, max_steps = result.metrics.get("step"), result.metrics.get("max_steps")
     if step is None:
         return "NO_RESULT"
+    if result.metrics.get("ended_by_trainer"):
+        return "ENDED_BY_TRAINER"
     return "COMPLETED" if max_steps is None or step >= max_steps else "STOPPED_EARLY"
 
 

@@ -57,6 +57,9 @@ class SweepResult:
     trials: int
     completed: int
     stopped_early: int
+    """Stopped by ASHA."""
+    ended_by_trainer: int
+    """Ended by the trial's own ``train.max_minutes`` or ``train.early_stop_patience``."""
     errored: int
     wall_s: float
     experiment_path: str
@@ -148,12 +151,14 @@ def run_sweep(
     name: str | None = None,
     seed: int | None = None,
     quiet: bool = False,
+    parent_run_id: str | None = None,
 ) -> SweepResult:
     """Sample ``num_samples`` trials of the registered ``space`` with ASHA early stopping on ``val_dice``.
 
     ``overrides`` (dotted ``k=v``) win over the space's fixed values; a sampled key named in ``overrides`` is
     pinned (removed from the search). ``resume=True`` continues the latest sweep of the same space and config
-    under ``storage_path`` (unfinished and errored trials), reopening its MLflow parent run.
+    under ``storage_path`` (unfinished and errored trials), reopening its MLflow parent run. ``parent_run_id``
+    (a pipeline's run) nests the sweep's own parent run under it; else a caller's active run does.
     """
     t0 = time.perf_counter()
     param_space, _ = SPACES.create(space)
@@ -172,10 +177,11 @@ def run_sweep(
     parent = (
         mlflow.start_run(run_id=parent_id)
         if parent_id
-        else mlflow.start_run(  # nested: a caller's active run (a flow's, say) becomes the sweep's parent
+        else mlflow.start_run(  # nested: the pipeline's run, or a caller's active run, becomes the sweep's parent
             experiment_id=exp_id,
             run_name=name,
             nested=True,
+            parent_run_id=parent_run_id,
             tags={"medsam2.kind": "sweep", "medsam2.space": space},
         )
     )
@@ -310,6 +316,7 @@ def _summarise(grid, cfg, ctx, local_out: Path, storage, name, exp_id, parent_id
         "trials": len(table),
         "completed": int((table["status"] == "COMPLETED").sum()),
         "stopped_early": int((table["status"] == "STOPPED_EARLY").sum()),
+        "ended_by_trainer": int((table["status"] == "ENDED_BY_TRAINER").sum()),
         "errored": int((table["status"] == "ERROR").sum()),
     }
     wall = time.perf_counter() - t0
@@ -361,7 +368,8 @@ def _close_child_runs(uri: str, exp_id: str, parent_id: str, table) -> None:
         if outcome:
             client.set_tag(run.info.run_id, "tune_status", outcome)
         if run.info.status == "RUNNING":  # the trial's process was ended before it could close its run
-            end_status = {"COMPLETED": "FINISHED", "ERROR": "FAILED"}.get(outcome, "KILLED")
+            end_status = {"COMPLETED": "FINISHED", "ENDED_BY_TRAINER": "FINISHED", "ERROR": "FAILED"}.get(
+                outcome, "KILLED")
             client.set_terminated(run.info.run_id, end_status)
 
 

@@ -37,6 +37,9 @@ FAULT_ENV = "MEDSAM2_TUNE_FAIL_ONCE"
 creates it and raises, so Tune's FailureConfig retry path runs (a crash mid-trial cannot be provoked
 otherwise on a healthy machine)."""
 TRIAL_TAG = "medsam2.trial_id"
+ENDED_BY_TRAINER = "ended_by_trainer"
+"""Report key: the trial's own loop stopped it before ``max_steps`` (``train.max_minutes`` or
+``train.early_stop_patience``), which the sweep table calls ``ENDED_BY_TRAINER``, not an ASHA stop."""
 CONFIG_FILE = "resolved_config.yaml"
 
 
@@ -253,6 +256,11 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
         child.finish("FAILED")
         raise
     child.note_resumed(result.resumed_from)  # a restored trial that had already finished starts no training
+    if result.stopped_early:  # the trainer ended it (time budget, patience), not ASHA: say so in a last report
+        m, nan = result.metrics, float("nan")
+        tune.report({**trial_metrics(m.get("last_val_dice", nan), m.get("best_val_dice", nan), result.steps,
+                                     cfg.train.max_steps, result.resumed_from), ENDED_BY_TRAINER: 1})
+        mlflow.set_tag("tune_status", "ENDED_BY_TRAINER")
     if not reporter.reported:  # e.g. restored after it had already finished: report the final numbers once
         m, nan = result.metrics, float("nan")
         tune.report(

@@ -66,6 +66,33 @@ def test_sweep_stage_trains_final_model_from_best_config(kvasir_workdir, tmp_pat
     assert res["train"]["steps"] == best["train"]["max_steps"]  # trained afresh from the best config
     promo = res["promotion"]  # gated on val: promoted, or rejected with the baseline named
     assert promo["selection"]["split"] == "val" and (promo["promoted"] or "ellipse_in_box" in promo["summary"])
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    sweep_parent = client.get_run(sweep["parent_run_id"])
+    assert sweep_parent.data.tags.get("mlflow.parentRunId") == res["parent_run_id"]  # nested in the pipeline
+
+
+def test_training_stage_on_two_workers_makes_one_run_and_one_version(kvasir_workdir, tmp_path, flow_env,
+                                                                     monkeypatch):
+    """The ``scale_out`` parameter: the model trains on 2 Ray Train workers, one MLflow run nested under the
+    pipeline run, then the usual evaluate → promote, which registers one model version."""
+    from mlflow import MlflowClient
+
+    from flows.train import train_medsam2
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    overrides = [f"data.workdir={kvasir_workdir}", f"train.output_dir={tmp_path / 'runs'}", *TINY,
+                 "train.max_steps=4", "train.batch_size=4", "tracking.experiment=scale-out-test"]
+    res = train_medsam2(source=None, config=None, overrides=overrides, scale_out={"num_workers": 2})
+    trained = res["train"]
+    assert trained["num_workers"] == 2 and trained["steps"] == 4
+    client = MlflowClient()
+    run = client.get_run(trained["run_id"])
+    assert run.data.tags.get("mlflow.parentRunId") == res["parent_run_id"] and run.info.status == "FINISHED"
+    assert run.data.tags["num_workers"] == "2"
+    versions = client.search_model_versions("name = 'medsam2'")
+    assert len(versions) == 1, [(v.version, v.run_id) for v in versions]
 
 
 def test_burst_trains_once_and_every_flow_publishes_artifacts(kvasir_workdir, tmp_path, flow_env):

@@ -61,3 +61,18 @@ def test_failed_trial_is_retried_and_resumes(sweep_env, tmp_path, monkeypatch):
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
     assert len(children) == 1, "the retry reopens the trial's child run"
     assert children[0].info.status == "FINISHED" and children[0].data.tags.get("retried") == "true"
+
+
+def test_a_trial_its_trainer_ended_is_not_an_asha_stop(sweep_env, tmp_path):
+    """``train.early_stop_patience=1`` with an evaluation every step: the trial's own loop stops it once val Dice
+    fails to improve, before ``max_steps``; the table and the child run say ENDED_BY_TRAINER, not STOPPED_EARLY."""
+    out = cli_sweep("smoke", 1, overrides=[*sweep_env["overrides"], "train.eval_every=1",
+                                           "train.early_stop_patience=1", "train.max_steps=12"],
+                    json=True, num_cpus=1, storage_path=str(tmp_path / "ray"), seed=1)
+    row = pd.read_csv(out["results_csv"]).iloc[0]
+    assert row["step"] < 12, "patience did not stop the trial: the test would prove nothing"
+    assert row["status"] == "ENDED_BY_TRAINER" and (out["ended_by_trainer"], out["stopped_early"]) == (1, 0)
+    client = MlflowClient(sweep_env["uri"], registry_uri=sweep_env["uri"])
+    exp = client.get_run(out["parent_run_id"]).info.experiment_id
+    (child,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert child.data.tags["tune_status"] == "ENDED_BY_TRAINER" and child.info.status == "FINISHED"
