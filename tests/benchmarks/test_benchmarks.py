@@ -91,6 +91,19 @@ def test_benchmark_modules_import_without_orchestration_stack() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # ~1 min on 2 cores: a local Ray starts for the 2-worker arm
+def test_train_scaling_quick(sample_data: Path, tmp_path: Path) -> None:
+    """One process against 2 Ray Train workers on the same recipe and data: both arms trained and timed."""
+    out = tmp_path / "scaling.json"
+    res = run_script("train_scaling", "--quick", "--out", str(out))
+    assert res["complete"] is True and res["mode"] == "quick" and json.loads(out.read_text()) == res
+    one, two = res["arms"]
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert one["images_per_s"] > 0 and two["images_per_s"] > 0 and two["launch_overhead_s"] > 0
+    assert res["speedup_2_vs_1"] == pytest.approx(two["images_per_s"] / one["images_per_s"])
+    assert res["environment"]["git_commit"]
+
+
 @pytest.mark.slow  # ~1 min on 2 cores: six tiny variants, one traced by dynamo
 def test_train_quick(tmp_path: Path) -> None:
     out = tmp_path / "train.json"

@@ -40,6 +40,7 @@ def test_every_yaml_and_json_parses():
         "compose.yaml",
         "kuberay/raycluster.yaml",
         "kuberay/rayjob.yaml",
+        "kuberay/rayjob-train.yaml",
         "prefect/k8s-work-pool.json",
         "prefect/docker-job-variables.yaml",
     }
@@ -191,6 +192,36 @@ def test_rayjob_entrypoint_is_a_real_cli_command():
     assert res.exit_code == 0, res.output
     for opt in [a for a in argv[2:] if a.startswith("--")] + ["--address"]:
         assert opt in res.output, f"`medsam2 sweep` has no {opt} option"
+
+
+def test_training_rayjob_asks_for_what_its_workers_need():
+    """The multi-GPU training RayJob: its entrypoint is a real `medsam2 train` call whose --set values validate,
+    and its worker groups hold the GPUs and CPUs that train.num_workers × per-worker resources ask for."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from medsam2.cli import app
+    from medsam2.config import load_config
+
+    job = load_yaml("kuberay/rayjob-train.yaml")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["medsam2", "train"]
+    help_text = CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
+    for opt in [a for a in argv[2:] if a.startswith("--")]:
+        assert opt in help_text, f"`medsam2 train` has no {opt} option"
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_config(ROOT / argv[argv.index("--config") + 1], sets)
+    tc = cfg.train
+    assert tc.num_workers > 1 and tc.use_gpu and tc.batch_size % tc.num_workers == 0
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = sum(g["replicas"] * int(g["rayStartParams"]["num-gpus"]) for g in groups)
+    cpus = sum(g["replicas"] * float(g["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
+               for g in groups)
+    assert tc.num_workers * tc.gpus_per_worker <= gpus and tc.num_workers * tc.cpus_per_worker <= cpus
+    for g in groups:  # the pod's GPU limit is what Ray advertises
+        limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) == int(g["rayStartParams"]["num-gpus"])
 
 
 def test_prefect_k8s_work_pool_template():
