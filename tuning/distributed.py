@@ -94,6 +94,24 @@ def check_resources(cfg: ExperimentCfg) -> None:
                      "with --address (RAY_ADDRESS)")
 
 
+def make_trainer(cfg: ExperimentCfg, worker: Any, loop_config: dict[str, Any], *, name: str, storage_path: str,
+                 max_failures: int) -> TorchTrainer:
+    """The ``TorchTrainer`` of one run of ``cfg``: ``train.num_workers`` workers with their CPUs/GPUs, running
+    ``worker`` with ``{"cfg": <cfg as JSON>, **loop_config}``; Ray's storage and retries; the last checkpoint
+    kept (it is ``last.pt``, or the result)."""
+    tc = cfg.train
+    return TorchTrainer(
+        worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), **loop_config},
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+
+
 def distributed_config(cfg: ExperimentCfg) -> ExperimentCfg:
     """``cfg`` made portable, with its run dir fixed, so every worker and every attempt train the same run."""
     cfg = portable_config(cfg)
@@ -124,18 +142,8 @@ def run_train_distributed(
         name = run_name or f"train-{config_hash(cfg)}"
         with tracking.active_run(run_name=name, parent_run_id=parent_run_id) as run_id:
             tracking.set_tags({"num_workers": str(tc.num_workers), "medsam2.launcher": "ray-train"})
-            trainer = TorchTrainer(
-                _worker,
-                train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_id": run_id},
-                scaling_config=ScalingConfig(
-                    num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                    resources_per_worker={"CPU": tc.cpus_per_worker,
-                                          **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}),
-                run_config=RunConfig(
-                    name=f"{cfg.name}-{Path(tc.output_dir).name}", storage_path=storage_root(storage_path),
-                    failure_config=FailureConfig(max_failures=max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=1)),
-            )
+            trainer = make_trainer(cfg, _worker, {"run_id": run_id}, name=f"{cfg.name}-{Path(tc.output_dir).name}",
+                                   storage_path=storage_root(storage_path), max_failures=max_failures)
             result = trainer.fit()
             with result.checkpoint.as_directory() as d:
                 return json.loads((Path(d) / RESULT_FILE).read_text())

@@ -37,8 +37,8 @@ class TrainStart:
 class Callback:
     """Override what you need. ``logs``/``metrics`` hold plain floats (already synced to the host).
 
-    With N data-parallel workers each runs its own callbacks: ``on_eval`` fires on rank 0 only (it alone
-    evaluates), the others on every rank at the same steps; the launcher gives logging callbacks to rank 0."""
+    With N data-parallel workers each runs its own callbacks, every hook on every rank at the same steps
+    (``on_eval`` with rank 0's metrics: it alone evaluates); the launcher gives logging callbacks to rank 0."""
 
     def on_train_start(self, info: TrainStart) -> None: ...
 

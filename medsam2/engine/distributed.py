@@ -15,9 +15,9 @@ What makes N workers train the same model as one worker at the same global batch
   and divides by ``N``: the gradient of the global-batch mean, the same arithmetic as DDP. It runs once per
   optimiser step (after gradient accumulation, before clipping) over every trainable parameter, the strategy's
   extra modules included (a discriminator, a projection head), which DDP's forward hooks would not reach;
-- only rank 0 evaluates, writes checkpoints and calls the callbacks that log; a decision to stop (time budget,
-  early stopping) is made on rank 0 and agreed by all (:meth:`Workers.agree`), so no rank waits forever in an
-  all-reduce the others left.
+- only rank 0 evaluates and writes checkpoints; its val metrics and early-stop decision are broadcast
+  (:meth:`Workers.broadcast_floats`), so every rank's ``on_eval`` sees them, and a time budget running out on any
+  rank stops all (:meth:`Workers.agree`): no rank waits forever in an all-reduce the others left.
 """
 
 from __future__ import annotations
@@ -96,6 +96,14 @@ class Workers:
         t = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def broadcast_floats(self, values: list[float], device: torch.device) -> list[float]:
+        """Rank 0's ``values`` on every rank (the others pass placeholders of the same length)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+        dist.broadcast(t, src=0)
+        return [float(v) for v in t.tolist()]
 
     def barrier(self) -> None:
         if self.distributed:

@@ -285,9 +285,9 @@ def train(cfg: ExperimentCfg, callbacks: list[Callback] | None = None) -> TrainR
             cbs.on_step(step, logs)
             progress(step, logs)
         if len(run.val_rows) and (step % tc.eval_every == 0 or step == tc.max_steps or state.stopped):
-            if main:
-                _evaluate(run, state, cbs)
-            state.stopped = workers.agree(state.stopped, run.device)  # rank 0's early stop, known to all
+            metrics = _evaluate(run, state) if main else {}
+            metrics, state.stopped = _share_eval(run, state, metrics)
+            cbs.on_eval(step, metrics)
         if step % tc.checkpoint_every == 0 or step == tc.max_steps or state.stopped:
             state.elapsed_s = meter.elapsed()
             if main:
@@ -401,7 +401,7 @@ def _log_line(run: _Run, state: TrainState, meter: _Meter, lr: float, budget_fra
     return logs
 
 
-def _evaluate(run: _Run, state: TrainState, cbs: Callback) -> None:
+def _evaluate(run: _Run, state: TrainState) -> dict[str, float]:
     """Val Dice (of the EMA weights when there is an EMA); a new best is written to ``best.pt``, the exported
     model; too many evaluations without improvement stop the run (``early_stop_patience``)."""
     tc, model, ema, step = run.cfg.train, run.model, state.ema, state.step
@@ -415,10 +415,24 @@ def _evaluate(run: _Run, state: TrainState, cbs: Callback) -> None:
     if ema is not None:
         ema.swap(model)
     state.best, state.bad_evals = (dice, 0) if improved else (state.best, state.bad_evals + 1)
-    cbs.on_eval(step, {"val_dice": dice, "best_val_dice": state.best})
     state.history.append({"step": step, "val_dice": dice})
     if tc.early_stop_patience and state.bad_evals >= tc.early_stop_patience:
         state.stopped = True
+    return {"val_dice": dice, "best_val_dice": state.best}
+
+
+EVAL_KEYS = ("val_dice", "best_val_dice")
+
+
+def _share_eval(run: _Run, state: TrainState, metrics: dict[str, float]) -> tuple[dict[str, float], bool]:
+    """Rank 0's evaluation (and its early-stop decision) on every rank, so that every worker's callbacks see the
+    same ``on_eval`` and all stop together; one worker: as it is."""
+    workers = run.workers
+    if not workers.distributed:
+        return metrics, state.stopped
+    mine = [metrics.get(k, 0.0) for k in EVAL_KEYS] + [float(state.stopped)]
+    *values, stopped = workers.broadcast_floats(mine, run.device)
+    return dict(zip(EVAL_KEYS, values, strict=True)), bool(stopped)
 
 
 def _write_final(run: _Run, state: TrainState, path: Path) -> Path:
