@@ -360,6 +360,32 @@ def predict(
 
 
 @app.command()
+def suggest(
+    model: Annotated[str, typer.Option(help="Checkpoint path or MLflow model URI.")] = ...,  # type: ignore[assignment]
+    workdir: Annotated[str, typer.Option(help="Ingested work dir whose unlabelled train images are ranked.")
+                       ] = ...,  # type: ignore[assignment]
+    budget: Annotated[int, typer.Option(help="How many images to queue for labelling.")] = ...,  # type: ignore[assignment]
+    out: Annotated[Path, typer.Option(help="Queue directory (CSV, Label Studio JSON, overlays, DICOM-SEG).")
+                   ] = ...,  # type: ignore[assignment]
+    score: Annotated[str, typer.Option(help="Acquisition score (medsam2.active.scores.ACQUISITIONS).")] = "entropy",
+    seed: Annotated[int, typer.Option(help="Seed of the random score.")] = 0,
+    json_: JsonOpt = False,
+) -> None:
+    """Which unlabelled images to label next: rank the pool (never val/test rows) and write a labelling queue
+    with the model's masks as Label Studio pre-annotations."""
+    from medsam2.active.scores import ACQUISITIONS
+    from medsam2.steps import run_suggest
+
+    if score not in ACQUISITIONS:
+        raise UsageError(f"--score {score!r} is not one of {', '.join(ACQUISITIONS.names())}")
+    _check_workdir(workdir, "suggest")
+    _check_model(model)
+    res = run_suggest(model, workdir, budget, out, score=score, seed=seed)
+    _emit(res, json_, f"queued {res['n']} of {res['pool']} unlabelled images by {score} in {out} "
+                      f"(queue.csv, labelstudio.json, overlays/)")
+
+
+@app.command()
 def export(
     model: Annotated[str, typer.Option(help="Checkpoint path or MLflow model URI.")] = ...,  # type: ignore[assignment]
     out: Annotated[Path, typer.Option(help="Export directory (new, empty, or an earlier export to replace).")

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from medsam2.data.dicom_seg import write_dicom_seg
 from medsam2.data.images import read_image_any
 from medsam2.data.readers import sniff_kind
 from medsam2.engine.predict import predict
@@ -24,35 +25,6 @@ from medsam2.engine.prompt_sources import PromptItem, check_prompt, parse_box, p
 from medsam2.errors import InputDataError
 
 __all__ = ["PromptItem", "parse_box", "parse_points", "predict_files", "write_dicom_seg"]
-
-
-def write_dicom_seg(source: Path, masks: list[np.ndarray], out_path: Path, label: str = "lesion") -> Path:
-    """DICOM-SEG for ``source`` with one binary frame per source frame; returns the written path."""
-    import highdicom as hd
-    import pydicom
-    from pydicom.sr.codedict import codes
-
-    import medsam2
-
-    ds = pydicom.dcmread(source)
-    desc = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=label,
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Lesion,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="MedSAM2", version=medsam2.__version__, family=codes.cid7162.ArtificialIntelligence),
-    )
-    seg = hd.seg.Segmentation(
-        source_images=[ds], pixel_array=np.stack(masks).astype(bool),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[desc],
-        series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="MedSAM2", manufacturer_model_name="MedSAM2", software_versions=medsam2.__version__,
-        device_serial_number="medsam2",
-    )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(out_path)
-    return out_path
 
 
 def _frames(item: PromptItem) -> list[np.ndarray]:

@@ -164,6 +164,37 @@ def run_evaluate(
         return {"run_id": active, "report_dir": str(out), **result.to_dict()}
 
 
+def run_suggest(model: str, workdir: str, budget: int, out: str | Path, *, score: str = "entropy", seed: int = 0,
+                cap_budget: bool = False, label: str = "lesion") -> dict[str, Any]:
+    """Rank the unlabelled pool of ``workdir`` with the acquisition ``score`` and write the labelling queue of the
+    top ``budget`` images into ``out`` (:mod:`medsam2.active`). An empty pool, or a budget larger than the pool
+    (unless ``cap_budget``: then the whole pool), is an :class:`~medsam2.errors.InputDataError` / UsageError."""
+    from medsam2.active.pool import labelled_rows, pool_rows, rank_pool
+    from medsam2.active.queue import write_queue
+    from medsam2.active.scores import ACQUISITIONS
+    from medsam2.errors import InputDataError, UsageError
+
+    if score not in ACQUISITIONS:
+        raise UsageError(f"--score {score!r} is not one of {', '.join(ACQUISITIONS.names())}")
+    if budget < 1:
+        raise UsageError(f"--budget must be at least 1, got {budget}")
+    pool = pool_rows(workdir)
+    if pool.empty:
+        raise InputDataError(f"nothing to suggest: the unlabelled pool of {workdir} is empty (every train image "
+                             "has a mask; val and test images are never suggested)",
+                             "ingest new unlabelled images into this work dir first")
+    if budget > len(pool) and not cap_budget:
+        raise UsageError(f"--budget {budget} is larger than the unlabelled pool ({len(pool)} images)",
+                         f"use --budget {len(pool)} to queue the whole pool")
+    budget = min(budget, len(pool))
+    net, cfg = load_for_eval(model, workdir=workdir)
+    items = rank_pool(net, pool, workdir, score, budget, labelled=labelled_rows(workdir), seed=seed,
+                      precision=cfg.train.precision)
+    res = write_queue(items, workdir, out, score=score, model=model, label=label)
+    return {**{k: v for k, v in res.items() if k != "items"}, "pool": len(pool),
+            "items": [{k: it[k] for k in ("rank", "image_id", "score")} for it in res["items"]]}
+
+
 def selection_cfg(model_cfg: ExperimentCfg, cfg: ExperimentCfg, workdir: str | None = None) -> ExperimentCfg:
     """The evaluation settings of the promotion gate: ``model_cfg`` (a checkpoint's config) on ``cfg``'s data
     (or ``workdir``), split ``promotion.selection_split``, with baselines, without gallery and robustness."""
