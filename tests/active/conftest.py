@@ -11,13 +11,14 @@ from tests.conftest import copy_kvasir_subset, sample_root
 from tests.engine.conftest import tiny_checkpoint  # noqa: F401  (the fixture, shared)
 
 
-def _stems_by_split(n_train: int, n_val: int, skip: int) -> tuple[list[str], list[str]]:
+def _stems_by_split(n_train: int, n_val: int) -> tuple[list[str], list[str]]:
+    """Train and val stems that ``copy_kvasir_subset`` (6 train, 2 val) does not take."""
     from medsam2.data.splits import DEFAULT_VAL_FRACTION, split_bucket
 
     other = (sample_root() / "kvasir-seg" / "split_other.txt").read_text().split()
     cut = round(DEFAULT_VAL_FRACTION * 1000)
-    train = [s for s in other if split_bucket(f"kvasir-seg:{s}") >= cut][skip:skip + n_train]
-    val = [s for s in other if split_bucket(f"kvasir-seg:{s}") < cut][skip:skip + n_val]
+    train = [s for s in other if split_bucket(f"kvasir-seg:{s}") >= cut][6:6 + n_train]
+    val = [s for s in other if split_bucket(f"kvasir-seg:{s}") < cut][2:2 + n_val]
     return train, val
 
 
@@ -30,7 +31,7 @@ def pool_workdir(sample_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("pool")
     src = copy_kvasir_subset(root / "kvasir-seg")
     kv = sample_data / "kvasir-seg"
-    train, val = _stems_by_split(4, 1, skip=10)
+    train, val = _stems_by_split(4, 1)
     test = (kv / "split_pranet_test.txt").read_text().split()[10:11]
     for stem in train + val + test:
         shutil.copy(kv / "images" / f"{stem}.jpg", src / "images")
