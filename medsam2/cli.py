@@ -253,10 +253,14 @@ def evaluate(
     report: Annotated[str | None, typer.Option("--report", help="Report directory.")] = None,
     robustness: Annotated[bool, typer.Option(help="Add the corruption suite.")] = False,
     cross_dataset: Annotated[bool, typer.Option(help="Evaluate on every labelled dataset's test rows.")] = False,
+    flags: Annotated[bool, typer.Option(help="Failure flags: calibrate predicted IoU → Dice on val, mark test images "
+                                              "'needs review' and report the flags' precision/recall.")] = True,
+    review_below: Annotated[float | None, typer.Option(help="Needs review below this calibrated confidence "
+                                                            "(default 0.7).")] = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Dice/IoU/precision/recall/HD95 on the frozen test split, baselines beside it, HTML report."""
+    """Dice/IoU/precision/recall/HD95 on the frozen test split, baselines beside it, failure flags, HTML report."""
     from medsam2.steps import run_evaluate
 
     overrides = list(set_ or [])
@@ -268,7 +272,8 @@ def evaluate(
     _check_model(model)
     _check_workdir(workdir, "evaluate")
     _needs_mlflow(tracking_uri)
-    res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report)
+    res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report, flags=flags,
+                       review_below=review_below)
     m = res["metrics"]
     _emit(res, json_, f"test Dice {m.get('test_dice', float('nan')):.4f} "
                       f"(ellipse-in-box baseline {m.get('baseline_ellipse_in_box_dice', float('nan')):.4f}) "
@@ -329,6 +334,9 @@ def predict(
     precision: Annotated[str, typer.Option(
         help="auto, fp32, bf16 (PyTorch autocast; CPUs without native bf16 run fp32), or int8 (--engine onnx, "
              "an export made with --quantize int8).")] = "auto",
+    calibration: Annotated[Path | None, typer.Option(
+        help="calibration.json of an evaluation report: adds each mask's confidence (expected Dice) and "
+             "needs_review.")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Segment images, one output per input: a PNG mask (and a DICOM-SEG for DICOM input) each.
@@ -350,9 +358,23 @@ def predict(
     _check_model(model)
     from medsam2.predict_files import predict_files
 
-    res = predict_files(model, items, out, engine=engine, precision=precision)
+    cal = None
+    if calibration is not None:
+        from medsam2.eval.calibration import Calibrator
+
+        if not calibration.is_file():
+            raise InputDataError(f"--calibration {str(calibration)!r} is not a file",
+                                 "give the calibration.json of a medsam2 evaluate report")
+        try:
+            cal = Calibrator.load(calibration)
+        except (ValueError, KeyError) as e:
+            raise InputDataError(f"--calibration {calibration}: {e}", "give the calibration.json of a medsam2 "
+                                 "evaluate report") from None
+    res = predict_files(model, items, out, engine=engine, precision=precision, calibration=cal)
     failed = [o for o in res["outputs"] if o["status"] != "ok"]
-    _emit(res, json_, f"wrote {res['n_ok']} masks to {out}" + "".join(
+    review = [o for o in res["outputs"] if o.get("needs_review")]
+    _emit(res, json_, f"wrote {res['n_ok']} masks to {out}"
+          + (f"; {len(review)} need review" if cal is not None else "") + "".join(
         f"\n  failed: {o['input']}: {o['error']}" for o in failed))
     if res["n_ok"] == 0:
         raise InputDataError(f"every input failed ({len(failed)}); first: {failed[0]['input']}: {failed[0]['error']}",

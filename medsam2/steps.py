@@ -147,17 +147,25 @@ def load_engine(model: str, engine: str = "torch", precision: str | None = None)
 
 def run_evaluate(
     model: str, cfg_overrides: list[str] | None = None, *, workdir: str | None = None, run_id: str | None = None,
-    report_dir: str | None = None, parent_run_id: str | None = None,
+    report_dir: str | None = None, parent_run_id: str | None = None, flags: bool = True,
+    review_below: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model, write the report, and log metrics + report into ``run_id`` (else a new eval run)."""
+    """Evaluate a model, write the report, and log metrics + report into ``run_id`` (else a new eval run).
+
+    ``flags``: on the test split (not cross-dataset) also calibrate failure flags on val
+    (:func:`medsam2.engine.evaluate.calibrate_flags`; ``review_below`` overrides its threshold)."""
     from medsam2 import tracking
     from medsam2.engine.evaluate import evaluate
+    from medsam2.eval.calibration import CalibrationCfg
 
     net, cfg = load_for_eval(model, cfg_overrides, workdir)
     tracking.setup(cfg)
     out = Path(report_dir or Path(tracking.medsam2_home()) / "reports" / (run_id or "latest"))
     with tracking.active_run(run_id=run_id, run_name="evaluate", parent_run_id=parent_run_id) as active:
-        result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}",
+        calibration = None
+        if flags and cfg.eval.split == "test" and not cfg.eval.cross_dataset:
+            calibration = CalibrationCfg(**({} if review_below is None else {"review_below": review_below}))
+        result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}", calibration=calibration,
                           context={"model": model, "run_id": active, "config_hash": config_hash(cfg)})
         tracking.log_evaluation(result, out)
         tracking.set_tags({"evaluated_model": model})

@@ -148,16 +148,22 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def _num(v: float) -> float | None:
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
 def assess(cal: Calibrator, iou_pred: np.ndarray, dice: np.ndarray, n_bins: int = 10) -> dict[str, Any]:
     """How ``cal`` does on held-out (N,) predicted IoUs and Dice values: ECE raw / calibrated, Spearman raw /
-    calibrated, the flags' precision and recall, and the calibrated reliability curve."""
+    calibrated, the flags' precision and recall, and the calibrated reliability curve (strict JSON: an
+    undefined value is None)."""
     x = np.clip(np.asarray(iou_pred, np.float64), 0, 1)
     y = np.asarray(dice, np.float64)
     conf = cal(x)
+    flags = flag_quality(conf < cal.review_below, y < cal.review_below)
     return {"n": int(x.size), "review_below": cal.review_below,
-            "ece_raw": ece(x, y, n_bins), "ece": ece(conf, y, n_bins),
-            "spearman_raw": _spearman(x, y), "spearman": _spearman(conf, y),
-            "flags": flag_quality(conf < cal.review_below, y < cal.review_below),
+            "ece_raw": _num(ece(x, y, n_bins)), "ece": _num(ece(conf, y, n_bins)),
+            "spearman_raw": _num(_spearman(x, y)), "spearman": _num(_spearman(conf, y)),
+            "flags": {k: _num(v) if isinstance(v, float) else v for k, v in flags.items()},
             "reliability": reliability(conf, y, n_bins), "reliability_raw": reliability(x, y, n_bins)}
 
 
