@@ -192,9 +192,13 @@ def ingest(
     dataset: Annotated[str | None, typer.Option(help="Dataset name (default: the folder name).")] = None,
     layout: Annotated[Path | None, typer.Option(help="YAML mapping for your own folder layout.")] = None,
     s3_endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (MinIO, moto).")] = None,
+    labels: Annotated[bool, typer.Option(
+        help="SOURCE is a folder of masks for images already in the work dir (a .json SOURCE is a Label Studio "
+             "export and always a label source).")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Ingest images (+ masks) into the manifest; bad inputs go to quarantine with a reason."""
+    """Ingest images (+ masks) into the manifest, or labels that came back (--labels, or a Label Studio export
+    .json); bad inputs go to quarantine with a reason."""
     import yaml
 
     from medsam2.steps import run_ingest
@@ -208,7 +212,10 @@ def ingest(
         except yaml.YAMLError as e:
             raise UsageError(f"layout {layout}: not valid YAML: {' '.join(str(e).split())}", "fix the file") from None
     workdir = workdir or _default_workdir()
-    res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)  # checks S3 first
+    if labels or source.lower().endswith(".json"):
+        res = run_ingest(source, workdir, labels=True)
+    else:
+        res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)  # S3 first
     _emit(res, json_, f"added {res['added']}, unchanged {res['unchanged']}, quarantined {res['quarantined']}, "
                       f"rows {res['rows']}, dataset version {res['dataset_version']}")
 

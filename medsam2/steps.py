@@ -16,10 +16,16 @@ from medsam2.config import ExperimentCfg, config_hash, with_overrides
 log = logging.getLogger(__name__)
 
 
-def run_ingest(source: str, workdir: str, **kwargs: Any) -> dict[str, Any]:
+def run_ingest(source: str, workdir: str, *, labels: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Ingest images (+ masks), or with ``labels`` (or a ``.json`` source: a Label Studio export) the labels of
+    images already in ``workdir`` (:func:`medsam2.data.returned_labels.ingest_labels`)."""
     from medsam2.data.ingest import ingest
     from medsam2.data.sample import resolve_source
 
+    if labels or str(source).lower().endswith(".json"):
+        from medsam2.data.returned_labels import ingest_labels
+
+        return ingest_labels(source, workdir).to_dict()
     return ingest(resolve_source(source), workdir, **kwargs).to_dict()
 
 

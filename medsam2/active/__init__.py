@@ -4,5 +4,5 @@
   flip disagreement, k-center diversity over image embeddings, random.
 - :mod:`.pool`: the unlabelled pool of a work dir, the signals the scores read, the ranking.
 - :mod:`.queue`: the labelling queue (CSV, Label Studio import with pre-annotations, overlays, DICOM-SEG).
-- :mod:`.labelstudio`: Label Studio's brush RLE and import tasks.
+- Label Studio's brush RLE and import tasks are in :mod:`medsam2.data.labelstudio` (the label ingest reads them too).
 """

@@ -30,9 +30,9 @@ from PIL import Image
 
 from medsam2.data.dataset import load_cached
 from medsam2.data.dicom_seg import write_dicom_seg
+from medsam2.data.labelstudio import LABEL_CONFIG, task
 from medsam2.data.readers import sniff_kind
 
-from .labelstudio import LABEL_CONFIG, task
 from .pool import Suggested
 
 

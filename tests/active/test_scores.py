@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsam2.active.labelstudio import decode_rle, encode_rle, mask_to_rle, rle_to_mask, task
 from medsam2.active.scores import ACQUISITIONS, PoolSignals, kcenter_greedy
+from medsam2.data.labelstudio import decode_rle, encode_rle, mask_to_rle, rle_to_mask, task
 from medsam2.engine.predict import Prediction
 
 

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medsam2.active.labelstudio import rle_to_mask
 from medsam2.active.pool import labelled_rows, pool_rows
+from medsam2.data.labelstudio import rle_to_mask
 from medsam2.data.manifest import read_manifest
 
 
