@@ -181,12 +181,13 @@ def run_evaluate(
 def run_suggest(model: str, workdir: str, budget: int, out: str | Path, *, score: str = "entropy", seed: int = 0,
                 cap_budget: bool = False, label: str = "lesion") -> dict[str, Any]:
     """Rank the unlabelled pool of ``workdir`` with the acquisition ``score`` and write the labelling queue of the
-    top ``budget`` images into ``out`` (:mod:`medsam2.active`). An empty pool, or a budget larger than the pool
-    (unless ``cap_budget``: then the whole pool), is an :class:`~medsam2.errors.InputDataError` / UsageError."""
-    from medsam2.active.pool import labelled_rows, pool_rows, rank_pool
+    top ``budget`` images into ``out`` (:mod:`medsam2.active`). An empty pool is an
+    :class:`~medsam2.active.pool.EmptyPoolError`, a budget larger than the pool a UsageError (unless
+    ``cap_budget``: then the whole pool is queued)."""
+    from medsam2.active.pool import EmptyPoolError, labelled_rows, pool_rows, rank_pool
     from medsam2.active.queue import write_queue
     from medsam2.active.scores import ACQUISITIONS
-    from medsam2.errors import InputDataError, UsageError
+    from medsam2.errors import UsageError
 
     if score not in ACQUISITIONS:
         raise UsageError(f"--score {score!r} is not one of {', '.join(ACQUISITIONS.names())}")
@@ -194,7 +195,7 @@ def run_suggest(model: str, workdir: str, budget: int, out: str | Path, *, score
         raise UsageError(f"--budget must be at least 1, got {budget}")
     pool = pool_rows(workdir)
     if pool.empty:
-        raise InputDataError(f"nothing to suggest: the unlabelled pool of {workdir} is empty (every train image "
+        raise EmptyPoolError(f"nothing to suggest: the unlabelled pool of {workdir} is empty (every train image "
                              "has a mask; val and test images are never suggested)",
                              "ingest new unlabelled images into this work dir first")
     if budget > len(pool) and not cap_budget:

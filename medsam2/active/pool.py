@@ -25,9 +25,14 @@ from medsam2.data.dataset import load_cached, resize_pair
 from medsam2.data.selection import select_rows
 from medsam2.engine.predict import Prediction, TorchEngine, predict
 from medsam2.engine.self_training import row_prompt
+from medsam2.errors import InputDataError
 from medsam2.model.segmenter import Segmenter, normalize
 
 from .scores import ACQUISITIONS, PoolSignals
+
+
+class EmptyPoolError(InputDataError):
+    """The work dir has no unlabelled train image to suggest (exit 3, like any input-data answer)."""
 
 
 def _pool_cfg(workdir: str | Path) -> DataCfg:
