@@ -398,6 +398,10 @@ def suggest(
                    ] = ...,  # type: ignore[assignment]
     score: Annotated[str, typer.Option(help="Acquisition score (medsam2.active.scores.ACQUISITIONS).")] = "entropy",
     seed: Annotated[int, typer.Option(help="Seed of the random score.")] = 0,
+    label: Annotated[str, typer.Option(help="Label name of the Label Studio brush labels.")] = "lesion",
+    image_url_prefix: Annotated[str | None, typer.Option(
+        help="URL prefix of the tasks' images (default /data/local-files/?d=<out folder name>/images/: Label "
+             "Studio's local files with LOCAL_FILES_DOCUMENT_ROOT = the folder above --out).")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Which unlabelled images to label next: rank the pool (never val/test rows) and write a labelling queue
@@ -409,7 +413,8 @@ def suggest(
         raise UsageError(f"--score {score!r} is not one of {', '.join(ACQUISITIONS.names())}")
     _check_workdir(workdir, "suggest")
     _check_model(model)
-    res = run_suggest(model, workdir, budget, out, score=score, seed=seed)
+    res = run_suggest(model, workdir, budget, out, score=score, seed=seed, label=label,
+                      image_url_prefix=image_url_prefix)
     _emit(res, json_, f"queued {res['n']} of {res['pool']} unlabelled images by {score} in {out} "
                       f"(queue.csv, labelstudio.json, overlays/)")
 

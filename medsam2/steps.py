@@ -179,7 +179,8 @@ def run_evaluate(
 
 
 def run_suggest(model: str, workdir: str, budget: int, out: str | Path, *, score: str = "entropy", seed: int = 0,
-                cap_budget: bool = False, label: str = "lesion") -> dict[str, Any]:
+                cap_budget: bool = False, label: str = "lesion", image_url_prefix: str | None = None
+                ) -> dict[str, Any]:
     """Rank the unlabelled pool of ``workdir`` with the acquisition ``score`` and write the labelling queue of the
     top ``budget`` images into ``out`` (:mod:`medsam2.active`). An empty pool is an
     :class:`~medsam2.active.pool.EmptyPoolError`, a budget larger than the pool a UsageError (unless
@@ -205,7 +206,7 @@ def run_suggest(model: str, workdir: str, budget: int, out: str | Path, *, score
     net, cfg = load_for_eval(model, workdir=workdir)
     items = rank_pool(net, pool, workdir, score, budget, labelled=labelled_rows(workdir), seed=seed,
                       precision=cfg.train.precision)
-    res = write_queue(items, workdir, out, score=score, model=model, label=label)
+    res = write_queue(items, workdir, out, score=score, model=model, label=label, image_url_prefix=image_url_prefix)
     return {**{k: v for k, v in res.items() if k != "items"}, "pool": len(pool),
             "items": [{k: it[k] for k in ("rank", "image_id", "score")} for it in res["items"]]}
 

@@ -118,3 +118,7 @@ def test_mask_folder_labels_checked_and_kept_through_a_reingest(workdir, pool_wo
     assert re_ingest["dataset_version"] == version and re_ingest["labels_changed"] is False
     kinds = read_manifest(workdir).set_index("image_id")["label_kind"]
     assert kinds[a["image_id"]] == kinds[b["image_id"]] == "mask" and kinds[c["image_id"]] == "none"
+    from medsam2.data.validate import validate
+
+    report = validate(workdir, data_docs_dir=str(tmp_path / "docs"))  # the returned masks pass the data suite
+    assert report.success, report.failures

@@ -41,7 +41,7 @@ def test_suggest_writes_the_queue(pool_workdir, tiny_checkpoint, tmp_path, score
     pool = pool_rows(workdir)
     out = tmp_path / "queue"
     res = _cli("suggest", "--model", str(tiny_checkpoint), "--workdir", str(workdir), "--budget", str(len(pool)),
-               "--out", str(out), "--score", score, "--json")
+               "--out", str(out), "--score", score, "--label", "polyp", "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["n"] == summary["pool"] == len(pool) and summary["score"] == score
@@ -51,12 +51,14 @@ def test_suggest_writes_the_queue(pool_workdir, tiny_checkpoint, tmp_path, score
     if score == "tta_flip":  # a per-image score: the queue is sorted by it
         assert csv["score"].is_monotonic_decreasing and csv["score"].between(0, 1).all()
     tasks = json.loads((out / "labelstudio.json").read_text())
+    assert 'value="polyp"' in (out / "labelstudio_config.xml").read_text()
     queue = json.loads((out / "queue.json").read_text())
     by_id = pool.set_index("image_id")
     for t, item in zip(tasks, queue["items"], strict=True):
         assert t["data"]["medsam2_id"] == item["image_id"]
         assert t["data"]["image"].endswith(item["files"]["image"])
         (result,) = t["predictions"][0]["result"]
+        assert result["value"]["brushlabels"] == ["polyp"] and t["data"]["image"].startswith("/data/local-files/?d=")
         h, w = int(by_id.loc[item["image_id"], "height"]), int(by_id.loc[item["image_id"], "width"])
         assert (result["original_height"], result["original_width"]) == (h, w)
         mask = rle_to_mask(result["value"]["rle"], h, w)
