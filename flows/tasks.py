@@ -23,8 +23,8 @@ MODEL_PROMOTED = "medsam2.model.promoted"
 
 @reported_task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
                retry_condition_fn=retry_unless_user_error)
-def ingest_task(source: str, workdir: str) -> dict[str, Any]:
-    return steps.run_ingest(source, workdir)
+def ingest_task(source: str, workdir: str, labels: bool = False) -> dict[str, Any]:
+    return steps.run_ingest(source, workdir, labels=labels)
 
 
 @reported_task(name="validate", cache_policy=NO_CACHE)

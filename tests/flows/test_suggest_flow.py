@@ -1,6 +1,6 @@
 """The ``suggest-labels`` flow under the Prefect test harness: it ranks the unlabelled pool with a model and
 publishes the queue as artifacts; an empty pool completes with "nothing to label"; a promotion emits the event
-that triggers it."""
+that triggers it; labels coming back through ``ingest-data`` emit ``medsam2.labels.arrived``."""
 
 from __future__ import annotations
 
@@ -91,3 +91,33 @@ def test_a_promotion_emits_the_trigger_event(harness, monkeypatch, tmp_path):
     assert event == tasks.MODEL_PROMOTED == "medsam2.model.promoted"
     assert kw["resource"]["prefect.resource.id"] == "medsam2.model.medsam2"
     assert kw["payload"]["model_uri"] == "models:/medsam2/7" and kw["payload"]["workdir"] == str(tmp_path)
+
+
+def test_labels_back_through_ingest_data_emit_labels_arrived(harness, pool_workdir, tmp_path,  # noqa: F811
+                                                               monkeypatch):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    import flows.lifecycle as lifecycle
+    from medsam2.active.pool import pool_rows
+
+    emitted = []
+    monkeypatch.setattr(lifecycle, "emit_event", lambda event, **kw: emitted.append((event, kw)))
+    workdir = tmp_path / "work"
+    shutil.copytree(pool_workdir[0], workdir)
+    row = pool_rows(workdir).iloc[0]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    mask = np.zeros((int(row["height"]), int(row["width"])), np.uint8)
+    mask[5:50, 5:60] = 255
+    Image.fromarray(mask).save(masks / f"{row['image_id']}.png")
+    res = lifecycle.ingest_data(source=str(masks), workdir=str(workdir), labels=True)
+    assert res["added"] == 1 and res["labels_changed"] is True
+    ((event, kw),) = emitted
+    assert event == lifecycle.LABELS_ARRIVED and kw["payload"]["dataset_version"] == res["dataset_version"]
+    assert row["image_id"] not in set(pool_rows(workdir)["image_id"])
+    emitted.clear()
+    assert lifecycle.ingest_data(source=str(masks), workdir=str(workdir), labels=True)["labels_changed"] is False
+    assert emitted == []  # the same labels again: no retraining trigger
