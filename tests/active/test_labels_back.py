@@ -114,8 +114,10 @@ def test_mask_folder_labels_checked_and_kept_through_a_reingest(workdir, pool_wo
     again = ingest_labels(labels, workdir)  # the same labels again: nothing new
     assert (again.added, again.updated, again.labels_changed) == (0, 2, False)
     src = a["source_uri"].rsplit("/images/", 1)[0]
+    (workdir / a["image_uri"]).unlink()  # so that the ingest decodes a's image again: its row is rebuilt
     re_ingest = _ingest(src, "--workdir", str(workdir))  # the image source again: the labels stay
     assert re_ingest["dataset_version"] == version and re_ingest["labels_changed"] is False
+    assert re_ingest["decoded_units"] == 1  # a's row came back from its source, its label re-applied
     kinds = read_manifest(workdir).set_index("image_id")["label_kind"]
     assert kinds[a["image_id"]] == kinds[b["image_id"]] == "mask" and kinds[c["image_id"]] == "none"
     from medsam2.data.validate import validate
