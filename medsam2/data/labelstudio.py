@@ -116,7 +116,7 @@ def task(image_url: str, mask: np.ndarray, *, image_id: str, label: str, model_v
     :data:`LABEL_CONFIG` tags, with ``score`` (the acquisition score) and ``model_version``."""
     h, w = mask.shape
     result = {"id": f"{image_id[:40]}-mask", "type": "brushlabels", "from_name": "tag", "to_name": "image",
-              "original_width": int(w), "original_height": int(h), "image_rotation": 0, "origin": "prediction",
+              "original_width": int(w), "original_height": int(h), "image_rotation": 0,
               "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
     return {"data": {"image": image_url, "medsam2_id": image_id, **(extra or {})},
             "predictions": [{"model_version": model_version, "score": float(score), "result": [result]}]}
