@@ -85,6 +85,7 @@ def train_and_eval(work: Path, out: Path, tag: str, plan: dict, *, baselines: bo
            "val_dice": res.metrics.get("selected_val_dice", res.metrics.get("last_val_dice")),
            **{k: m.get(k) for k in ("test_dice", "test_dice_ci_low", "test_dice_ci_high", "test_iou",
                                     "baseline_ellipse_in_box_dice", "test_confidence_spearman",
+                                    "test_confidence_spearman_raw",
                                     "test_confidence_ece", "test_confidence_ece_raw", "test_flag_precision",
                                     "test_flag_recall", "val_confidence_spearman")},
            "n_test": ev.n_images, "overrides": record["overrides"], "checkpoint": res.checkpoint,

@@ -170,7 +170,8 @@ def assess(cal: Calibrator, iou_pred: np.ndarray, dice: np.ndarray, n_bins: int 
 def finite_metrics(prefix: str, assessed: dict[str, Any]) -> dict[str, float]:
     """The MLflow-ready scalars of :func:`assess` (``{prefix}_confidence_ece``, …), finite values only."""
     vals = {"confidence_ece": assessed["ece"], "confidence_ece_raw": assessed["ece_raw"],
-            "confidence_spearman": assessed["spearman"], "flag_precision": assessed["flags"]["precision"],
+            "confidence_spearman": assessed["spearman"], "confidence_spearman_raw": assessed["spearman_raw"],
+            "flag_precision": assessed["flags"]["precision"],
             "flag_recall": assessed["flags"]["recall"],
             "flag_rate": assessed["flags"]["n_flagged"] / max(1, assessed["flags"]["n"])}
     return {f"{prefix}_{k}": float(v) for k, v in vals.items() if v is not None and math.isfinite(v)}
