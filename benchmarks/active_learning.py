@@ -98,11 +98,13 @@ def train_and_eval(work: Path, out: Path, tag: str, plan: dict, *, baselines: bo
 def rank(checkpoint: str, work: Path, score: str, k: int, seed: int, src_masks: Path) -> tuple[list[str], dict]:
     """The ``k`` pool images ``score`` ranks first with the model of ``checkpoint`` → (ids, diagnostics: the
     model's true Dice on the chosen images and on the whole pool, from the hidden masks of ``src_masks``)."""
+    import torch
+
     from medsam2.active.pool import labelled_rows, pool_rows, rank_pool
     from medsam2.data.dataset import load_cached
     from medsam2.data.manifest import read_manifest
     from medsam2.engine.checkpoint import load_model
-    from medsam2.metrics import segmentation_metrics
+    from medsam2.metrics import batch_dice
 
     model, cfg = load_model(checkpoint, "cpu")
     pool = pool_rows(work)
@@ -114,7 +116,8 @@ def rank(checkpoint: str, work: Path, score: str, k: int, seed: int, src_masks: 
     dice = []
     for it in items:  # the oracle's masks, read only to say how good the model was on what each score picked
         mask = load_cached(src_masks, truth.loc[it.row["image_id"]])[1]
-        dice.append(segmentation_metrics(it.pred.mask, np.asarray(mask) > 0)["dice"])
+        pair = [torch.from_numpy(np.ascontiguousarray(m))[None].float() for m in (it.pred.mask, np.asarray(mask) > 0)]
+        dice.append(float(batch_dice(*pair, from_logits=False)[0]))  # Dice only: HD95 is not needed here
     del model
     return [str(it.row["image_id"]) for it in items[:k]], {
         "pool": len(pool), "rank_s": round(rank_s, 2), "chosen_model_dice": float(np.mean(dice[:k])),
