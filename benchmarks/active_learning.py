@@ -20,10 +20,12 @@ whole rounds last and the arms stay comparable at every round that ran; what was
     python benchmarks/active_learning.py --quick      # smoke: a handful of images, 1 step, 1 round
     python benchmarks/active_learning.py --out benchmarks/results/active-learning-cpu-$(date +%Y%m%d)   # ≤ 40 min
 
-Sizing (2 CPU cores, native bf16; label-efficiency CPU run of 20261202: a supervised demo-recipe step 0.3-1.0 s,
-a test evaluation 6-15 s): 1 + 5 × 3 = 16 trainings of 120 steps ≈ 16 × 80 s, 16 evaluations ≈ 160 s, 15 pool
-rankings of ~240 images (flip: two passes; k-center: + the labelled set's embeddings) ≈ 15 × 25 s, ingest ≈ 10 s:
-≈ 30 min.
+Sizing (2 CPU cores, native bf16). Measured on 20261202 with ``--scores entropy random --rounds 1`` (271 train
+images: 27 to start, +14 per round; 100 test): a 120-step training took 35 s on quiet cores and 145-275 s while
+other jobs loaded them (load average ~5); a test evaluation ~11 s; ranking the 244-image pool 8 s (random) to 24 s
+(entropy, the pass every score makes); ingest 5 s. The full plan is 1 + 5 × 3 = 16 trainings + evaluations and
+15 rankings (tta_flip: a second pass; kcenter: + embeddings): ≈ 16 × 50 s + 15 × 30 s ≈ 21 min on quiet cores;
+on loaded ones ``--max-minutes 40`` cuts the last rounds, and ``skipped`` says which.
 """
 
 from __future__ import annotations
