@@ -24,14 +24,15 @@ LABELS_ARRIVED = "medsam2.labels.arrived"
 
 @flow(name="ingest-data", log_prints=True)
 @reported
-def ingest_data(source: str, workdir: str = ".medsam2/work") -> dict[str, Any]:
+def ingest_data(source: str, workdir: str = ".medsam2/work", labels: bool = False) -> dict[str, Any]:
     """Ingest a folder or s3:// prefix; emit ``medsam2.labels.arrived`` if the labelled set's version changed.
 
     Args:
-        source: Folder, s3:// prefix or sample:<name>.
+        source: Folder, s3:// prefix or sample:<name>; a .json file is a Label Studio export (labels).
         workdir: Data work dir (manifest + cache).
+        labels: The source is a folder of masks for images already in the work dir (labels coming back).
     """
-    res = ingest_task(source, workdir)
+    res = ingest_task(source, workdir, labels)
     lines = [f"# Ingest of `{res.get('dataset')}`", f"- added {res['added']}, unchanged {res['unchanged']}, "
              f"updated {res.get('updated', 0)}, rows {res['rows']}, dataset version `{res['dataset_version']}`",
              f"- labels changed: {bool(res.get('labels_changed'))}", "",

@@ -18,11 +18,13 @@ from medsam2.config import ExperimentCfg
 from medsam2.engine.callbacks import Callback
 from medsam2.errors import InputDataError
 
+MODEL_PROMOTED = "medsam2.model.promoted"
+
 
 @reported_task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
                retry_condition_fn=retry_unless_user_error)
-def ingest_task(source: str, workdir: str) -> dict[str, Any]:
-    return steps.run_ingest(source, workdir)
+def ingest_task(source: str, workdir: str, labels: bool = False) -> dict[str, Any]:
+    return steps.run_ingest(source, workdir, labels=labels)
 
 
 @reported_task(name="validate", cache_policy=NO_CACHE)
@@ -93,7 +95,22 @@ def evaluate_task(model_uri: str, run_id: str | None, overrides: list[str] | Non
 @reported_task(name="promote", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
                retry_condition_fn=retry_unless_user_error)
 def promote_task(model_uri: str, eval_run_id: str, cfg: ExperimentCfg) -> dict[str, Any]:
-    return steps.run_promote(model_uri, eval_run_id, cfg)
+    """The promotion gate; a promotion emits ``medsam2.model.promoted`` (the ``suggest-labels`` trigger)."""
+    res = steps.run_promote(model_uri, eval_run_id, cfg)
+    if res.get("promoted"):
+        from prefect.events import emit_event
+
+        name, version = res["model_name"], res["version"]
+        emit_event(MODEL_PROMOTED, resource={"prefect.resource.id": f"medsam2.model.{name}"},
+                   payload={"model_uri": f"models:/{name}/{version}", "model_name": name, "version": version,
+                            "workdir": cfg.data.workdir})
+    return res
+
+
+@reported_task(name="suggest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+               retry_condition_fn=retry_unless_user_error)
+def suggest_task(model: str, workdir: str, budget: int, out: str, score: str) -> dict[str, Any]:
+    return steps.run_suggest(model, workdir, budget, out, score=score, cap_budget=True)
 
 
 @reported_task(name="check-new-labels", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,

@@ -192,9 +192,13 @@ def ingest(
     dataset: Annotated[str | None, typer.Option(help="Dataset name (default: the folder name).")] = None,
     layout: Annotated[Path | None, typer.Option(help="YAML mapping for your own folder layout.")] = None,
     s3_endpoint_url: Annotated[str | None, typer.Option(help="S3 endpoint (MinIO, moto).")] = None,
+    labels: Annotated[bool, typer.Option(
+        help="SOURCE is a folder of masks for images already in the work dir (a .json SOURCE is a Label Studio "
+             "export and always a label source).")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Ingest images (+ masks) into the manifest; bad inputs go to quarantine with a reason."""
+    """Ingest images (+ masks) into the manifest, or labels that came back (--labels, or a Label Studio export
+    .json); bad inputs go to quarantine with a reason."""
     import yaml
 
     from medsam2.steps import run_ingest
@@ -208,7 +212,10 @@ def ingest(
         except yaml.YAMLError as e:
             raise UsageError(f"layout {layout}: not valid YAML: {' '.join(str(e).split())}", "fix the file") from None
     workdir = workdir or _default_workdir()
-    res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)  # checks S3 first
+    if labels or source.lower().endswith(".json"):
+        res = run_ingest(source, workdir, labels=True)
+    else:
+        res = run_ingest(source, workdir, dataset=dataset, layout=lay, s3_endpoint_url=s3_endpoint_url)  # S3 first
     _emit(res, json_, f"added {res['added']}, unchanged {res['unchanged']}, quarantined {res['quarantined']}, "
                       f"rows {res['rows']}, dataset version {res['dataset_version']}")
 
@@ -271,10 +278,14 @@ def evaluate(
     report: Annotated[str | None, typer.Option("--report", help="Report directory.")] = None,
     robustness: Annotated[bool, typer.Option(help="Add the corruption suite.")] = False,
     cross_dataset: Annotated[bool, typer.Option(help="Evaluate on every labelled dataset's test rows.")] = False,
+    flags: Annotated[bool, typer.Option(help="Failure flags: calibrate predicted IoU → Dice on val, mark test images "
+                                              "'needs review' and report the flags' precision/recall.")] = True,
+    review_below: Annotated[float | None, typer.Option(help="Needs review below this calibrated confidence "
+                                                            "(default 0.7).")] = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Dice/IoU/precision/recall/HD95 on the frozen test split, baselines beside it, HTML report."""
+    """Dice/IoU/precision/recall/HD95 on the frozen test split, baselines beside it, failure flags, HTML report."""
     from medsam2.steps import run_evaluate
 
     overrides = list(set_ or [])
@@ -286,7 +297,8 @@ def evaluate(
     _check_model(model)
     _check_workdir(workdir, "evaluate")
     _needs_mlflow(tracking_uri)
-    res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report)
+    res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report, flags=flags,
+                       review_below=review_below)
     m = res["metrics"]
     _emit(res, json_, f"test Dice {m.get('test_dice', float('nan')):.4f} "
                       f"(ellipse-in-box baseline {m.get('baseline_ellipse_in_box_dice', float('nan')):.4f}) "
@@ -347,6 +359,9 @@ def predict(
     precision: Annotated[str, typer.Option(
         help="auto, fp32, bf16 (PyTorch autocast; CPUs without native bf16 run fp32), or int8 (--engine onnx, "
              "an export made with --quantize int8).")] = "auto",
+    calibration: Annotated[Path | None, typer.Option(
+        help="calibration.json of an evaluation report: adds each mask's confidence (expected Dice) and "
+             "needs_review.")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Segment images, one output per input: a PNG mask (and a DICOM-SEG for DICOM input) each.
@@ -368,13 +383,58 @@ def predict(
     _check_model(model)
     from medsam2.predict_files import predict_files
 
-    res = predict_files(model, items, out, engine=engine, precision=precision)
+    cal = None
+    if calibration is not None:
+        from medsam2.eval.calibration import Calibrator
+
+        if not calibration.is_file():
+            raise InputDataError(f"--calibration {str(calibration)!r} is not a file",
+                                 "give the calibration.json of a medsam2 evaluate report")
+        try:
+            cal = Calibrator.load(calibration)
+        except (ValueError, KeyError) as e:
+            raise InputDataError(f"--calibration {calibration}: {e}", "give the calibration.json of a medsam2 "
+                                 "evaluate report") from None
+    res = predict_files(model, items, out, engine=engine, precision=precision, calibration=cal)
     failed = [o for o in res["outputs"] if o["status"] != "ok"]
-    _emit(res, json_, f"wrote {res['n_ok']} masks to {out}" + "".join(
+    review = [o for o in res["outputs"] if o.get("needs_review")]
+    _emit(res, json_, f"wrote {res['n_ok']} masks to {out}"
+          + (f"; {len(review)} need review" if cal is not None else "") + "".join(
         f"\n  failed: {o['input']}: {o['error']}" for o in failed))
     if res["n_ok"] == 0:
         raise InputDataError(f"every input failed ({len(failed)}); first: {failed[0]['input']}: {failed[0]['error']}",
                              "see the outputs' errors (--json) and fix the inputs or prompts")
+
+
+@app.command()
+def suggest(
+    model: Annotated[str, typer.Option(help="Checkpoint path or MLflow model URI.")] = ...,  # type: ignore[assignment]
+    workdir: Annotated[str, typer.Option(help="Ingested work dir whose unlabelled train images are ranked.")
+                       ] = ...,  # type: ignore[assignment]
+    budget: Annotated[int, typer.Option(help="How many images to queue for labelling.")] = ...,  # type: ignore[assignment]
+    out: Annotated[Path, typer.Option(help="Queue directory (CSV, Label Studio JSON, overlays, DICOM-SEG).")
+                   ] = ...,  # type: ignore[assignment]
+    score: Annotated[str, typer.Option(help="Acquisition score (medsam2.active.scores.ACQUISITIONS).")] = "entropy",
+    seed: Annotated[int, typer.Option(help="Seed of the random score.")] = 0,
+    label: Annotated[str, typer.Option(help="Label name of the Label Studio brush labels.")] = "lesion",
+    image_url_prefix: Annotated[str | None, typer.Option(
+        help="URL prefix of the tasks' images (default /data/local-files/?d=<out folder name>/images/: Label "
+             "Studio's local files with LOCAL_FILES_DOCUMENT_ROOT = the folder above --out).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Which unlabelled images to label next: rank the pool (never val/test rows) and write a labelling queue
+    with the model's masks as Label Studio pre-annotations."""
+    from medsam2.active.scores import ACQUISITIONS
+    from medsam2.steps import run_suggest
+
+    if score not in ACQUISITIONS:
+        raise UsageError(f"--score {score!r} is not one of {', '.join(ACQUISITIONS.names())}")
+    _check_workdir(workdir, "suggest")
+    _check_model(model)
+    res = run_suggest(model, workdir, budget, out, score=score, seed=seed, label=label,
+                      image_url_prefix=image_url_prefix)
+    _emit(res, json_, f"queued {res['n']} of {res['pool']} unlabelled images by {score} in {out} "
+                      f"(queue.csv, labelstudio.json, overlays/)")
 
 
 @app.command()

@@ -17,42 +17,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from medsam2.data.dicom_seg import write_dicom_seg
 from medsam2.data.images import read_image_any
 from medsam2.data.readers import sniff_kind
 from medsam2.engine.predict import predict
 from medsam2.engine.prompt_sources import PromptItem, check_prompt, parse_box, parse_points
 from medsam2.errors import InputDataError
+from medsam2.eval.calibration import Calibrator
 
 __all__ = ["PromptItem", "parse_box", "parse_points", "predict_files", "write_dicom_seg"]
-
-
-def write_dicom_seg(source: Path, masks: list[np.ndarray], out_path: Path, label: str = "lesion") -> Path:
-    """DICOM-SEG for ``source`` with one binary frame per source frame; returns the written path."""
-    import highdicom as hd
-    import pydicom
-    from pydicom.sr.codedict import codes
-
-    import medsam2
-
-    ds = pydicom.dcmread(source)
-    desc = hd.seg.SegmentDescription(
-        segment_number=1, segment_label=label,
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Lesion,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="MedSAM2", version=medsam2.__version__, family=codes.cid7162.ArtificialIntelligence),
-    )
-    seg = hd.seg.Segmentation(
-        source_images=[ds], pixel_array=np.stack(masks).astype(bool),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[desc],
-        series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
-        manufacturer="MedSAM2", manufacturer_model_name="MedSAM2", software_versions=medsam2.__version__,
-        device_serial_number="medsam2",
-    )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(out_path)
-    return out_path
 
 
 def _frames(item: PromptItem) -> list[np.ndarray]:
@@ -119,7 +92,7 @@ def _stems(items: list[PromptItem]) -> list[str]:
 
 
 def predict_files(model: str, items: list[PromptItem], out: Path, engine: str = "torch",
-                  precision: str | None = None) -> dict[str, Any]:
+                  precision: str | None = None, calibration: Calibrator | None = None) -> dict[str, Any]:
     """Segment every item (one mask PNG each, plus a DICOM-SEG for a DICOM input) into ``out``.
 
     ``engine``: ``torch`` or ``onnx`` (:func:`medsam2.steps.load_engine`); ``precision``: ``auto``/``fp32``/``bf16``
@@ -128,6 +101,8 @@ def predict_files(model: str, items: list[PromptItem], out: Path, engine: str = 
     Returns ``{"model", "outputs": [one entry per item, in order], "n_inputs", "n_ok", "n_failed"}``; an entry is
     ``{"input", "status": "ok", "mask_png", "iou_pred", "foreground_fraction", "frames"[, "box", "dicom_seg"]}``
     or ``{"input", "status": "failed", "error", "kind", "hint"}``: a failing input does not stop the batch.
+    With a ``calibration`` (:mod:`medsam2.eval.calibration`) an ok entry also has ``confidence`` (the expected
+    Dice of its mask, in [0, 1]) and ``needs_review`` (confidence below the calibration's threshold).
     """
     from medsam2.engine.predict import FeatureCache
     from medsam2.errors import describe
@@ -141,7 +116,11 @@ def predict_files(model: str, items: list[PromptItem], out: Path, engine: str = 
     try:
         for item, stem in zip(items, _stems(items), strict=True):
             try:
-                outputs.append(_one(net, mode, item, out, stem, cache, precision))
+                entry = _one(net, mode, item, out, stem, cache, precision)
+                if calibration is not None:
+                    entry["confidence"] = float(calibration(entry["iou_pred"]))
+                    entry["needs_review"] = bool(entry["confidence"] < calibration.review_below)
+                outputs.append(entry)
             except Exception as e:  # noqa: BLE001 - reported for this input; the batch goes on
                 report = describe(e)
                 if report.kind == "usage":  # a ValueError of a bad prompt is this input's data, not a wrong option

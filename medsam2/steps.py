@@ -16,10 +16,16 @@ from medsam2.config import ExperimentCfg, config_hash, with_overrides
 log = logging.getLogger(__name__)
 
 
-def run_ingest(source: str, workdir: str, **kwargs: Any) -> dict[str, Any]:
+def run_ingest(source: str, workdir: str, *, labels: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Ingest images (+ masks), or with ``labels`` (or a ``.json`` source: a Label Studio export) the labels of
+    images already in ``workdir`` (:func:`medsam2.data.returned_labels.ingest_labels`)."""
     from medsam2.data.ingest import ingest
     from medsam2.data.sample import resolve_source
 
+    if labels or str(source).lower().endswith(".json"):
+        from medsam2.data.returned_labels import ingest_labels
+
+        return ingest_labels(source, workdir).to_dict()
     return ingest(resolve_source(source), workdir, **kwargs).to_dict()
 
 
@@ -149,21 +155,62 @@ def load_engine(model: str, engine: str = "torch", precision: str | None = None)
 
 def run_evaluate(
     model: str, cfg_overrides: list[str] | None = None, *, workdir: str | None = None, run_id: str | None = None,
-    report_dir: str | None = None, parent_run_id: str | None = None,
+    report_dir: str | None = None, parent_run_id: str | None = None, flags: bool = True,
+    review_below: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model, write the report, and log metrics + report into ``run_id`` (else a new eval run)."""
+    """Evaluate a model, write the report, and log metrics + report into ``run_id`` (else a new eval run).
+
+    ``flags``: on the test split (not cross-dataset) also calibrate failure flags on val
+    (:func:`medsam2.engine.evaluate.calibrate_flags`; ``review_below`` overrides its threshold)."""
     from medsam2 import tracking
     from medsam2.engine.evaluate import evaluate
+    from medsam2.eval.calibration import CalibrationCfg
 
     net, cfg = load_for_eval(model, cfg_overrides, workdir)
     tracking.setup(cfg)
     out = Path(report_dir or Path(tracking.medsam2_home()) / "reports" / (run_id or "latest"))
     with tracking.active_run(run_id=run_id, run_name="evaluate", parent_run_id=parent_run_id) as active:
-        result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}",
+        calibration = None
+        if flags and cfg.eval.split == "test" and not cfg.eval.cross_dataset:
+            calibration = CalibrationCfg(**({} if review_below is None else {"review_below": review_below}))
+        result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}", calibration=calibration,
                           context={"model": model, "run_id": active, "config_hash": config_hash(cfg)})
         tracking.log_evaluation(result, out)
         tracking.set_tags({"evaluated_model": model})
         return {"run_id": active, "report_dir": str(out), **result.to_dict()}
+
+
+def run_suggest(model: str, workdir: str, budget: int, out: str | Path, *, score: str = "entropy", seed: int = 0,
+                cap_budget: bool = False, label: str = "lesion", image_url_prefix: str | None = None
+                ) -> dict[str, Any]:
+    """Rank the unlabelled pool of ``workdir`` with the acquisition ``score`` and write the labelling queue of the
+    top ``budget`` images into ``out`` (:mod:`medsam2.active`). An empty pool is an
+    :class:`~medsam2.active.pool.EmptyPoolError`, a budget larger than the pool a UsageError (unless
+    ``cap_budget``: then the whole pool is queued)."""
+    from medsam2.active.pool import EmptyPoolError, labelled_rows, pool_rows, rank_pool
+    from medsam2.active.queue import write_queue
+    from medsam2.active.scores import ACQUISITIONS
+    from medsam2.errors import UsageError
+
+    if score not in ACQUISITIONS:
+        raise UsageError(f"--score {score!r} is not one of {', '.join(ACQUISITIONS.names())}")
+    if budget < 1:
+        raise UsageError(f"--budget must be at least 1, got {budget}")
+    pool = pool_rows(workdir)
+    if pool.empty:
+        raise EmptyPoolError(f"nothing to suggest: the unlabelled pool of {workdir} is empty (every train image "
+                             "has a mask; val and test images are never suggested)",
+                             "ingest new unlabelled images into this work dir first")
+    if budget > len(pool) and not cap_budget:
+        raise UsageError(f"--budget {budget} is larger than the unlabelled pool ({len(pool)} images)",
+                         f"use --budget {len(pool)} to queue the whole pool")
+    budget = min(budget, len(pool))
+    net, cfg = load_for_eval(model, workdir=workdir)
+    items = rank_pool(net, pool, workdir, score, budget, labelled=labelled_rows(workdir), seed=seed,
+                      precision=cfg.train.precision)
+    res = write_queue(items, workdir, out, score=score, model=model, label=label, image_url_prefix=image_url_prefix)
+    return {**{k: v for k, v in res.items() if k != "items"}, "pool": len(pool),
+            "items": [{k: it[k] for k in ("rank", "image_id", "score")} for it in res["items"]]}
 
 
 def selection_cfg(model_cfg: ExperimentCfg, cfg: ExperimentCfg, workdir: str | None = None) -> ExperimentCfg:

@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("medsam2.model",),                                                                         # 4 the network
     ("medsam2.semisup", "medsam2.tracking.artifacts"),                                          # 5 strategies,
                                                                                                 # MLflow models' files
-    ("medsam2.engine",),                                                                        # 6 train/eval/predict
+    ("medsam2.engine", "medsam2.active"),                                                       # 6 train/eval/predict,
+                                                                                                # active learning
     ("medsam2.promotion", "medsam2.tracking"),                                                  # 7 gate, MLflow
     ("medsam2.steps", "medsam2.predict_files"),                                                 # 8 use cases
     ("medsam2.cli",),                                                                           # 9 the CLI

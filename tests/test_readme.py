@@ -54,6 +54,17 @@ SKIP = {  # command as written → why a test does not run it
     "medsam2 predict scan1.png --model models:/medsam2@champion --engine onnx --precision int8 --box "
     "40,30,200,180 --out preds":
         "needs the champion and its logged export (tests/engine/test_export.py, registered-model test)",
+    'medsam2 suggest --model models:/medsam2@champion --workdir "$MEDSAM2_HOME/work" --budget 20 --out queue --json':
+        "needs the champion of `make demo` (tests/active/test_suggest.py runs suggest on a tiny checkpoint)",
+    'medsam2 ingest queue-export.json --workdir "$MEDSAM2_HOME/work" --json':
+        "the reader's Label Studio export (tests/active/test_labels_back.py ingests one made from a suggest queue)",
+    'medsam2 ingest labelled-masks/ --labels --workdir "$MEDSAM2_HOME/work" --json':
+        "the reader's folder of masks (tests/active/test_labels_back.py ingests one)",
+    "medsam2 evaluate --model models:/medsam2@champion --review-below 0.7 --json":
+        "needs the champion of `make demo` (tests/engine/test_failure_flags.py evaluates with flags)",
+    "medsam2 predict scan1.png --model models:/medsam2@champion --calibration report/calibration.json --box "
+    "40,30,200,180 --out preds":
+        "needs the champion and its report (tests/engine/test_failure_flags.py predicts with a calibration)",
 }
 
 _BLOCK = re.compile(r"^```(?:bash|sh|shell|console)\s*\n(.*?)^```", re.MULTILINE | re.DOTALL)

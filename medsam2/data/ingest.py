@@ -28,7 +28,7 @@
   into train/val.
 
 A dataset is one source: re-ingesting a dataset name replaces that dataset's rows with the source's current
-state.
+state. Labels that came back from labelling (:mod:`medsam2.data.returned_labels`) are re-applied at the end.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ from medsam2.data.dedup import Deduper, fingerprint
 from medsam2.data.deid import load_salt
 from medsam2.data.discover import Discovery, discover
 from medsam2.data.ledger import IngestResult, Ledger
-from medsam2.data.manifest import CACHE_DIR, read_manifest, workdir_lock
+from medsam2.data.manifest import CACHE_DIR, dataset_version, read_manifest, workdir_lock
 from medsam2.data.process import INGEST_VERSION, UnitOutput, dataset_prefix, process_unit
+from medsam2.data.returned_labels import reapply_labels
 from medsam2.data.source import Source, StatCache
 from medsam2.data.storage import open_storage
 from medsam2.errors import InternalError
@@ -135,6 +136,9 @@ def _run(
         _ingest_unit(u, src, ledger, deduper, res)
     res.files_seen = check_accounting(src, units, ledger.rows_by_unit, ledger.q_by_unit, ignored or [], ledger.reused)
     ledger.close(res)
+    if reapply_labels(workdir):  # a rebuilt row had lost its returned label (medsam2.data.returned_labels)
+        res.dataset_version = dataset_version(read_manifest(workdir))
+        res.labels_changed = res.dataset_version != res.previous_version
     _remove_orphans(workdir, dataset)
 
 

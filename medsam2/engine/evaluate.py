@@ -8,6 +8,7 @@ comparable with published ones. Empty-mask rule: see ``medsam2.metrics``.
 
 from __future__ import annotations
 
+import json
 import logging
 import zlib
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from medsam2.data.prompts import mask_box, sample_points
 from medsam2.data.selection import cross_dataset_rows, select_rows
 from medsam2.engine.predict import predict
 from medsam2.eval.baselines import BASELINES, PROMPT_BASELINES, mean_mask_baseline
+from medsam2.eval.calibration import CalibrationCfg, assess, finite_metrics, fit_isotonic
 from medsam2.eval.report import write_report
 from medsam2.eval.robustness import IMAGE_CORRUPTIONS, PROMPT_CORRUPTIONS, apply_corruption, severity_drop
 from medsam2.metrics import segmentation_metrics, summarize
@@ -121,7 +123,7 @@ def evaluate_rows(
         prompts = [_prompt_for(model, m) for m in masks]
         preds = _run(model, images, prompts, precision, batch_size)
         for (_, meta), img, gt, pr in zip(chunk.iterrows(), images, masks, preds, strict=True):
-            rec = _row(meta, "model", "clean", 0, pr.mask, gt)
+            rec = {**_row(meta, "model", "clean", 0, pr.mask, gt), "iou_pred": pr.iou_pred}
             records.append(rec)
             if gallery_size:
                 gallery.append({"image_id": meta["image_id"], "image": img, "target": gt, "pred": pr.mask,
@@ -196,11 +198,42 @@ def leakage(cfg: ExperimentCfg, *, near_duplicates: bool) -> pd.DataFrame:
                       image_loader=lambda uri: np.load(workdir / uri, mmap_mode="r"))
 
 
+def calibrate_flags(model: Segmenter, cfg: ExperimentCfg, per_image: pd.DataFrame, ccfg: CalibrationCfg,
+                    out_dir: Path) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """Failure flags (:mod:`medsam2.eval.calibration`): fit the predicted-IoU → Dice calibrator on the val rows,
+    add ``confidence`` and ``needs_review`` to ``per_image``'s clean model rows (in place; NaN / False for other
+    rows), write ``out_dir/calibration.json`` and return (its content, flat metrics). Fewer than
+    ``ccfg.min_fit`` val rows: (None, {}) and the report says why."""
+    per_image["confidence"] = np.nan
+    per_image["needs_review"] = False
+    if cfg.eval.split == "val":
+        raise ValueError("failure flags are fitted on val: evaluate them on another split (eval.split test)")
+    val, _ = select_rows(cfg.data, "val", seed=cfg.train.seed)
+    if len(val) < ccfg.min_fit:
+        log.warning("no failure flags: %d val rows, %d needed to calibrate", len(val), ccfg.min_fit)
+        return None, {}
+    val_pi, _ = evaluate_rows(model, val, cfg.data.workdir, baselines=False, precision=cfg.train.precision,
+                              batch_size=cfg.eval.batch_size, gallery_size=0)
+    cal = fit_isotonic(val_pi["iou_pred"], val_pi["dice"], ccfg.review_below)
+    rows = (per_image["method"] == "model") & (per_image["condition"] == "clean")
+    per_image.loc[rows, "confidence"] = cal(per_image.loc[rows, "iou_pred"].to_numpy(float))
+    per_image.loc[rows, "needs_review"] = per_image.loc[rows, "confidence"] < ccfg.review_below
+    on_val = assess(cal, val_pi["iou_pred"], val_pi["dice"], ccfg.n_bins)
+    on_split = assess(cal, per_image.loc[rows, "iou_pred"], per_image.loc[rows, "dice"], ccfg.n_bins)
+    res = {"calibrator": cal.to_dict(), "fit_split": "val", "split": cfg.eval.split, "settings": ccfg.model_dump(),
+           "val": on_val, cfg.eval.split: on_split}
+    (out_dir / "calibration.json").write_text(json.dumps(res, indent=2, allow_nan=False))
+    return res, {**finite_metrics(cfg.eval.split, on_split), **finite_metrics("val", on_val)}
+
+
 def evaluate(
     model: Segmenter, cfg: ExperimentCfg, out_dir: str | Path, *, rows: pd.DataFrame | None = None,
-    title: str = "MedSAM2 evaluation", context: dict | None = None,
+    title: str = "MedSAM2 evaluation", context: dict | None = None, calibration: CalibrationCfg | None = None,
 ) -> EvalResult:
-    """Evaluate on ``cfg.eval.split`` rows of the eval datasets (or ``rows``); write the report to ``out_dir``."""
+    """Evaluate on ``cfg.eval.split`` rows of the eval datasets (or ``rows``); write the report to ``out_dir``.
+
+    ``calibration``: also fit failure flags on the val rows (:func:`calibrate_flags`) and report their ECE and
+    precision/recall on the evaluated rows."""
     ec = cfg.eval
     if rows is None and ec.cross_dataset:
         rows = cross_dataset_rows(cfg.data)
@@ -219,11 +252,13 @@ def evaluate(
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    flags, flag_metrics = (calibrate_flags(model, cfg, per_image, calibration, out_dir) if calibration is not None
+                           else (None, {}))
     per_image.to_csv(out_dir / "per_image.csv", index=False)
     leaks = leakage(cfg, near_duplicates=ec.cross_dataset)
     leaks.to_csv(out_dir / "leakage.csv", index=False)
-    report = write_report(per_image, out_dir, title=title, summary=context, gallery=gallery)
-    metrics = flat_metrics(per_image)
+    report = write_report(per_image, out_dir, title=title, summary=context, gallery=gallery, calibration=flags)
+    metrics = {**flat_metrics(per_image), **flag_metrics}
     metrics["leakage_exact_pairs"] = float((leaks["kind"] == "exact").sum()) if len(leaks) else 0.0
     metrics["leakage_near_pairs"] = float((leaks["kind"] == "near").sum()) if len(leaks) else 0.0
     if len(leaks):

@@ -6,6 +6,8 @@ Modules (import what you need; ``report`` pulls in matplotlib, so it is not impo
 - :mod:`medsam2.eval.baselines` — ``mask_to_box``, ``ellipse_in_box``, ``fill_box`` (box-prompt floors).
 - :mod:`medsam2.eval.robustness` — ``CORRUPTIONS``, ``apply_corruption``, ``severity_drop``.
 - :mod:`medsam2.eval.leakage` — ``find_leaks`` (sha256 + perceptual-hash duplicates across splits).
+- :mod:`medsam2.eval.calibration` — ``fit_isotonic``, ``assess`` (failure flags: calibrated confidence, ECE,
+  precision/recall of "needs review").
 - :mod:`medsam2.eval.report` — ``write_report``.
 
 Per-image metrics live in :mod:`medsam2.metrics`.

@@ -249,6 +249,38 @@ def _plot_gallery(gallery: list[dict], path: Path) -> str:
 # ------------------------------------------------------------------------------------------------ HTML
 
 
+def _plot_reliability(calibration: dict, path: Path) -> str:
+    """Mean Dice against mean confidence per bin, raw predicted IoU and calibrated, on the evaluated split."""
+    res = calibration[calibration["split"]]
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect")
+    for key, label in (("reliability_raw", f"predicted IoU (ECE {res['ece_raw']:.3f})"),
+                       ("reliability", f"calibrated (ECE {res['ece']:.3f})")):
+        bins = res[key]
+        ax.plot([b["confidence"] for b in bins], [b["dice"] for b in bins], marker="o", label=label)
+    ax.axvline(res["review_below"], color="red", lw=1, label=f"needs review < {res['review_below']:.2f}")
+    ax.set(xlabel="confidence", ylabel="actual Dice", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability on {calibration['split']} (fit on {calibration['fit_split']})")
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def _flags_html(calibration: dict) -> list[str]:
+    split = calibration["split"]
+    rows = []
+    for name in (calibration["fit_split"], split):
+        r = calibration[name]
+        rows.append({"split": name, "n": r["n"], "ECE raw": r["ece_raw"], "ECE calibrated": r["ece"],
+                     "Spearman": r["spearman"], "flagged": r["flags"]["n_flagged"],
+                     "failures": r["flags"]["n_failures"], "precision": r["flags"]["precision"],
+                     "recall": r["flags"]["recall"]})
+    table = pd.DataFrame(rows).to_html(index=False, border=0, classes="t", float_format="%.3f", na_rep="–")
+    r = calibration[split]
+    return [f"<h2>Failure flags (needs review: calibrated confidence &lt; {r['review_below']:.2f}; failure: Dice "
+            f"&lt; {r['review_below']:.2f}; calibrated on {calibration['fit_split']})</h2>", table]
+
+
 def _fmt(stats: dict) -> str:
     if stats.get("mean") is None or not math.isfinite(stats["mean"]):
         return "–"
@@ -297,6 +329,8 @@ def _html(title: str, summary: dict, metrics: list[str], images: dict[str, str])
             "<h2>Paired comparison (Dice, model − other)</h2>",
             comp.to_html(index=False, border=0, classes="t", float_format="%.4f"),
         ]
+    if summary.get("calibration"):
+        parts += _flags_html(summary["calibration"])
     for name, b64 in images.items():
         parts.append(f'<h2>{esc(name)}</h2><img alt="{esc(name)}" src="data:image/png;base64,{b64}">')
     style = (
@@ -319,6 +353,7 @@ def write_report(
     gallery: list[dict] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    calibration: dict | None = None,
 ) -> dict:
     """Write ``report.json``, ``report.html`` (plots embedded as base64) and the PNGs into ``out_dir``.
 
@@ -331,6 +366,8 @@ def write_report(
         gallery: optional overlay items ``{image_id, image uint8 (H, W, 3), target bool (H, W),
             pred bool (H, W), dice}``; shown worst to best (at most 16: the 8 worst and 8 best).
         n_boot, seed: bootstrap settings for all CIs.
+        calibration: optional failure-flag results (``calibration.json`` of
+            :func:`medsam2.engine.evaluate.calibrate_flags`): a "Failure flags" table and a reliability plot.
 
     Returns:
         The JSON-serialisable summary written to ``report.json``: ``title, n_rows, n_images, datasets,
@@ -365,6 +402,7 @@ def write_report(
         "severity_drop": drops,
         "cross_dataset": cross,
         "context": summary or {},
+        "calibration": calibration,
     }
     report = _jsonable(json.loads(json.dumps(_jsonable(report), default=str)))
 
@@ -379,6 +417,9 @@ def write_report(
     if curves:
         plots["Dice vs severity"] = out / "severity.png"
         images["Dice vs severity"] = _plot_severity(curves, plots["Dice vs severity"])
+    if calibration:
+        plots["Reliability"] = out / "reliability.png"
+        images["Reliability"] = _plot_reliability(calibration, plots["Reliability"])
     if gallery:
         plots["Gallery"] = out / "gallery.png"
         images["Gallery"] = _plot_gallery(gallery, plots["Gallery"])

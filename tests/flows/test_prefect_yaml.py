@@ -12,7 +12,7 @@ from prefect import Flow
 from tests.conftest import REPO
 
 EXPECTED_FLOWS = {"train-medsam2", "ingest-data", "validate-data", "evaluate-model", "promote-model",
-                  "retrain-on-new-labels", "sweep-medsam2"}
+                  "retrain-on-new-labels", "sweep-medsam2", "suggest-labels"}
 
 
 def _load(entrypoint: str) -> Flow:
@@ -42,6 +42,9 @@ def test_deployments_match_flows():
     assert train["on-new-labels"]["parameters"]["only_if_new_labels"] is True
     assert train["scheduled"]["parameters"]["only_if_new_labels"] is True  # both take the medsam2-retrain slot
     assert train["sweep-then-train"]["parameters"]["sweep"]["space"] == "smoke"
+    (suggest,) = flows["suggest-labels"]
+    assert suggest["triggers"][0]["expect"] == ["medsam2.model.promoted"]
+    assert set(suggest["triggers"][0]["parameters"]) == {"model", "workdir"}
 
 
 def test_flow_parameters_are_typed_for_the_ui_form():

@@ -1,0 +1,56 @@
+"""Isotonic calibration, ECE and the failure flags' precision/recall, on values whose answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medsam2.eval.calibration import Calibrator, assess, ece, fit_isotonic, flag_quality, pav, reliability
+
+
+def test_pav_pools_violators_into_their_mean():
+    assert pav(np.array([1.0, 3.0, 2.0, 4.0])).tolist() == [1.0, 2.5, 2.5, 4.0]
+    assert pav(np.array([3.0, 2.0, 1.0])).tolist() == [2.0, 2.0, 2.0]
+    assert pav(np.array([3.0, 1.0]), np.array([3.0, 1.0])).tolist() == [2.5, 2.5]
+
+
+def test_isotonic_matches_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.isotonic")
+    rng = np.random.default_rng(0)
+    x = rng.random(200).round(2)  # ties included
+    y = np.clip(x ** 2 + rng.normal(0, 0.15, 200), 0, 1)
+    ours = fit_isotonic(x, y)
+    ref = sklearn.IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(x, y)
+    grid = np.linspace(-0.1, 1.1, 301)
+    np.testing.assert_allclose(ours(grid), ref.predict(grid), atol=1e-9)
+
+
+def test_calibration_fixes_an_overconfident_score_and_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    iou = rng.uniform(0.6, 1.0, 500)  # says 0.6-1.0 …
+    dice = np.clip((iou - 0.6) * 2.0 + rng.normal(0, 0.05, 500), 0, 1)  # … means 0-0.8
+    cal = fit_isotonic(iou[:250], dice[:250], review_below=0.5)
+    res = assess(cal, iou[250:], dice[250:])
+    assert res["ece_raw"] > 0.25 and res["ece"] < 0.05
+    assert res["spearman"] > 0.9 and res["flags"]["precision"] > 0.8 and res["flags"]["recall"] > 0.8
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"calibrator": cal.to_dict()}))
+    again = Calibrator.load(path)
+    np.testing.assert_array_equal(again(iou), cal(iou))
+    assert again.needs_review(0.6) and not again.needs_review(0.99)
+    with pytest.raises(ValueError, match="isotonic"):
+        Calibrator.from_dict({"method": "platt"})
+
+
+def test_ece_reliability_and_flags_by_hand():
+    conf = np.array([0.05, 0.15, 0.15, 0.95])
+    dice = np.array([0.05, 0.35, 0.35, 0.55])
+    bins = reliability(conf, dice, 10)
+    assert [(b["low"], b["n"]) for b in bins] == [(0.0, 1), (0.1, 2), (0.9, 1)]
+    assert ece(conf, dice, 10) == pytest.approx((0 + 2 * 0.2 + 0.4) / 4)
+    q = flag_quality(np.array([True, True, False, False]), np.array([True, False, True, False]))
+    assert (q["precision"], q["recall"], q["n_flagged"], q["n_failures"]) == (0.5, 0.5, 2, 2)
+    none = flag_quality(np.zeros(3, bool), np.zeros(3, bool))
+    assert np.isnan(none["precision"]) and np.isnan(none["recall"])
