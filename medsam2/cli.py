@@ -312,9 +312,22 @@ def predict(
     inputs: Annotated[list[Path] | None, typer.Argument(help="Images (PNG/JPEG/TIFF/DICOM/NIfTI/NPY).")] = None,
     model: Annotated[str, typer.Option(help="Checkpoint path or MLflow model URI.")] = ...,  # type: ignore[assignment]
     out: Annotated[Path, typer.Option(help="Output directory.")] = ...,  # type: ignore[assignment]
-    box: Annotated[str | None, typer.Option(help="x0,y0,x1,y1 in pixels, for every input (box-prompted models).")
-                   ] = None,
-    points: Annotated[str | None, typer.Option(help="x,y[,label];x,y[,label]… for every input (point-prompted).")
+    box: Annotated[list[str] | None, typer.Option(
+        help="x0,y0,x1,y1 in pixels, for every input (box-prompted models); with --volume: once, or once per "
+             "--slice.")] = None,
+    points: Annotated[list[str] | None, typer.Option(
+        help="x,y[,label];x,y[,label]… for every input (point-prompted); with --volume: once, or once per "
+             "--slice.")] = None,
+    volume: Annotated[Path | None, typer.Option(
+        help="A NIfTI file or a DICOM series folder: prompt --slice Z, SAM2's memory segments the whole volume "
+             "(NIfTI label volume out; also a DICOM-SEG for DICOM).")] = None,
+    slice_: Annotated[list[int] | None, typer.Option(
+        "--slice", help="With --volume: the prompted slice (repeatable; NIfTI: RAS+ axial index, inferior to "
+                        "superior; DICOM: position order).")] = None,
+    mask: Annotated[list[str] | None, typer.Option(
+        help="With --volume: a binary PNG of the slice as its prompt (once, or once per --slice).")] = None,
+    series: Annotated[str | None, typer.Option(
+        help="With --volume on a folder of several series: the SeriesInstanceUID (or SeriesNumber) to use.")
                       ] = None,
     prompts: Annotated[Path | None, typer.Option(
         help="CSV or JSON with one prompt per image: columns/keys image, box (x0,y0,x1,y1) or x0,y0,x1,y1, "
@@ -340,6 +353,15 @@ def predict(
     """
     from medsam2.engine.prompt_sources import collect
 
+    if volume is not None:
+        return _predict_volume(model, volume, slice_, out, box, points, mask, series, precision, json_,
+                               inputs or prompts or workdir or ids)
+    if slice_ or mask or series:
+        raise UsageError("--slice, --mask and --series go with --volume")
+    if len(box or []) > 1 or len(points or []) > 1:
+        raise UsageError("--box/--points are given once for every input image; repeat them only with --volume",
+                         "use --prompts FILE for one prompt per image")
+    box, points = (box or [None])[0], (points or [None])[0]
     if workdir is not None and not (prompts or box or points or inputs):
         _check_workdir(workdir, "predict")
     if engine not in ("torch", "onnx"):
@@ -357,6 +379,25 @@ def predict(
     if res["n_ok"] == 0:
         raise InputDataError(f"every input failed ({len(failed)}); first: {failed[0]['input']}: {failed[0]['error']}",
                              "see the outputs' errors (--json) and fix the inputs or prompts")
+
+
+def _predict_volume(model: str, volume: Path, slices: list[int] | None, out: Path, box: list[str] | None,
+                    points: list[str] | None, mask: list[str] | None, series: str | None, precision: str,
+                    json_: bool, other_inputs: Any) -> None:
+    """``medsam2 predict --volume``: :func:`medsam2.predict_volume.predict_volume`."""
+    if other_inputs:
+        raise UsageError("--volume takes its prompts from --slice/--box/--points/--mask",
+                         "give images, --prompts or --workdir without --volume")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UsageError(f"--precision {precision!r}: a volume runs on PyTorch, with auto, fp32 or bf16")
+    _check_model(model)
+    from medsam2.predict_volume import predict_volume
+
+    res = predict_volume(model, volume, list(slices or []), out, boxes=box, points=points, masks=mask,
+                         series=series, precision=precision)
+    note = " (RANDOM-INIT weights)" if res["random_init"] else ""
+    _emit(res, json_, f"wrote {res['nifti']}" + (f" and {res['dicom_seg']}" if "dicom_seg" in res else "")
+          + f": {res['foreground_slices']}/{res['slices']} slices with foreground, {res['volume_ml']} mL{note}")
 
 
 @app.command()

@@ -26,15 +26,18 @@ from medsam2.errors import InputDataError
 __all__ = ["PromptItem", "parse_box", "parse_points", "predict_files", "write_dicom_seg"]
 
 
-def write_dicom_seg(source: Path, masks: list[np.ndarray], out_path: Path, label: str = "lesion") -> Path:
-    """DICOM-SEG for ``source`` with one binary frame per source frame; returns the written path."""
+def write_dicom_seg(source: Path | list[Any], masks: list[np.ndarray], out_path: Path, label: str = "lesion"
+                    ) -> Path:
+    """DICOM-SEG with one binary frame per source frame; returns the written path. ``source``: one DICOM file
+    (one frame per frame of it), or the pydicom datasets of a series' slices (one frame per slice, in order:
+    :func:`medsam2.data.volumes.source_datasets`)."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
 
     import medsam2
 
-    ds = pydicom.dcmread(source)
+    sources = [pydicom.dcmread(source)] if isinstance(source, (str, Path)) else list(source)
     desc = hd.seg.SegmentDescription(
         segment_number=1, segment_label=label,
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -44,7 +47,7 @@ def write_dicom_seg(source: Path, masks: list[np.ndarray], out_path: Path, label
             name="MedSAM2", version=medsam2.__version__, family=codes.cid7162.ArtificialIntelligence),
     )
     seg = hd.seg.Segmentation(
-        source_images=[ds], pixel_array=np.stack(masks).astype(bool),
+        source_images=sources, pixel_array=np.stack(masks).astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[desc],
         series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="MedSAM2", manufacturer_model_name="MedSAM2", software_versions=medsam2.__version__,

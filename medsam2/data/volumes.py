@@ -201,12 +201,22 @@ def read_dicom_series(folder: Path, series: str | None = None) -> Volume:
 
 def source_datasets(vol: Volume) -> list[Any]:
     """The pydicom datasets of a DICOM volume's slices in order, headers only, for a DICOM-SEG that references
-    them; an empty SOPClassUID (anonymised) is filled in memory from the modality (:data:`IMAGE_SOP_CLASS`)."""
+    them. An anonymiser may blank SOPClassUID / SOPInstanceUID in the body (the shared TotalSegmentator series
+    does): they are filled in memory from the file meta (MediaStorageSOPClassUID / MediaStorageSOPInstanceUID),
+    else the class from the modality (:data:`IMAGE_SOP_CLASS`), so the SEG references each slice."""
     out = []
     for p in vol.sources:
         ds = dcm.read_header(p)
+        meta = getattr(ds, "file_meta", None)
+        meta = meta if meta is not None else {}
         if not str(ds.get("SOPClassUID", "") or "").strip():
-            ds.SOPClassUID = IMAGE_SOP_CLASS.get(dcm.modality_of(ds), "1.2.840.10008.5.1.4.1.1.7")
+            ds.SOPClassUID = str(meta.get("MediaStorageSOPClassUID", "") or "") or IMAGE_SOP_CLASS.get(
+                dcm.modality_of(ds), "1.2.840.10008.5.1.4.1.1.7")
+        if not str(ds.get("SOPInstanceUID", "") or "").strip():
+            uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+            if not uid:
+                raise InputDataError(f"{p.name} has no SOPInstanceUID", "a DICOM-SEG cannot reference this slice")
+            ds.SOPInstanceUID = uid
         out.append(ds)
     return out
 
