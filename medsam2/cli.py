@@ -253,13 +253,25 @@ def evaluate(
     report: Annotated[str | None, typer.Option("--report", help="Report directory.")] = None,
     robustness: Annotated[bool, typer.Option(help="Add the corruption suite.")] = False,
     cross_dataset: Annotated[bool, typer.Option(help="Evaluate on every labelled dataset's test rows.")] = False,
+    volumes: Annotated[Path | None, typer.Option(
+        help="YAML/JSON list of volumes ({image, label, labels: [ids], name}): 3-D Dice/HD95/NSD of SAM2's memory "
+             "from the key slice's prompt, beside the oracle slice-by-slice and the key prompt on every slice.")
+                       ] = None,
+    volumes_only: Annotated[bool, typer.Option(help="With --volumes: skip the manifest's test images.")] = False,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Dice/IoU/precision/recall/HD95 on the frozen test split, baselines beside it, HTML report."""
+    """Dice/IoU/precision/recall/HD95 on the frozen test split, baselines beside it, HTML report; with
+    --volumes also per-volume 3-D metrics (volumes/volumes.html in the report directory)."""
     from medsam2.steps import run_evaluate
 
     overrides = list(set_ or [])
+    if volumes is not None:
+        overrides.append(f"eval.volumes={_volume_list(volumes)}")
+    if volumes_only:
+        if volumes is None:
+            raise UsageError("--volumes-only needs --volumes FILE")
+        overrides.append("eval.images=false")
     if robustness:
         overrides.append("eval.robustness=true")
     if cross_dataset:
@@ -270,9 +282,34 @@ def evaluate(
     _needs_mlflow(tracking_uri)
     res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report)
     m = res["metrics"]
-    _emit(res, json_, f"test Dice {m.get('test_dice', float('nan')):.4f} "
-                      f"(ellipse-in-box baseline {m.get('baseline_ellipse_in_box_dice', float('nan')):.4f}) "
-                      f"on {res['n_images']} images; report {res['report']}")
+    lines = []
+    if res.get("report"):
+        lines.append(f"test Dice {m.get('test_dice', float('nan')):.4f} (ellipse-in-box baseline "
+                     f"{m.get('baseline_ellipse_in_box_dice', float('nan')):.4f}) on {res['n_images']} images; "
+                     f"report {res['report']}")
+    if res.get("volume_report"):
+        lines.append(f"volume Dice: memory {m['volume_memory_dice']:.4f}, oracle slice prompts "
+                     f"{m['volume_oracle_slice_prompts_dice']:.4f}, key prompt on every slice "
+                     f"{m['volume_key_prompt_every_slice_dice']:.4f} on {res['n_volumes']} volumes; "
+                     f"report {res['volume_report']}")
+    _emit(res, json_, "\n".join(lines))
+
+
+def _volume_list(path: Path) -> str:
+    """``--volumes FILE`` (a YAML or JSON list of volume cases) → the JSON text of ``eval.volumes``."""
+    import yaml
+
+    if not path.is_file():
+        raise InputDataError(f"--volumes {path}: no such file", "give a YAML/JSON list of {image, label, labels}")
+    cases = yaml.safe_load(path.read_text())
+    if not isinstance(cases, list):
+        raise UsageError(f"--volumes {path} must hold a list of {{image, label, labels, name}}")
+    base = path.parent
+    for c in cases:  # paths relative to the file
+        for k in ("image", "label"):
+            if isinstance(c, dict) and isinstance(c.get(k), str) and not Path(c[k]).is_absolute():
+                c[k] = str(base / c[k])
+    return json.dumps(cases)
 
 
 @app.command()

@@ -167,6 +167,19 @@ class SemiSupCfg(_Cfg):
     threshold: float = Field(0.8, ge=0, le=1)
 
 
+class VolumeCaseCfg(_Cfg):
+    """One volume of the 3-D evaluation (``eval.volumes``): an image volume and its label volume."""
+
+    image: str
+    """NIfTI image volume (``.nii`` / ``.nii.gz``)."""
+    label: str
+    """NIfTI label volume on the image's voxel grid."""
+    labels: tuple[int, ...] = ()
+    """Label values that make the target; empty: every non-zero value."""
+    name: str | None = None
+    """Name in the report (default: the image file's name)."""
+
+
 class EvalCfg(_Cfg):
     split: str = "test"
     gallery_size: int = Field(8, ge=0)
@@ -174,6 +187,13 @@ class EvalCfg(_Cfg):
     batch_size: int = Field(8, ge=1)
     robustness: bool = False
     cross_dataset: bool = False
+    images: bool = True
+    """Score the manifest split's images; false (with ``eval.volumes``) scores the volumes only."""
+    volumes: tuple[VolumeCaseCfg, ...] = ()
+    """3-D evaluation: per-volume Dice, HD95, NSD of SAM2-memory propagation from the key slice's prompt, beside
+    the oracle slice-by-slice and the key prompt reused on every slice (``medsam2.engine.volume_eval``)."""
+    nsd_tolerance_mm: float = Field(2.0, gt=0)
+    """Tolerance of the normalised surface Dice, in mm."""
 
 
 class PromotionCfg(_Cfg):
@@ -297,11 +317,21 @@ def with_overrides(cfg: ExperimentCfg, **sections: dict[str, Any]) -> Experiment
     return _validate(_merge(cfg.model_dump(), sections), "--set")
 
 
+#: fields added after runs were identified by their hash, with their defaults: left out of the hash when they hold
+#: their default, so every earlier config keeps its identity (and its run directory, and its resume)
+_ADDED_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("eval", "images"): True, ("eval", "volumes"): [], ("eval", "nsd_tolerance_mm"): 2.0,
+}
+
+
 def config_hash(cfg: ExperimentCfg) -> str:
     """Stable 12-hex identity of the resolved config (excludes nothing: paths are part of identity). The default
     work dir (``$MEDSAM2_HOME/work``) counts as the relative ``.medsam2/work`` it replaced, so a config that sets
     no work dir has the same hash as before, wherever ``MEDSAM2_HOME`` is."""
     values = cfg.model_dump(mode="json")
+    for (section, key), default in _ADDED_DEFAULTS.items():  # fields added later count only when set
+        if values[section].get(key) == default:
+            values[section].pop(key)
     if values["data"]["workdir"] == default_workdir():
         values["data"]["workdir"] = _LEGACY_WORKDIR
     blob = json.dumps(values, sort_keys=True).encode()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medsam2.config import ExperimentCfg, config_hash, with_overrides
+from medsam2.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -156,12 +157,26 @@ def run_evaluate(
     net, cfg = load_for_eval(model, cfg_overrides, workdir)
     tracking.setup(cfg)
     out = Path(report_dir or Path(tracking.medsam2_home()) / "reports" / (run_id or "latest"))
+    if not cfg.eval.images and not cfg.eval.volumes:
+        raise UsageError("eval.images=false leaves nothing to evaluate", "list volumes in eval.volumes (or "
+                         "--volumes FILE), or keep eval.images=true")
     with tracking.active_run(run_id=run_id, run_name="evaluate", parent_run_id=parent_run_id) as active:
-        result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}",
-                          context={"model": model, "run_id": active, "config_hash": config_hash(cfg)})
-        tracking.log_evaluation(result, out)
+        context = {"model": model, "run_id": active, "config_hash": config_hash(cfg)}
+        res: dict[str, Any] = {"run_id": active, "report_dir": str(out), "metrics": {}, "n_images": 0}
+        if cfg.eval.images:
+            result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}", context=context)
+            tracking.log_evaluation(result, out)
+            res.update(result.to_dict())
+        if cfg.eval.volumes:
+            from medsam2.engine.volume_eval import evaluate_volumes
+
+            vres = evaluate_volumes(net, cfg, out / "volumes", title=f"MedSAM2 3-D evaluation — {model}",
+                                    context=context)
+            tracking.log_volume_evaluation(vres, out / "volumes")
+            res["metrics"] = {**res["metrics"], **vres.metrics}
+            res.update(n_volumes=vres.report["n_volumes"], volume_report=vres.report["files"]["html"])
         tracking.set_tags({"evaluated_model": model})
-        return {"run_id": active, "report_dir": str(out), **result.to_dict()}
+        return res
 
 
 def selection_cfg(model_cfg: ExperimentCfg, cfg: ExperimentCfg, workdir: str | None = None) -> ExperimentCfg:
