@@ -98,9 +98,17 @@ class ModelCfg(_Cfg):
     num_neg_points: int = Field(0, ge=0)
     prompt_tokens: int = Field(4, ge=1)
     """Learned prompt tokens of the ``prompt_free`` decoder."""
+    memory: bool = False
+    """Train SAM2's memory (memory encoder, memory attention, object pointers) on clips of ``train.clip_length``
+    consecutive volume slices, the prompt (box) on the first, the loss on every slice (``medsam2.data.clips``);
+    those modules then train beside the adapter's. Needs ``decoder: sam2``, ``prompt: box``, ``semisup: none``."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelCfg:
+        if self.memory and (self.decoder != "sam2" or self.prompt != "box" or self.box_crop is not None
+                            or self.box_prior != "none" or self.box_mask):
+            raise ValueError("model.memory=true trains SAM2's own memory path: it needs model.decoder=sam2 and "
+                             "model.prompt=box, without box_crop, box_prior or box_mask")
         if self.image_size % 32:
             raise ValueError(f"model.image_size must be a multiple of 32, got {self.image_size}")
         if self.decoder == "prompt_free" and self.prompt != "none":
@@ -115,6 +123,8 @@ class ModelCfg(_Cfg):
 
 
 class TrainCfg(_Cfg):
+    clip_length: int = Field(4, ge=2, le=64)
+    """Slices per training clip with ``model.memory: true`` (K consecutive slices of one volume)."""
     max_steps: int = Field(300, ge=1)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -236,6 +246,13 @@ class ExperimentCfg(_Cfg):
     promotion: PromotionCfg = PromotionCfg()
     tracking: TrackingCfg = TrackingCfg()
 
+    @model_validator(mode="after")
+    def _memory_is_supervised(self) -> ExperimentCfg:
+        if self.model.memory and self.semisup.method != "none":
+            raise ValueError(f"model.memory=true trains on labelled clips only: semisup.method={self.semisup.method}"
+                             " needs model.memory=false")
+        return self
+
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
@@ -320,6 +337,7 @@ def with_overrides(cfg: ExperimentCfg, **sections: dict[str, Any]) -> Experiment
 #: fields added after runs were identified by their hash, with their defaults: left out of the hash when they hold
 #: their default, so every earlier config keeps its identity (and its run directory, and its resume)
 _ADDED_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("model", "memory"): False, ("train", "clip_length"): 4,
     ("eval", "images"): True, ("eval", "volumes"): [], ("eval", "nsd_tolerance_mm"): 2.0,
 }
 

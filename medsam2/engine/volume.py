@@ -228,3 +228,27 @@ def segment_volume(model: Segmenter, slices: Sequence[np.ndarray], prompts: dict
         up = F.interpolate(res.low_res[z:z + 1].float(), size=hw, mode="bilinear", align_corners=False)
         masks[z] = (up[0, 0] > 0).cpu().numpy()
     return VolumePrediction(masks=masks, object_score=res.object_score[:, 0].float().cpu().numpy(), order=res.order)
+
+
+def clip_losses(model: Segmenter, batch: dict, loss_fn) -> dict[str, torch.Tensor]:
+    """Training losses of a batch of clips (``model.memory: true``, :mod:`medsam2.data.clips`): each clip runs
+    through :func:`track` with ``memory="train"`` from its first slice's box, and ``loss_fn`` (a registered
+    mask loss: logits (N,1,S,S), target (N,1,S,S), valid (N,1,S,S) → scalar) scores the high-resolution logits of
+    every slice.
+
+    ``batch``: ``image`` (B,K,3,S,S) normalised, ``mask`` (B,K,1,S,S) in {0,1}, ``box`` (B,4) in S×S pixels.
+    Returns ``{"loss", "loss_mask", "loss_first", "loss_propagated"}`` (the latter two are for the log: the
+    prompted slice and the slices reached through memory)."""
+    logits = []
+    for b in range(batch["image"].shape[0]):
+        box = batch["box"][b].detach().cpu().numpy()
+        res = track(model.sam, batch["image"][b], {0: SlicePrompt(box=box)}, memory="train")
+        logits.append(res.high_res)
+    out = torch.stack(logits).float()  # (B,K,1,S,S)
+    target = batch["mask"].float()
+    valid = torch.ones_like(target, dtype=torch.bool)
+    loss = loss_fn(out.flatten(0, 1), target.flatten(0, 1), valid.flatten(0, 1))
+    with torch.no_grad():
+        first = loss_fn(out[:, 0], target[:, 0], valid[:, 0])
+        rest = loss_fn(out[:, 1:].flatten(0, 1), target[:, 1:].flatten(0, 1), valid[:, 1:].flatten(0, 1))
+    return {"loss": loss, "loss_mask": loss.detach(), "loss_first": first, "loss_propagated": rest}
