@@ -1,10 +1,11 @@
 """Clips of K consecutive slices of one volume, for training SAM2's memory (``model.memory: true``).
 
-A volume is the manifest rows of one source file and target (``dataset, source_uri, target``) with a slice
-index (``frame`` ≥ 0, as ingest writes NIfTI slices and multi-frame DICOM frames); its slices share a patient
-and a split bucket, so a volume is never split across train/val/test. A clip is K slices whose frame numbers
-follow each other (z, z+1, …, z+K-1) and whose first slice has foreground (the prompted one). Each draw picks
-the direction at random (forwards, or backwards from z+K-1), so the memory learns to propagate both ways.
+A volume is the manifest rows of one ``volume_id`` and target (a NIfTI file, a multi-frame DICOM, a DICOM
+series; manifests written before ``volume_id``: one source file with ``frame`` ≥ 0), ordered by ``slice_index``;
+ingest gives a volume one split (``manifest.index_volumes``), so its slices never straddle train/val/test.
+A clip is K slices whose indices follow each other (z, z+1, …, z+K-1) and whose first slice has foreground
+(the prompted one). Each draw picks the direction at random (forwards, or backwards from z+K-1), so the memory
+learns to propagate both ways.
 
 A sample is a dict:
     image   (K,3,S,S) float32 in [0,1] (normalised on device by the engine; channels stay third from last)
@@ -28,21 +29,25 @@ from medsam2.config import ModelCfg
 from medsam2.data.dataset import load_cached, resize_pair
 from medsam2.data.prompts import jitter_box, mask_box
 
-VOLUME_KEY = ("dataset", "source_uri", "target")
-
 
 def volume_clips(rows: pd.DataFrame, k: int) -> list[list[int]]:
-    """Row positions of every clip: K rows of one volume with consecutive ``frame`` values (ascending), the first
-    with a non-empty mask (``mask_fraction`` > 0). Rows without a slice index (``frame`` < 0) belong to no clip."""
+    """Row positions of every clip: K rows of one volume with consecutive slice indices (ascending), the first
+    with a non-empty mask (``mask_fraction`` > 0). Rows that are no volume's slice belong to no clip."""
     if k < 1:
         raise ValueError(f"clip length {k} < 1")
-    labelled = rows[(rows["frame"] >= 0) & (rows["label_kind"] == "mask")].copy()
-    labelled["_pos"] = np.flatnonzero(((rows["frame"] >= 0) & (rows["label_kind"] == "mask")).to_numpy())
+    rows = rows.copy()
+    vid = rows["volume_id"] if "volume_id" in rows else pd.Series([None] * len(rows), index=rows.index)
+    sidx = rows["slice_index"] if "slice_index" in rows else pd.Series([pd.NA] * len(rows), index=rows.index)
+    rows["_volume"] = vid.where(vid.notna(), rows["source_uri"])  # manifests before volume_id: the source file
+    rows["_z"] = pd.to_numeric(sidx, errors="coerce").fillna(rows["frame"]).astype(int)
+    keep = ((rows["_z"] >= 0) & (rows["label_kind"] == "mask")).to_numpy()
+    labelled = rows[keep].copy()
+    labelled["_pos"] = np.flatnonzero(keep)
     labelled["target"] = labelled["target"].fillna("")
     clips = []
-    for _, vol in labelled.groupby(list(VOLUME_KEY), sort=True):
-        vol = vol.sort_values("frame")
-        frames, pos, frac = vol["frame"].to_numpy(), vol["_pos"].to_numpy(), vol["mask_fraction"].to_numpy()
+    for _, vol in labelled.groupby(["dataset", "_volume", "target"], sort=True):
+        vol = vol.sort_values("_z")
+        frames, pos, frac = vol["_z"].to_numpy(), vol["_pos"].to_numpy(), vol["mask_fraction"].to_numpy()
         for i in range(len(vol) - k + 1):
             if frames[i + k - 1] - frames[i] == k - 1 and frac[i] > 0:
                 clips.append([int(p) for p in pos[i:i + k]])
