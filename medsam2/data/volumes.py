@@ -116,12 +116,15 @@ def read_nifti_volume(path: Path) -> Volume:
 
 def read_nifti_labels(path: Path, like: Volume) -> np.ndarray:
     """A label NIfTI on the grid of ``like`` (a NIfTI :class:`Volume`) → (Z, H, W) integer labels on its slices."""
+    if like.kind != "nifti":
+        raise InputDataError(f"label volume {path.name}: NIfTI labels are read for NIfTI images only",
+                             "give the image as NIfTI (a DICOM series' labels would be a DICOM-SEG)")
     try:
         img, shape = read_nifti(path)
         lab = nifti_array(img)
     except QuarantineError as e:
         raise _quarantine(path, e) from None
-    if tuple(shape[:3]) != tuple(like.shape) and like.kind == "nifti":
+    if tuple(shape[:3]) != tuple(like.shape):
         raise InputDataError(f"label volume {path.name} has shape {shape}, the image {like.shape}",
                              "give the label volume of this image")
     return np.stack([nifti_slice(lab, z) for z in range(lab.shape[2])]).astype(np.int32)

@@ -99,7 +99,8 @@ class Tracked:
     low_res: torch.Tensor
     """(Z,1,S/4,S/4) float32 mask logits (SAM2's ``pred_masks``)."""
     object_score: torch.Tensor
-    """(Z,1) float32 object-presence logits (> 0: SAM2 sees the object on the slice)."""
+    """(Z,1) float32 object-presence logits (> 0: SAM2 sees the object on the slice); zeros with
+    ``memory="train"``, where ``track_step`` leaves them out of its output."""
     high_res: torch.Tensor | None = None
     """(Z,1,S,S) mask logits with the graph (``memory="train"`` only): what a loss on every frame reads."""
     order: tuple[int, ...] = ()
