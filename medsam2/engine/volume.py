@@ -113,9 +113,11 @@ def _features(sam, frame: torch.Tensor):
     return feats, pos, sizes
 
 
-def track(sam, frames: torch.Tensor, prompts: dict[int, SlicePrompt], *, memory: str = "predictor") -> Tracked:
+def track(sam, frames, prompts: dict[int, SlicePrompt], *, memory: str = "predictor") -> Tracked:
     """Segment every frame of ``frames`` (Z,3,S,S), normalised as :func:`~medsam2.model.segmenter.normalize`
     does, from ``prompts`` {slice index: :class:`SlicePrompt` in S×S pixels}, with SAM2's memory (module doc).
+    ``frames``: a tensor, or anything with ``len`` whose ``frames[z:z + 1]`` is that (1,3,S,S) tensor
+    (:class:`SliceFrames`: a long volume then never exists at model resolution as a whole).
 
     ``sam``: a ``SAM2Base`` (e.g. ``Segmenter.sam``) in eval mode for ``memory="predictor"``, in train mode for
     ``memory="train"`` (then call it under autograd). Frames are encoded one at a time when they are visited
@@ -123,7 +125,7 @@ def track(sam, frames: torch.Tensor, prompts: dict[int, SlicePrompt], *, memory:
     """
     if memory not in ("predictor", "train"):
         raise ValueError(f"memory={memory!r} is not one of predictor, train")
-    n = int(frames.shape[0])
+    n = len(frames)
     bad = sorted(z for z in prompts if not 0 <= z < n)
     if not prompts or bad:
         raise ValueError(f"prompts on slices {bad or 'none'}: need at least one, each in 0..{n - 1}")
@@ -197,6 +199,20 @@ def slice_frames(slices: Sequence[np.ndarray], size: int) -> torch.Tensor:
     return normalize(torch.from_numpy(u8).permute(0, 3, 1, 2))
 
 
+class SliceFrames:
+    """Z slices as :func:`track`'s frames, prepared (:func:`slice_frames`) one slice at a time when indexed
+    ``[z:z + 1]``: a 300-slice CT at 1024 px would be 3.6 GB of float32 frames at once."""
+
+    def __init__(self, slices: Sequence[np.ndarray], size: int) -> None:
+        self.slices, self.size = slices, size
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, item: slice) -> torch.Tensor:
+        return slice_frames(self.slices[item], self.size)
+
+
 @dataclass
 class VolumePrediction:
     masks: np.ndarray
@@ -220,7 +236,7 @@ def segment_volume(model: Segmenter, slices: Sequence[np.ndarray], prompts: dict
     model.eval()
     try:
         with autocast(device, inference_precision(device, precision)):
-            res = track(model.sam, slice_frames(slices, size),
+            res = track(model.sam, SliceFrames(slices, size),
                         {z: p.scaled(hw, size) for z, p in prompts.items()}, memory="predictor")
     finally:
         model.train(was_training)
