@@ -391,6 +391,9 @@ def predict(
     from medsam2.engine.prompt_sources import collect
 
     if volume is not None:
+        if engine != "torch":
+            raise UsageError(f"--engine {engine} has no memory path: --volume runs on PyTorch",
+                             "drop --engine (or give --engine torch)")
         return _predict_volume(model, volume, slice_, out, box, points, mask, series, precision, json_,
                                inputs or prompts or workdir or ids)
     if slice_ or mask or series:
