@@ -282,13 +282,25 @@ def evaluate(
                                               "'needs review' and report the flags' precision/recall.")] = True,
     review_below: Annotated[float | None, typer.Option(help="Needs review below this calibrated confidence "
                                                             "(default 0.7).")] = None,
+    volumes: Annotated[Path | None, typer.Option(
+        help="YAML/JSON list of volumes ({image, label, labels: [ids], name}): 3-D Dice/HD95/NSD of SAM2's memory "
+             "from the key slice's prompt, beside the oracle slice-by-slice and the key prompt on every slice.")
+                       ] = None,
+    volumes_only: Annotated[bool, typer.Option(help="With --volumes: skip the manifest's test images.")] = False,
     set_: SetOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Dice/IoU/precision/recall/HD95 on the frozen test split, baselines beside it, failure flags, HTML report."""
+    """Dice/IoU/precision/recall/HD95 on the frozen test split, baselines beside it, failure flags, HTML report;
+    with --volumes also per-volume 3-D metrics (volumes/volumes.html in the report directory)."""
     from medsam2.steps import run_evaluate
 
     overrides = list(set_ or [])
+    if volumes is not None:
+        overrides.append(f"eval.volumes={_volume_list(volumes)}")
+    if volumes_only:
+        if volumes is None:
+            raise UsageError("--volumes-only needs --volumes FILE")
+        overrides.append("eval.images=false")
     if robustness:
         overrides.append("eval.robustness=true")
     if cross_dataset:
@@ -300,9 +312,34 @@ def evaluate(
     res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report, flags=flags,
                        review_below=review_below)
     m = res["metrics"]
-    _emit(res, json_, f"test Dice {m.get('test_dice', float('nan')):.4f} "
-                      f"(ellipse-in-box baseline {m.get('baseline_ellipse_in_box_dice', float('nan')):.4f}) "
-                      f"on {res['n_images']} images; report {res['report']}")
+    lines = []
+    if res.get("report"):
+        lines.append(f"test Dice {m.get('test_dice', float('nan')):.4f} (ellipse-in-box baseline "
+                     f"{m.get('baseline_ellipse_in_box_dice', float('nan')):.4f}) on {res['n_images']} images; "
+                     f"report {res['report']}")
+    if res.get("volume_report"):
+        lines.append(f"volume Dice: memory {m['volume_memory_dice']:.4f}, oracle slice prompts "
+                     f"{m['volume_oracle_slice_prompts_dice']:.4f}, key prompt on every slice "
+                     f"{m['volume_key_prompt_every_slice_dice']:.4f} on {res['n_volumes']} volumes; "
+                     f"report {res['volume_report']}")
+    _emit(res, json_, "\n".join(lines))
+
+
+def _volume_list(path: Path) -> str:
+    """``--volumes FILE`` (a YAML or JSON list of volume cases) → the JSON text of ``eval.volumes``."""
+    import yaml
+
+    if not path.is_file():
+        raise InputDataError(f"--volumes {path}: no such file", "give a YAML/JSON list of {image, label, labels}")
+    cases = yaml.safe_load(path.read_text())
+    if not isinstance(cases, list):
+        raise UsageError(f"--volumes {path} must hold a list of {{image, label, labels, name}}")
+    base = path.parent
+    for c in cases:  # paths relative to the file
+        for k in ("image", "label"):
+            if isinstance(c, dict) and isinstance(c.get(k), str) and not Path(c[k]).is_absolute():
+                c[k] = str(base / c[k])
+    return json.dumps(cases)
 
 
 @app.command()
@@ -342,9 +379,22 @@ def predict(
     inputs: Annotated[list[Path] | None, typer.Argument(help="Images (PNG/JPEG/TIFF/DICOM/NIfTI/NPY).")] = None,
     model: Annotated[str, typer.Option(help="Checkpoint path or MLflow model URI.")] = ...,  # type: ignore[assignment]
     out: Annotated[Path, typer.Option(help="Output directory.")] = ...,  # type: ignore[assignment]
-    box: Annotated[str | None, typer.Option(help="x0,y0,x1,y1 in pixels, for every input (box-prompted models).")
-                   ] = None,
-    points: Annotated[str | None, typer.Option(help="x,y[,label];x,y[,label]… for every input (point-prompted).")
+    box: Annotated[list[str] | None, typer.Option(
+        help="x0,y0,x1,y1 in pixels, for every input (box-prompted models); with --volume: once, or once per "
+             "--slice.")] = None,
+    points: Annotated[list[str] | None, typer.Option(
+        help="x,y[,label];x,y[,label]… for every input (point-prompted); with --volume: once, or once per "
+             "--slice.")] = None,
+    volume: Annotated[Path | None, typer.Option(
+        help="A NIfTI file or a DICOM series folder: prompt --slice Z, SAM2's memory segments the whole volume "
+             "(NIfTI label volume out; also a DICOM-SEG for DICOM).")] = None,
+    slice_: Annotated[list[int] | None, typer.Option(
+        "--slice", help="With --volume: the prompted slice (repeatable; NIfTI: RAS+ axial index, inferior to "
+                        "superior; DICOM: position order).")] = None,
+    mask: Annotated[list[str] | None, typer.Option(
+        help="With --volume: a binary PNG of the slice as its prompt (once, or once per --slice).")] = None,
+    series: Annotated[str | None, typer.Option(
+        help="With --volume on a folder of several series: the SeriesInstanceUID (or SeriesNumber) to use.")
                       ] = None,
     prompts: Annotated[Path | None, typer.Option(
         help="CSV or JSON with one prompt per image: columns/keys image, box (x0,y0,x1,y1) or x0,y0,x1,y1, "
@@ -373,6 +423,18 @@ def predict(
     """
     from medsam2.engine.prompt_sources import collect
 
+    if volume is not None:
+        if engine != "torch":
+            raise UsageError(f"--engine {engine} has no memory path: --volume runs on PyTorch",
+                             "drop --engine (or give --engine torch)")
+        return _predict_volume(model, volume, slice_, out, box, points, mask, series, precision, json_,
+                               inputs or prompts or workdir or ids)
+    if slice_ or mask or series:
+        raise UsageError("--slice, --mask and --series go with --volume")
+    if len(box or []) > 1 or len(points or []) > 1:
+        raise UsageError("--box/--points are given once for every input image; repeat them only with --volume",
+                         "use --prompts FILE for one prompt per image")
+    box, points = (box or [None])[0], (points or [None])[0]
     if workdir is not None and not (prompts or box or points or inputs):
         _check_workdir(workdir, "predict")
     if engine not in ("torch", "onnx"):
@@ -404,6 +466,25 @@ def predict(
     if res["n_ok"] == 0:
         raise InputDataError(f"every input failed ({len(failed)}); first: {failed[0]['input']}: {failed[0]['error']}",
                              "see the outputs' errors (--json) and fix the inputs or prompts")
+
+
+def _predict_volume(model: str, volume: Path, slices: list[int] | None, out: Path, box: list[str] | None,
+                    points: list[str] | None, mask: list[str] | None, series: str | None, precision: str,
+                    json_: bool, other_inputs: Any) -> None:
+    """``medsam2 predict --volume``: :func:`medsam2.predict_volume.predict_volume`."""
+    if other_inputs:
+        raise UsageError("--volume takes its prompts from --slice/--box/--points/--mask",
+                         "give images, --prompts or --workdir without --volume")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UsageError(f"--precision {precision!r}: a volume runs on PyTorch, with auto, fp32 or bf16")
+    _check_model(model)
+    from medsam2.predict_volume import predict_volume
+
+    res = predict_volume(model, volume, list(slices or []), out, boxes=box, points=points, masks=mask,
+                         series=series, precision=precision)
+    note = " (RANDOM-INIT weights)" if res["random_init"] else ""
+    _emit(res, json_, f"wrote {res['nifti']}" + (f" and {res['dicom_seg']}" if "dicom_seg" in res else "")
+          + f": {res['foreground_slices']}/{res['slices']} slices with foreground, {res['volume_ml']} mL{note}")
 
 
 @app.command()

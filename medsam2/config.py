@@ -98,9 +98,17 @@ class ModelCfg(_Cfg):
     num_neg_points: int = Field(0, ge=0)
     prompt_tokens: int = Field(4, ge=1)
     """Learned prompt tokens of the ``prompt_free`` decoder."""
+    memory: bool = False
+    """Train SAM2's memory (memory encoder, memory attention, object pointers) on clips of ``train.clip_length``
+    consecutive volume slices, the prompt (box) on the first, the loss on every slice (``medsam2.data.clips``);
+    those modules then train beside the adapter's. Needs ``decoder: sam2``, ``prompt: box``, ``semisup: none``."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelCfg:
+        if self.memory and (self.decoder != "sam2" or self.prompt != "box" or self.box_crop is not None
+                            or self.box_prior != "none" or self.box_mask):
+            raise ValueError("model.memory=true trains SAM2's own memory path: it needs model.decoder=sam2 and "
+                             "model.prompt=box, without box_crop, box_prior or box_mask")
         if self.image_size % 32:
             raise ValueError(f"model.image_size must be a multiple of 32, got {self.image_size}")
         if self.decoder == "prompt_free" and self.prompt != "none":
@@ -115,6 +123,8 @@ class ModelCfg(_Cfg):
 
 
 class TrainCfg(_Cfg):
+    clip_length: int = Field(4, ge=2, le=64)
+    """Slices per training clip with ``model.memory: true`` (K consecutive slices of one volume)."""
     max_steps: int = Field(300, ge=1)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -183,6 +193,19 @@ class SemiSupCfg(_Cfg):
     threshold: float = Field(0.8, ge=0, le=1)
 
 
+class VolumeCaseCfg(_Cfg):
+    """One volume of the 3-D evaluation (``eval.volumes``): an image volume and its label volume."""
+
+    image: str
+    """NIfTI image volume (``.nii`` / ``.nii.gz``)."""
+    label: str
+    """NIfTI label volume on the image's voxel grid."""
+    labels: tuple[int, ...] = ()
+    """Label values that make the target; empty: every non-zero value."""
+    name: str | None = None
+    """Name in the report (default: the image file's name)."""
+
+
 class EvalCfg(_Cfg):
     split: str = "test"
     gallery_size: int = Field(8, ge=0)
@@ -190,6 +213,13 @@ class EvalCfg(_Cfg):
     batch_size: int = Field(8, ge=1)
     robustness: bool = False
     cross_dataset: bool = False
+    images: bool = True
+    """Score the manifest split's images; false (with ``eval.volumes``) scores the volumes only."""
+    volumes: tuple[VolumeCaseCfg, ...] = ()
+    """3-D evaluation: per-volume Dice, HD95, NSD of SAM2-memory propagation from the key slice's prompt, beside
+    the oracle slice-by-slice and the key prompt reused on every slice (``medsam2.engine.volume_eval``)."""
+    nsd_tolerance_mm: float = Field(2.0, gt=0)
+    """Tolerance of the normalised surface Dice, in mm."""
 
 
 class PromotionCfg(_Cfg):
@@ -231,6 +261,13 @@ class ExperimentCfg(_Cfg):
     eval: EvalCfg = EvalCfg()
     promotion: PromotionCfg = PromotionCfg()
     tracking: TrackingCfg = TrackingCfg()
+
+    @model_validator(mode="after")
+    def _memory_is_supervised(self) -> ExperimentCfg:
+        if self.model.memory and self.semisup.method != "none":
+            raise ValueError(f"model.memory=true trains on labelled clips only: semisup.method={self.semisup.method}"
+                             " needs model.memory=false")
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -317,6 +354,14 @@ RUN_ENVIRONMENT = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker
 """``train`` fields that say where a run trains, not what it trains: left out of :func:`config_hash`."""
 
 
+#: fields added after runs were identified by their hash, with their defaults: left out of the hash when they hold
+#: their default, so every earlier config keeps its identity (and its run directory, and its resume)
+_ADDED_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("model", "memory"): False, ("train", "clip_length"): 4,
+    ("eval", "images"): True, ("eval", "volumes"): [], ("eval", "nsd_tolerance_mm"): 2.0,
+}
+
+
 def config_hash(cfg: ExperimentCfg) -> str:
     """Stable 12-hex identity of the resolved config (paths are part of identity; how many workers train it,
     :data:`RUN_ENVIRONMENT`, is not). The default
@@ -325,6 +370,9 @@ def config_hash(cfg: ExperimentCfg) -> str:
     values = cfg.model_dump(mode="json")
     for key in RUN_ENVIRONMENT:
         values["train"].pop(key)
+    for (section, key), default in _ADDED_DEFAULTS.items():  # fields added later count only when set
+        if values[section].get(key) == default:
+            values[section].pop(key)
     if values["data"]["workdir"] == default_workdir():
         values["data"]["workdir"] = _LEGACY_WORKDIR
     blob = json.dumps(values, sort_keys=True).encode()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medsam2.config import ExperimentCfg, config_hash, with_overrides
+from medsam2.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -169,15 +170,30 @@ def run_evaluate(
     net, cfg = load_for_eval(model, cfg_overrides, workdir)
     tracking.setup(cfg)
     out = Path(report_dir or Path(tracking.medsam2_home()) / "reports" / (run_id or "latest"))
+    if not cfg.eval.images and not cfg.eval.volumes:
+        raise UsageError("eval.images=false leaves nothing to evaluate", "list volumes in eval.volumes (or "
+                         "--volumes FILE), or keep eval.images=true")
     with tracking.active_run(run_id=run_id, run_name="evaluate", parent_run_id=parent_run_id) as active:
-        calibration = None
-        if flags and cfg.eval.split == "test" and not cfg.eval.cross_dataset:
-            calibration = CalibrationCfg(**({} if review_below is None else {"review_below": review_below}))
-        result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}", calibration=calibration,
-                          context={"model": model, "run_id": active, "config_hash": config_hash(cfg)})
-        tracking.log_evaluation(result, out)
+        context = {"model": model, "run_id": active, "config_hash": config_hash(cfg)}
+        res: dict[str, Any] = {"run_id": active, "report_dir": str(out), "metrics": {}, "n_images": 0}
+        if cfg.eval.images:
+            calibration = None
+            if flags and cfg.eval.split == "test" and not cfg.eval.cross_dataset:
+                calibration = CalibrationCfg(**({} if review_below is None else {"review_below": review_below}))
+            result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}", calibration=calibration,
+                              context=context)
+            tracking.log_evaluation(result, out)
+            res.update(result.to_dict())
+        if cfg.eval.volumes:
+            from medsam2.engine.volume_eval import evaluate_volumes
+
+            vres = evaluate_volumes(net, cfg, out / "volumes", title=f"MedSAM2 3-D evaluation — {model}",
+                                    context=context)
+            tracking.log_volume_evaluation(vres, out / "volumes")
+            res["metrics"] = {**res["metrics"], **vres.metrics}
+            res.update(n_volumes=vres.report["n_volumes"], volume_report=vres.report["files"]["html"])
         tracking.set_tags({"evaluated_model": model})
-        return {"run_id": active, "report_dir": str(out), **result.to_dict()}
+        return res
 
 
 def run_suggest(model: str, workdir: str, budget: int, out: str | Path, *, score: str = "entropy", seed: int = 0,

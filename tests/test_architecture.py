@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("medsam2.engine", "medsam2.active"),                                                       # 6 train/eval/predict,
                                                                                                 # active learning
     ("medsam2.promotion", "medsam2.tracking"),                                                  # 7 gate, MLflow
-    ("medsam2.steps", "medsam2.predict_files"),                                                 # 8 use cases
+    ("medsam2.steps", "medsam2.predict_files", "medsam2.predict_volume"),                       # 8 use cases
     ("medsam2.cli",),                                                                           # 9 the CLI
 ]
 ROOT = "medsam2"  # the package's __init__ (its version only): importable from anywhere

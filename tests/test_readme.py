@@ -24,6 +24,12 @@ RUN = {  # command as written → expected exit code
 }
 
 SKIP = {  # command as written → why a test does not run it
+    "medsam2 predict --model models:/medsam2@champion --volume ct.nii.gz --slice 12 --box 30,25,80,70 --out preds "
+    "--json": "needs a registered champion (tests/engine/test_predict_volume.py runs --volume on the shared CT)",
+    "medsam2 predict --model final.pt --volume /data/ct_series --slice 3 --slice 15 --mask key.png --out preds "
+    "--json": "a placeholder series (tests/engine/test_predict_volume.py runs it on the shared DICOM CT series)",
+    "medsam2 evaluate --model final.pt --volumes volumes.yaml --volumes-only --report reports/3d --json":
+        "a placeholder model and list (tests/engine/test_volume_eval.py runs it on the shared CT and MR)",
     "mlflow models serve -m models:/medsam2@champion --env-manager local -h 127.0.0.1 -p 8080":
         "a long-running server (tests/engine/test_serving.py starts it on a free port with a registered champion)",
     "IMG=$(base64 -w0 polyp.jpg)": "a placeholder for the reader's own image (the serving test posts real ones)",

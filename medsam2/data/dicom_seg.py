@@ -1,7 +1,7 @@
 """A draft DICOM-SEG for a source DICOM instance (highdicom): what ``medsam2 predict`` writes for a DICOM input
 and ``medsam2 suggest`` for a DICOM item of the labelling queue.
 
-The SEG references its source instance (same Study, Frame of Reference, ReferencedSeriesSequence), has the
+The SEG references its source instance or series (same Study, Frame of Reference, ReferencedSeriesSequence), has the
 source's frame geometry and one binary segment. Patient identity stays inside the SEG (it goes back to the
 PACS) and is never logged.
 """
@@ -9,19 +9,23 @@ PACS) and is never logged.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
-def write_dicom_seg(source: Path, masks: list[np.ndarray], out_path: Path, label: str = "lesion") -> Path:
-    """DICOM-SEG for ``source`` with one binary frame per source frame; returns the written path."""
+def write_dicom_seg(source: Path | list[Any], masks: list[np.ndarray], out_path: Path, label: str = "lesion"
+                    ) -> Path:
+    """DICOM-SEG with one binary frame per source frame; returns the written path. ``source``: one DICOM file
+    (one frame per frame of it), or the pydicom datasets of a series' slices (one frame per slice, in order:
+    :func:`medsam2.data.volumes.source_datasets`)."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
 
     import medsam2
 
-    ds = pydicom.dcmread(source)
+    sources = [pydicom.dcmread(source)] if isinstance(source, (str, Path)) else list(source)
     desc = hd.seg.SegmentDescription(
         segment_number=1, segment_label=label,
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
@@ -31,7 +35,7 @@ def write_dicom_seg(source: Path, masks: list[np.ndarray], out_path: Path, label
             name="MedSAM2", version=medsam2.__version__, family=codes.cid7162.ArtificialIntelligence),
     )
     seg = hd.seg.Segmentation(
-        source_images=[ds], pixel_array=np.stack(masks).astype(bool),
+        source_images=sources, pixel_array=np.stack(masks).astype(bool),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[desc],
         series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="MedSAM2", manufacturer_model_name="MedSAM2", software_versions=medsam2.__version__,

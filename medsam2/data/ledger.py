@@ -25,6 +25,7 @@ from medsam2.data.manifest import (
     QUARANTINE_COLUMNS,
     QUARANTINE_NAME,
     dataset_version,
+    index_volumes,
     read_manifest,
     read_quarantine,
     write_table,
@@ -195,6 +196,7 @@ class Ledger:
                 dataset_split=self.opts.get("split"),
                 val_fraction=float(self.opts.get("val_fraction", DEFAULT_VAL_FRACTION)),
             ).values
+            mdf = index_volumes(mdf)  # a DICOM series' slice order; one split per volume
         full = pd.concat([self.others, mdf], ignore_index=True) if len(self.others) else mdf
         full = full.sort_values("image_id", kind="stable").reset_index(drop=True)
         qrows = [r for rs in self.q_by_unit.values() for r in rs] + ([] if final else _not_in(self.oldq_by_unit, done))

@@ -46,6 +46,11 @@ CACHE_DIR = "cache"
 #: ``pixel_sha256`` / ``mask_pixel_sha256`` hash the decoded cache arrays (content identity independent of the
 #: file encoding). ``split_bucket`` (0-999) is the patient's val bucket (see splits.py). ``unit_key`` /
 #: ``unit_fingerprint`` identify the source files a row came from and their content (incremental ingest).
+#: Volume rows (NIfTI slices, the frames of a multi-frame DICOM, the files of one DICOM series) share a
+#: ``volume_id`` (a hash: never a UID) and carry their ``slice_index`` (0-based, in position order), the
+#: ``spacing_mm`` [between slices, between rows, between columns] and the ``orientation`` of the stored slices'
+#: (column, row, slice) axes in patient space (``RAS`` for NIfTI slices as ingest stores them, ``LPS``-based
+#: DICOM geometry as ``dicom``); 2-D rows have None / NA there. :func:`index_volumes` orders a DICOM series.
 MANIFEST_COLUMNS: dict[str, str] = {
     "image_id": "string",
     "dataset": "string",
@@ -75,6 +80,10 @@ MANIFEST_COLUMNS: dict[str, str] = {
     "unit_key": "string",
     "unit_fingerprint": "string",
     "ingested_at": "string",
+    "volume_id": "string",
+    "slice_index": "Int64",
+    "spacing_mm": "object",
+    "orientation": "string",
 }
 
 QUARANTINE_COLUMNS: dict[str, str] = {
@@ -137,6 +146,9 @@ def _read(path: Path, columns: dict[str, str]) -> pd.DataFrame:
     df = pd.read_parquet(io.BytesIO(path.read_bytes()))
     if "box" in df.columns:
         df["box"] = df["box"].map(lambda b: None if b is None else [int(v) for v in b])
+    if "spacing_mm" in df.columns:  # Parquet gives arrays back: lists, as the rows were written
+        df["spacing_mm"] = df["spacing_mm"].map(
+            lambda s: None if s is None else [None if v is None or v != v else float(v) for v in s])
     return _conform(df, columns)
 
 
@@ -207,6 +219,36 @@ def box_key(box: Any) -> list[int] | None:
 
 def _opt(v: Any) -> Any:
     return None if v is None or (not isinstance(v, (list, np.ndarray)) and pd.isna(v)) else v
+
+
+SPLIT_PRECEDENCE = ("test", "val", "train")
+
+
+def index_volumes(df: pd.DataFrame) -> pd.DataFrame:
+    """Volume rows made whole: a DICOM series' slices (rows with a ``volume_id``, no ``slice_index`` and a
+    ``slice_position_mm`` in ``meta``) get their index in position order and the spacing between slices; and
+    every volume gets one split (the first of test, val, train among its slices: a volume never straddles
+    splits, and a test slice never lets its neighbours train). Returns a copy."""
+    df = df.copy()
+    if "volume_id" not in df.columns or not df["volume_id"].notna().any():
+        return df
+    for _, idx in df[df["volume_id"].notna()].groupby("volume_id").groups.items():
+        part = df.loc[idx]
+        splits = set(part["split"].dropna())
+        if len(splits) > 1:
+            df.loc[idx, "split"] = next(s for s in SPLIT_PRECEDENCE if s in splits)
+        if part["slice_index"].notna().all():
+            continue
+        pos = part["meta"].map(lambda m: json.loads(m or "{}").get("slice_position_mm"))
+        if pos.isna().any():
+            continue
+        ranks = pos.rank(method="dense").astype(int) - 1
+        df.loc[idx, "slice_index"] = ranks.to_numpy()
+        gaps = np.diff(np.unique(pos.to_numpy(dtype=float)))
+        step = float(np.median(gaps)) if len(gaps) else None
+        df.loc[idx, "spacing_mm"] = pd.Series([[step, *(sp or [None, None, None])[1:]] for sp in part["spacing_mm"]],
+                                              index=idx, dtype=object)
+    return df
 
 
 def dataset_version(df: pd.DataFrame) -> str:

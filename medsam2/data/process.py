@@ -119,7 +119,10 @@ def _build_row(
     mask_rel: str | None = None,
     flags: list[str] | None = None,
     meta: dict[str, Any] | None = None,
+    volume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One manifest row; ``volume``: the row's ``volume_id``, ``slice_index``, ``spacing_mm``, ``orientation``
+    when it is a slice of a volume (see ``manifest.MANIFEST_COLUMNS``)."""
     flags = sorted(set(flags or []))
     h, w = rgb.shape[:2]
     mean, std = _mean_std(rgb)
@@ -179,6 +182,7 @@ def _build_row(
         "unit_fingerprint": c.fingerprint,
         "ingested_at": c.now,
         "split": "train",
+        **{k: (volume or {}).get(k) for k in ("volume_id", "slice_index", "spacing_mm", "orientation")},
     }
 
 
@@ -214,6 +218,40 @@ def _process_2d(c: _Ctx, u: Unit, paths: dict[str, str], out: UnitOutput) -> Non
     )
 
 
+def _volume_id(dataset: str, key: str) -> str:
+    """A volume's id: a hash of its dataset and source (a file path, or a series' UID), never the UID itself."""
+    return "vol-" + hashlib.sha256(f"{dataset}\0{key}".encode()).hexdigest()[:16]
+
+
+def _dicom_volume(c: _Ctx, ds: Any, frames: int, rel: str) -> dict[str, Any] | None:
+    """The volume fields of a DICOM image: a multi-frame object is a volume of its frames; a single-frame image
+    with a position is a slice of its series (``slice_index`` set later, in position order, by
+    ``manifest.index_volumes`` from ``meta["slice_position_mm"]``); anything else is 2-D (None). A series whose
+    SeriesInstanceUID was blanked by an anonymiser is its folder's slices of one FrameOfReferenceUID."""
+    try:
+        dr, dc = (float(v) for v in ds.PixelSpacing)
+    except (AttributeError, TypeError, ValueError):
+        dr = dc = None
+    thick = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    if frames > 1:
+        sop = str(ds.get("SOPInstanceUID", "") or "")
+        return {"volume_id": _volume_id(c.dataset, "sop:" + sop), "orientation": "LPS",
+                "spacing_mm": [float(thick) if thick else None, dr, dc]}
+    series = str(ds.get("SeriesInstanceUID", "") or "")
+    frame_of_ref = str(ds.get("FrameOfReferenceUID", "") or "")
+    if not series and frame_of_ref:
+        series = f"{PurePosixPath(rel).parent}|{frame_of_ref}"
+    try:
+        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not series or iop.size != 6 or ipp.size != 3:
+        return None
+    return {"volume_id": _volume_id(c.dataset, "series:" + series), "orientation": "LPS",
+            "spacing_mm": [None, dr, dc], "position": round(float(np.cross(iop[:3], iop[3:]) @ ipp), 4)}
+
+
 def _process_nifti(c: _Ctx, u: Unit, paths: dict[str, str], out: UnitOutput) -> None:
     img, shape = read_nifti(Path(paths[u.image]))
     vol = nifti_array(img).astype(np.float32)
@@ -236,11 +274,15 @@ def _process_nifti(c: _Ctx, u: Unit, paths: dict[str, str], out: UnitOutput) -> 
         "window_source": "percentile",
         "zooms": [round(float(z), 4) for z in img.header.get_zooms()[:3]],
     }
+    zooms = [float(v) for v in img.header.get_zooms()[:3]] + [1.0] * (3 - len(img.header.get_zooms()[:3]))
+    volume = {"volume_id": _volume_id(c.dataset, u.image), "orientation": "RAS",  # slices as nifti_slice shows them
+              "spacing_mm": [round(zooms[2], 4), round(zooms[1], 4), round(zooms[0], 4)]}
     for z in range(vol.shape[2]):
+        volume = {**volume, "slice_index": z}
         try:
             rgb = to_rgb(apply_window(nifti_slice(vol, z), low, high))
             if lab is None:
-                out.rows.append(_build_row(c, u, rgb, None, rel=u.image, frame=z, meta=meta))
+                out.rows.append(_build_row(c, u, rgb, None, rel=u.image, frame=z, meta=meta, volume=volume))
                 continue
             ls = nifti_slice(lab, z)
             if skip_empty and not ls.any():
@@ -261,12 +303,14 @@ def _process_nifti(c: _Ctx, u: Unit, paths: dict[str, str], out: UnitOutput) -> 
                             target_key=f"label_{int(v)}",
                             mask_rel=u.mask,
                             meta=meta,
+                            volume=volume,
                         )
                     )
             else:
                 out.rows.append(
                     _build_row(
-                        c, u, rgb, (ls > 0).astype(np.uint8), rel=u.image, frame=z, mask_rel=u.mask, meta=meta
+                        c, u, rgb, (ls > 0).astype(np.uint8), rel=u.image, frame=z, mask_rel=u.mask, meta=meta,
+                        volume=volume,
                     )
                 )
         except QuarantineError as e:
@@ -276,6 +320,9 @@ def _process_nifti(c: _Ctx, u: Unit, paths: dict[str, str], out: UnitOutput) -> 
 def _process_dicom(c: _Ctx, u: Unit, paths: dict[str, str], out: UnitOutput) -> None:
     frames, used, ds = dcm.decode_image(Path(paths[u.image]))
     meta = {**safe_dicom_meta(ds), **used}
+    volume = _dicom_volume(c, ds, len(frames), u.image)
+    if volume is not None and "position" in volume:  # a series slice: ordered with its series after decoding
+        meta["slice_position_mm"] = volume.pop("position")
     sop = hashlib.sha256(str(ds.get("SOPInstanceUID", "") or "").strip().encode()).hexdigest()
     masks: dict[int | None, list[tuple[str, int, str, np.ndarray]]] = {}  # source frame (1-based) → masks
     for seg in u.segs:
@@ -310,12 +357,14 @@ def _process_dicom(c: _Ctx, u: Unit, paths: dict[str, str], out: UnitOutput) -> 
                                 target_key=f"{seg}#{no}",
                                 mask_rel=seg,
                                 meta=meta,
+                                volume=_frame_volume(volume, frame),
                             )
                         )
                     except QuarantineError as e:
                         out.rejects.append((f"{u.image}#seg={seg}:{no}", e.reason, e.detail))
             else:
-                out.rows.append(_build_row(c, u, rgb, None, rel=u.image, frame=frame, meta=meta))
+                out.rows.append(_build_row(c, u, rgb, None, rel=u.image, frame=frame, meta=meta,
+                                           volume=_frame_volume(volume, frame)))
         except QuarantineError as e:
             out.rejects.append((f"{u.image}#frame={fi}" if len(frames) > 1 else u.image, e.reason, e.detail))
     stray = sorted(k for k in masks if k is not None and not 1 <= k <= len(frames))
@@ -323,6 +372,13 @@ def _process_dicom(c: _Ctx, u: Unit, paths: dict[str, str], out: UnitOutput) -> 
         for seg, no, _, _ in masks[k]:
             out.rejects.append((f"{seg}#seg={no}", "mask_without_image", f"SEG references frame {k} of a "
                                 f"{len(frames)}-frame image"))
+
+
+def _frame_volume(volume: dict[str, Any] | None, frame: int) -> dict[str, Any] | None:
+    """A DICOM row's volume fields: a multi-frame object's frame is its slice index."""
+    if volume is None:
+        return None
+    return {**volume, "slice_index": frame} if frame >= 0 else volume
 
 
 def process_unit(u: Unit, paths: dict[str, str], ctx: dict[str, Any]) -> UnitOutput:

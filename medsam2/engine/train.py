@@ -43,6 +43,7 @@ from medsam2.engine.runtime import (
     pick_device,
     to_device,
 )
+from medsam2.engine.volume import clip_losses
 from medsam2.home import medsam2_home
 from medsam2.model.backbone import BaseWeights
 from medsam2.model.segmenter import ParamCount, Segmenter
@@ -347,7 +348,12 @@ def _setup(cfg: ExperimentCfg) -> tuple[_Run, TrainState]:
 def _loaders(run: _Run, start: int) -> tuple[DataLoader, Any]:
     """The labelled batches from step ``start`` on, and an iterator of unlabelled ones (None if not used)."""
     cfg, tc, dc = run.cfg, run.cfg.train, run.cfg.data
-    ds = SegDataset(run.train_rows, dc.workdir, cfg.model, dc.augment)
+    if cfg.model.memory:  # clips of consecutive slices of a volume (medsam2.data.clips)
+        from medsam2.data.clips import ClipDataset
+
+        ds = ClipDataset(run.train_rows, dc.workdir, cfg.model, tc.clip_length)
+    else:
+        ds = SegDataset(run.train_rows, dc.workdir, cfg.model, dc.augment)
     rank, world = run.workers.rank, run.workers.world
     sampler = StepSampler(len(ds), tc.batch_size * tc.grad_accum, tc.max_steps, tc.seed, start, rank, world)
     loader = DataLoader(ds, batch_sampler=sampler, num_workers=dc.num_workers, collate_fn=collate,
@@ -372,7 +378,8 @@ def _optimise(run: _Run, state: TrainState, meter: _Meter, batch: dict, unl: dic
     chunks = _split(batch, tc.grad_accum)
     for chunk in chunks:
         with autocast(run.device, tc.precision):
-            losses = run.strategy.losses(model, chunk, unl, state.step)
+            losses = clip_losses(model, chunk, run.strategy.loss_fn) if run.cfg.model.memory else \
+                run.strategy.losses(model, chunk, unl, state.step)
         (losses["loss"] / len(chunks)).backward()
         for k, v in losses.items():
             meter.running[k] = meter.running.get(k, 0.0) + v.detach().float() / len(chunks)

@@ -53,8 +53,12 @@ def sam2_config_name(backbone: str, version: str) -> str:
     return f"configs/sam2/sam2_hiera_{size}.yaml" if version == "2.0" else f"configs/sam2.1/sam2.1_hiera_{size}.yaml"
 
 
-def build_sam2_base(backbone: str = "hiera_t", version: str = "2.1", image_size: int = 1024) -> nn.Module:
-    """Instantiate an un-initialised ``SAM2Base`` from Meta's config at ``image_size`` (multiple of 32)."""
+def build_sam2_base(backbone: str = "hiera_t", version: str = "2.1", image_size: int = 1024, *,
+                    video_predictor: bool = False) -> nn.Module:
+    """Instantiate an un-initialised ``SAM2Base`` from Meta's config at ``image_size`` (multiple of 32).
+
+    ``video_predictor``: a ``sam2.sam2_video_predictor.SAM2VideoPredictor`` instead (a ``SAM2Base`` subclass with
+    the same parameters and state dict, plus the predictor's API): the reference of the volume parity test."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
@@ -63,6 +67,8 @@ def build_sam2_base(backbone: str = "hiera_t", version: str = "2.1", image_size:
     if not GlobalHydra.instance().is_initialized():
         initialize_config_module("sam2", version_base="1.2")
     overrides = [f"++model.image_size={image_size}"]
+    if video_predictor:
+        overrides.append("++model._target_=sam2.sam2_video_predictor.SAM2VideoPredictor")
     cfg = compose(config_name=sam2_config_name(backbone, version), overrides=overrides)
     OmegaConf.resolve(cfg)
     return instantiate(cfg.model, _recursive_=True)

@@ -152,7 +152,7 @@ def build_segmenter(
     ADAPTERS.create(cfg.adapter, model, cfg)
     for p in model.decoder.parameters():  # the decoder's own modules always train
         p.requires_grad_(True)
-    for name, p in sam.named_parameters():  # video-memory modules never see an image-path gradient
+    for name, p in sam.named_parameters():  # video-memory modules train only when the memory does (model.memory)
         if not name.startswith(IMAGE_PATH_PREFIXES):
-            p.requires_grad_(False)
+            p.requires_grad_(cfg.memory)
     return model, base

@@ -180,6 +180,15 @@ def log_evaluation(result, out_dir: Path, prefix: str = "eval") -> None:
         pass
 
 
+def log_volume_evaluation(result, out_dir: Path, prefix: str = "eval/volumes") -> None:
+    """Metrics of a ``VolumeEvalResult`` (``volume_<method>_<metric>``), its report folder and a per-method
+    mean table, to the active run."""
+    mlflow.log_metrics({k: v for k, v in result.metrics.items() if v is not None and np.isfinite(v)})
+    mlflow.log_artifacts(str(out_dir), prefix)
+    table = result.per_volume.pivot_table(index="method", values=["dice", "hd95", "nsd"], aggfunc="mean")
+    mlflow.log_table(table.reset_index(), f"{prefix}/summary_table.json")
+
+
 def write_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str))
 
