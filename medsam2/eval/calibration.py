@@ -12,8 +12,8 @@ the expected actual Dice; that is the image's ``confidence`` in [0, 1]. An image
   precision = flagged failures / flagged images, recall = flagged failures / failures (NaN when undefined);
 - the reliability curve (per bin: mean confidence, mean Dice, n), which the HTML report plots.
 
-Pure numpy/scipy; the calibrator is two knot lists (``x``, ``y``) applied with linear interpolation between
-them and clipped outside (as scikit-learn's ``IsotonicRegression(out_of_bounds="clip")`` does), saved as JSON
+Fitted with scikit-learn's ``IsotonicRegression``; the calibrator keeps its two knot lists (``x``, ``y``),
+applied with linear interpolation between them and clipped outside (as ``out_of_bounds="clip"`` does), as JSON
 (``calibration.json`` beside an evaluation report; ``medsam2 predict --calibration`` reads it).
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import spearmanr
+from sklearn.isotonic import IsotonicRegression
 
 
 class CalibrationCfg(BaseModel):
@@ -41,25 +42,6 @@ class CalibrationCfg(BaseModel):
     """Equal-width confidence bins of the ECE and the reliability curve."""
     min_fit: int = Field(5, ge=2)
     """Fewest val images to fit on; with fewer the evaluation reports no calibration."""
-
-
-def pav(y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """Pool-adjacent-violators: the non-decreasing sequence closest to ``y`` ((N,) float, already ordered by
-    its x) in weighted least squares (``w``: (N,) > 0, default 1). Returns (N,) float64."""
-    y = np.asarray(y, np.float64)
-    w = np.ones_like(y) if w is None else np.asarray(w, np.float64)
-    means, weights, counts = [], [], []
-    for v, wt in zip(y.tolist(), w.tolist(), strict=True):
-        means.append(v)
-        weights.append(wt)
-        counts.append(1)
-        while len(means) > 1 and means[-2] > means[-1]:  # merge the violating pair into one block
-            m2, w2, c2 = means.pop(), weights.pop(), counts.pop()
-            total = weights[-1] + w2
-            means[-1] = (means[-1] * weights[-1] + m2 * w2) / total
-            weights[-1] = total
-            counts[-1] += c2
-    return np.repeat(means, counts)
 
 
 @dataclass(frozen=True)
@@ -97,22 +79,16 @@ class Calibrator:
 
 
 def fit_isotonic(iou_pred: np.ndarray, dice: np.ndarray, review_below: float = 0.7) -> Calibrator:
-    """Fit on (N,) predicted IoUs and (N,) actual Dice values (NaN pairs dropped). Equal x values are pooled
-    first (their mean Dice, weighted by count), then PAV; the knots are each block's first and last x."""
+    """Fit on (N,) predicted IoUs and (N,) actual Dice values (NaN pairs dropped) with scikit-learn's
+    ``IsotonicRegression`` (pool-adjacent-violators); its thresholds are the calibrator's knots."""
     x = np.asarray(iou_pred, np.float64).reshape(-1)
     y = np.asarray(dice, np.float64).reshape(-1)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     if x.size == 0:
         raise ValueError("no (predicted IoU, Dice) pairs to calibrate on")
-    ux, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    uy = np.bincount(inverse, weights=y) / counts
-    fitted = pav(uy, counts.astype(np.float64))
-    kx, ky = [], []
-    for i in range(ux.size):  # block boundaries: keep the first and last x of each run of equal fitted values
-        if i == 0 or i == ux.size - 1 or fitted[i] != fitted[i - 1] or fitted[i] != fitted[i + 1]:
-            kx.append(float(ux[i]))
-            ky.append(float(fitted[i]))
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(x, y)
+    kx, ky = iso.X_thresholds_.tolist(), iso.y_thresholds_.tolist()
     return Calibrator(tuple(kx), tuple(ky), int(x.size), float(review_below))
 
 
