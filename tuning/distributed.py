@@ -95,7 +95,7 @@ def check_resources(cfg: ExperimentCfg) -> None:
 
 
 def make_trainer(cfg: ExperimentCfg, worker: Any, loop_config: dict[str, Any], *, name: str, storage_path: str,
-                 max_failures: int) -> TorchTrainer:
+                 max_failures: int, callbacks: list | None = None) -> TorchTrainer:
     """The ``TorchTrainer`` of one run of ``cfg``: ``train.num_workers`` workers with their CPUs/GPUs, running
     ``worker`` with ``{"cfg": <cfg as JSON>, **loop_config}``; Ray's storage and retries; the last checkpoint
     kept (it is ``last.pt``, or the result)."""
@@ -106,7 +106,7 @@ def make_trainer(cfg: ExperimentCfg, worker: Any, loop_config: dict[str, Any], *
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )

@@ -211,9 +211,8 @@ def run_sweep(
             sweep_name=name,
             storage_path=storage,
         )
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, ctx=ctx), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
-        )
+        resources, max_concurrent = _trial_resources(cfg, cpus_per_trial, gpus_per_trial, max_concurrent)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
         if resume:
             tuner = tune.Tuner.restore(
                 str(local_out) if is_local(storage) else f"{storage}/{name}",
@@ -247,6 +246,34 @@ def run_sweep(
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _trial_resources(cfg: ExperimentCfg, cpus: float, gpus: float, max_concurrent: int | None
+                     ) -> tuple[dict[str, float], int | None]:
+    """Tune resources of one trial's process, and how many trials run at once. A distributed trial
+    (``train.num_workers > 1``) uses workers × per-worker resources, which its ``TorchTrainer`` asks for; the
+    trial's own driver takes a sliver of a CPU, and no more trials start than the cluster can give workers to."""
+    tc = cfg.train
+    if tc.num_workers < 2:
+        return {"cpu": cpus, "gpu": gpus}, max_concurrent
+    from tuning.distributed import check_resources
+
+    check_resources(cfg)  # one trial must fit: a clear error now, not trials waiting forever
+    have = ray.cluster_resources()
+    fits = int(have.get("CPU", 0) // (tc.num_workers * tc.cpus_per_worker + DRIVER_CPU))
+    if tc.use_gpu:
+        fits = min(fits, int(have.get("GPU", 0) // (tc.num_workers * tc.gpus_per_worker)))
+    if fits < 1:
+        from medsam2.errors import UsageError
+
+        raise UsageError(f"a distributed trial needs {tc.num_workers} × {tc.cpus_per_worker:g} CPUs for its workers "
+                         f"and {DRIVER_CPU} for its driver; the Ray cluster has {have.get('CPU', 0):g}",
+                         hint="lower train.num_workers or train.cpus_per_worker, or use a bigger cluster")
+    return {"cpu": DRIVER_CPU, "gpu": 0}, min(max_concurrent or fits, fits)
+
+
+DRIVER_CPU = 0.01
+"""CPU of a distributed trial's driver process (Tune refuses an empty request; it only waits on its workers)."""
 
 
 def parse_overrides_flat(overrides: list[str] | None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +103,17 @@ class TuneReport(Callback):
 
     The last evaluation (``step == max_steps``) is reported from ``on_train_end``, after ``final.pt`` and
     the MLflow run are complete: ASHA answers a trial's report at ``max_t`` with STOP, and Tune carries
-    that out by raising ``SystemExit`` inside ``tune.report``, which would cut the trial's ending short."""
+    that out by raising ``SystemExit`` inside ``tune.report``, which would cut the trial's ending short.
 
-    def __init__(self, cfg: ExperimentCfg) -> None:
+    In a distributed trial every Ray Train worker has one (``report=ray.train.report``, its ``rank``): Ray Train
+    wants the same reports from every rank, only rank 0's carries ``last.pt``, and Ray's ``TuneReportCallback``
+    hands rank 0's to Tune."""
+
+    def __init__(self, cfg: ExperimentCfg, report: Any = None, checkpoint_cls: Any = None, rank: int = 0) -> None:
         self.cfg = cfg
+        self.report_fn = report or tune.report
+        self.checkpoint_cls = checkpoint_cls or tune.Checkpoint
+        self.rank = rank
         self.reported = 0
         self.last_step = 0
         self.resumed_from = 0
@@ -145,12 +152,12 @@ class TuneReport(Callback):
     def _report(self, metrics: dict[str, Any], last_pt: Path | None) -> None:
         self.reported += 1
         self.last_step = int(metrics["step"])
-        if last_pt is None:
-            tune.report(metrics)
+        if last_pt is None or self.rank != 0:
+            self.report_fn(metrics)
             return
         resolved = yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False)
         with stage_last(last_pt, {CONFIG_FILE: resolved}) as stage:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(stage))
+            self.report_fn(metrics, checkpoint=self.checkpoint_cls.from_directory(stage))
 
 
 class FailOnce(Callback):
@@ -206,6 +213,12 @@ class MlflowChild(Callback):
         self.run_id = run.info.run_id
         return self.run_id
 
+    def attach(self, run_id: str, reopened: bool) -> None:
+        """Log into the run a distributed trial's driver opened (``start``), from its rank-0 worker."""
+        mlflow.set_tracking_uri(self.ctx.tracking_uri)
+        mlflow.start_run(run_id=run_id)
+        self.run_id, self.reopened = run_id, reopened
+
     def note_resumed(self, step: int) -> None:
         """Log the step this attempt resumed from (once; 0 logs nothing)."""
         if step and not self.resume_logged:
@@ -238,6 +251,9 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     trial_id, trial_name = tctx.get_trial_id(), tctx.get_trial_name()
     out = trial_output_dir(ctx, trial_id)
     cfg = trial_config(ctx.base_cfg, params, out)
+    if cfg.train.num_workers > 1:
+        _run_distributed_trial(params, ctx, cfg, trial_id, trial_name)
+        return
     restore_last(out, tune.get_checkpoint())
     reporter = TuneReport(cfg)
     child = MlflowChild(ctx, trial_id, trial_name, params)
@@ -273,3 +289,53 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
             )
         )
     child.finish("FINISHED")
+
+
+def _run_distributed_trial(params: dict[str, Any], ctx: SweepContext, cfg: ExperimentCfg, trial_id: str,
+                           trial_name: str) -> None:
+    """A trial on ``train.num_workers`` Ray Train workers: this function (the trial's driver) opens the trial's
+    MLflow child run and runs a ``TorchTrainer``; Ray's ``TuneReportCallback`` hands rank 0's evaluations and
+    checkpoints to Tune, so ASHA and retries work as for a one-process trial."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tuning.distributed import make_trainer
+
+    child = MlflowChild(ctx, trial_id, trial_name, params)
+    child.start()
+    trainer = make_trainer(cfg, _trial_worker, {"ctx": asdict(ctx), "trial": [trial_id, trial_name], "params": params,
+                                                "run_id": child.run_id, "reopened": child.reopened},
+                           name=f"{ctx.sweep_name}-{trial_dirname(trial_id)}", storage_path=ctx.storage_path,
+                           max_failures=0, callbacks=[TuneReportCallback()])  # Tune's FailureConfig retries
+    try:
+        trainer.fit()
+    except SystemExit:  # ASHA's STOP, raised in the driver when it hands a report to Tune
+        done = "train_wall_s" in MlflowClient(ctx.tracking_uri).get_run(child.run_id).data.metrics  # rank 0 ended
+        mlflow.set_tag("tune_status", "COMPLETED" if done else "STOPPED_EARLY")
+        child.finish("FINISHED" if done else "KILLED")
+        raise
+    except BaseException:
+        child.finish("FAILED")
+        raise
+    child.finish("FINISHED")
+
+
+def _trial_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker of a distributed trial; rank 0 logs into the trial's MLflow run."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    cfg = ExperimentCfg.model_validate(loop_config["cfg"])
+    restore_last(Path(cfg.train.output_dir), ray.train.get_checkpoint())
+    callbacks: list[Callback] = [TuneReport(cfg, report=ray.train.report, checkpoint_cls=ray.train.Checkpoint,
+                                            rank=rank)]
+    if rank == 0:
+        child = MlflowChild(SweepContext(**loop_config["ctx"]), *loop_config["trial"], loop_config["params"])
+        child.attach(loop_config["run_id"], loop_config["reopened"])
+        callbacks.insert(0, child)  # its on_train_end precedes the final report
+    result = train(cfg, callbacks=callbacks)
+    if rank == 0:
+        child.note_resumed(result.resumed_from)
+    if result.stopped_early:  # as in run_trial; every rank reports (Ray Train), rank 0's numbers reach Tune
+        m, nan = result.metrics, float("nan")
+        ray.train.report({**trial_metrics(m.get("last_val_dice", nan), m.get("best_val_dice", nan), result.steps,
+                                          cfg.train.max_steps, result.resumed_from), ENDED_BY_TRAINER: 1})

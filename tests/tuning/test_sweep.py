@@ -76,3 +76,19 @@ def test_a_trial_its_trainer_ended_is_not_an_asha_stop(sweep_env, tmp_path):
     exp = client.get_run(out["parent_run_id"]).info.experiment_id
     (child,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
     assert child.data.tags["tune_status"] == "ENDED_BY_TRAINER" and child.info.status == "FINISHED"
+
+
+def test_distributed_trials_train_on_ray_train_workers(sweep_env, tmp_path):
+    """``train.num_workers=2`` in a sweep: the trial trains on 2 Ray Train workers (its driver holds 0.01 CPU, so
+    3 logical CPUs), rank 0 reports its evaluations to Tune (``TuneReportCallback``) and logs the child run."""
+    out = cli_sweep("smoke", 1, overrides=[*sweep_env["overrides"], "train.num_workers=2", "train.batch_size=2",
+                                           "train.checkpoint_every=2"],
+                    json=True, num_cpus=3, storage_path=str(tmp_path / "ray"), seed=SMOKE_SEED)
+    assert (out["trials"], out["errored"], out["completed"]) == (1, 0, 1), out
+    row = pd.read_csv(out["results_csv"]).iloc[0]
+    assert row["reports"] == 2 and row["step"] == 4 and json.loads(row["val_dice_by_step"]).keys() == {"2", "4"}
+    client = MlflowClient(sweep_env["uri"], registry_uri=sweep_env["uri"])
+    exp = client.get_run(out["parent_run_id"]).info.experiment_id
+    (child,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert child.data.tags["num_workers"] == "2" and child.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_dice")] == [2, 4]
