@@ -16,7 +16,10 @@ from tests.tuning.conftest import child_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 MEDSAM2 = str(Path(sys.executable).with_name("medsam2"))
-MAX_STEPS = 4  # the smoke space's train.max_steps
+MAX_STEPS = 12
+"""``train.max_steps`` of the sweep: the smoke space's 4 steps run from the first checkpoint (step 2) to the end in
+about a second on two quiet cores, faster than the test can see the checkpoint and crash the sweep (it saw the
+trial at step 4 in a fresh-clone CI run); 12 leaves ten steps for the crash to land between checkpoints."""
 
 
 def _study_trials(sweep_dir: Path) -> dict[int, tuple[str, dict]]:
@@ -43,7 +46,7 @@ def test_killed_optuna_sweep_resumes_under_the_same_parent_run(sweep_env, tmp_pa
     storage = tmp_path / "ray"
     args = [MEDSAM2, "sweep", "--space", "smoke", "--num-samples", "3", "--search", "optuna", "--seed", "0",
             "--storage", str(storage), "--json"]
-    for o in [*sweep_env["overrides"], "train.checkpoint_every=2"]:
+    for o in [*sweep_env["overrides"], "train.checkpoint_every=2", f"train.max_steps={MAX_STEPS}"]:
         args += ["--set", o]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
