@@ -13,9 +13,11 @@ checkpoint, and ``train`` resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -240,6 +242,22 @@ class MlflowChild(Callback):
         self.inner.on_train_end(result)
         mlflow.set_tag("checkpoint", result.checkpoint)
 
+    @contextlib.contextmanager
+    def ending(self, finished: Callable[[], bool]) -> Iterator[None]:
+        """End the child run as the trial ends. Tune ends a trial ASHA stopped with ``SystemExit`` inside its
+        report: the run is COMPLETED/FINISHED when ``finished()`` (the STOP answered the report at ``max_t``),
+        else STOPPED_EARLY/KILLED; any other exception ends it FAILED. All are re-raised."""
+        try:
+            yield
+        except SystemExit:
+            done = finished()
+            mlflow.set_tag("tune_status", "COMPLETED" if done else "STOPPED_EARLY")
+            self.finish("FINISHED" if done else "KILLED")
+            raise
+        except BaseException:
+            self.finish("FAILED")
+            raise
+
     def finish(self, status: str) -> None:
         if self.run_id is not None and mlflow.active_run() is not None:
             mlflow.end_run(status)
@@ -261,16 +279,8 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
     if os.environ.get(FAULT_ENV):
         callbacks.append(FailOnce(os.environ[FAULT_ENV]))
     child.start()
-    try:
+    with child.ending(lambda: reporter.last_step >= cfg.train.max_steps):  # STOP at max_t: the final report
         result = train(cfg, callbacks=callbacks)
-    except SystemExit:  # Tune ends a stopped trial (ASHA) with sys.exit inside tune.report
-        done = reporter.last_step >= cfg.train.max_steps  # STOP at max_t, answering the final report
-        mlflow.set_tag("tune_status", "COMPLETED" if done else "STOPPED_EARLY")
-        child.finish("FINISHED" if done else "KILLED")
-        raise
-    except BaseException:
-        child.finish("FAILED")
-        raise
     child.note_resumed(result.resumed_from)  # a restored trial that had already finished starts no training
     if result.stopped_early:  # the trainer ended it (time budget, patience), not ASHA: say so in a last report
         m, nan = result.metrics, float("nan")
@@ -306,16 +316,8 @@ def _run_distributed_trial(params: dict[str, Any], ctx: SweepContext, cfg: Exper
                                                 "run_id": child.run_id, "reopened": child.reopened},
                            name=f"{ctx.sweep_name}-{trial_dirname(trial_id)}", storage_path=ctx.storage_path,
                            max_failures=0, callbacks=[TuneReportCallback()])  # Tune's FailureConfig retries
-    try:
-        trainer.fit()
-    except SystemExit:  # ASHA's STOP, raised in the driver when it hands a report to Tune
-        done = "train_wall_s" in MlflowClient(ctx.tracking_uri).get_run(child.run_id).data.metrics  # rank 0 ended
-        mlflow.set_tag("tune_status", "COMPLETED" if done else "STOPPED_EARLY")
-        child.finish("FINISHED" if done else "KILLED")
-        raise
-    except BaseException:
-        child.finish("FAILED")
-        raise
+    with child.ending(lambda: "train_wall_s" in MlflowClient(ctx.tracking_uri).get_run(child.run_id).data.metrics):
+        trainer.fit()  # ASHA's STOP is raised here, in the driver, when a report is handed to Tune
     child.finish("FINISHED")
 
 
