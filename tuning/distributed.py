@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ from tuning.ray_session import init_ray, portable_config, restore_last, stage_la
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "train_result.json"
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_START_TIMEOUT_S = 600
+"""How long Ray Train waits for a worker group to start, unless ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` says
+otherwise (Ray's default: 60 s). Each worker imports torch, SAM2 and peft before it answers; on two busy cores
+that took several minutes, and a start timeout fails the attempt."""
 
 
 class TrainReport(Callback):
@@ -100,6 +106,7 @@ def make_trainer(cfg: ExperimentCfg, worker: Any, loop_config: dict[str, Any], *
     ``worker`` with ``{"cfg": <cfg as JSON>, **loop_config}``; Ray's storage and retries; the last checkpoint
     kept (it is ``last.pt``, or the result)."""
     tc = cfg.train
+    os.environ.setdefault(START_TIMEOUT_ENV, str(WORKER_START_TIMEOUT_S))  # Ray Train passes it to its controller
     return TorchTrainer(
         worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), **loop_config},
