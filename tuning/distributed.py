@@ -122,7 +122,7 @@ def make_trainer(cfg: ExperimentCfg, worker: Any, loop_config: dict[str, Any], *
 def distributed_config(cfg: ExperimentCfg) -> ExperimentCfg:
     """``cfg`` made portable, with its run dir fixed, so every worker and every attempt train the same run."""
     cfg = portable_config(cfg)
-    return with_overrides(cfg, train={"output_dir": str(Path(output_dir_of(cfg)).resolve())})
+    return with_overrides(cfg, train={"output_dir": str(output_dir_of(cfg).resolve())})
 
 
 def run_train_distributed(
@@ -148,7 +148,7 @@ def run_train_distributed(
         tracking.setup(cfg)
         name = run_name or f"train-{config_hash(cfg)}"
         with tracking.active_run(run_name=name, parent_run_id=parent_run_id) as run_id:
-            tracking.set_tags({"num_workers": str(tc.num_workers), "medsam2.launcher": "ray-train"})
+            tracking.set_tags({"medsam2.launcher": "ray-train"})  # rank 0 tags num_workers (MlflowCallback)
             trainer = make_trainer(cfg, _worker, {"run_id": run_id}, name=f"{cfg.name}-{Path(tc.output_dir).name}",
                                    storage_path=storage_root(storage_path), max_failures=max_failures)
             result = trainer.fit()

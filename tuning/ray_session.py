@@ -28,6 +28,7 @@ import ray
 
 from medsam2 import tracking
 from medsam2.config import ExperimentCfg, with_overrides
+from medsam2.engine.checkpoint import LAST
 
 STORAGE_ENV = "MEDSAM2_TUNE_STORAGE"
 """Default Ray storage (sweeps and distributed runs): a path all nodes see, or ``s3://bucket/prefix``.
@@ -37,7 +38,6 @@ FORWARDED_ENV_PREFIXES = ("MEDSAM2_", "MLFLOW_", "AWS_")
 SECRET_ENV = re.compile(r"SECRET|PASSWORD|TOKEN|_KEY|SALT")
 """Never shipped: ``runtime_env`` is visible in the Ray dashboard. Local workers inherit the driver's env;
 cluster nodes get secrets from their own environment (compose ``.env``, Kubernetes secrets)."""
-LAST = "last.pt"
 
 
 def is_local(path: str) -> bool:

@@ -105,10 +105,6 @@ class Workers:
         dist.broadcast(t, src=0)
         return [float(v) for v in t.tolist()]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
 
 def current() -> Workers:
     """The workers of the process group this process belongs to (one worker when there is none)."""
