@@ -73,6 +73,15 @@ class InternalError(MedsamError, RuntimeError):
     kind: Kind = "internal"
 
 
+class RequestError(Exception):
+    """A served request the server refuses: ``status`` (HTTP: 413 a limit, 422 a bad field, 403 a refused path)
+    and ``message`` (one sentence for the client, naming the record and the field; no server path)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 @dataclass(frozen=True)
 class ErrorReport:
     """What the CLI prints for an exception: ``error`` (one line), ``kind``, ``hint`` (one line or None)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from medsam2.config import ExperimentCfg, config_hash, with_overrides
 from medsam2.errors import UsageError
+from medsam2.home import medsam2_home
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def run_evaluate(
 
     net, cfg = load_for_eval(model, cfg_overrides, workdir)
     tracking.setup(cfg)
-    out = Path(report_dir or Path(tracking.medsam2_home()) / "reports" / (run_id or "latest"))
+    out = Path(report_dir or Path(medsam2_home()) / "reports" / (run_id or "latest"))
     if not cfg.eval.images and not cfg.eval.volumes:
         raise UsageError("eval.images=false leaves nothing to evaluate", "list volumes in eval.volumes (or "
                          "--volumes FILE), or keep eval.images=true")
@@ -259,12 +260,11 @@ def selection_identity(cfg: ExperimentCfg, workdir: str | None = None) -> frozen
 
 def evaluate_selection(model: str, cfg: ExperimentCfg, workdir: str | None = None, label: str = "selection"):
     """Per-image results of ``model`` (checkpoint or MLflow URI) on the selection split, and its prompt mode."""
-    from medsam2 import tracking
     from medsam2.engine.evaluate import evaluate
 
     net, mcfg = load_for_eval(model, workdir=workdir or cfg.data.workdir)
     scfg = selection_cfg(mcfg, cfg, workdir)
-    reports = Path(tracking.medsam2_home()) / "reports"
+    reports = Path(medsam2_home()) / "reports"
     reports.mkdir(parents=True, exist_ok=True)  # one folder per call: promotions may run concurrently
     out = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=reports))
     result = evaluate(net, scfg, out, title=f"MedSAM2 {scfg.eval.split} evaluation (promotion gate) — {model}")

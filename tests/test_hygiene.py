@@ -15,7 +15,7 @@ def test_medsam2_home_is_temporary_and_inherited_by_subprocesses(private_medsam2
     home = Path(os.environ["MEDSAM2_HOME"]).resolve()
     assert home == Path(private_medsam2_home).resolve()
     assert not home.is_relative_to(REPO.resolve()), "MEDSAM2_HOME must not point into the checkout"
-    out = subprocess.run([sys.executable, "-c", "from medsam2.tracking import medsam2_home; print(medsam2_home())"],
+    out = subprocess.run([sys.executable, "-c", "from medsam2.home import medsam2_home; print(medsam2_home())"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert Path(out.stdout.strip().splitlines()[-1]) == home

@@ -36,6 +36,10 @@ SKIP = {  # command as written → why a test does not run it
     ("""curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: application/json' -d '{"inputs": """
      """[{"image": "'"$IMG"'", "box": [120, 88, 410, 350]}], "params": {"format": "rle"}}'"""):
         "needs the server above (tests/engine/test_serving.py posts the same request shape over HTTP)",
+    "VOL=$(base64 -w0 ct.nii.gz)": "the reader's own volume (the volume serving test sends real ones)",
+    ("""curl -s http://127.0.0.1:8080/invocations -H 'Content-Type: application/json' -d '{"inputs": """
+     """[{"volume": "'"$VOL"'", "prompts": [{"slice": 12, "box": [30, 25, 80, 70]}]}]}'"""):
+        "needs the server above (tests/engine/test_serve_volume.py sends this record through the logged pyfunc)",
     "make demo": "the full local stack and a training run (~10 min); the flow tests run its parts",
     "make test": "the test suite itself",
     "medsam2 ingest /data/my-ct-export --workdir .medsam2/work --json":

@@ -29,6 +29,7 @@ import ray
 from medsam2 import tracking
 from medsam2.config import ExperimentCfg, with_overrides
 from medsam2.engine.checkpoint import LAST
+from medsam2.home import medsam2_home
 
 STORAGE_ENV = "MEDSAM2_TUNE_STORAGE"
 """Default Ray storage (sweeps and distributed runs): a path all nodes see, or ``s3://bucket/prefix``.
@@ -47,7 +48,7 @@ def is_local(path: str) -> bool:
 def storage_root(storage_path: str | None = None) -> str:
     """``storage_path``, else ``$MEDSAM2_TUNE_STORAGE``, else ``$MEDSAM2_HOME/ray_results``; a local path made
     absolute (``file://`` dropped), a URI as it is."""
-    storage = storage_path or os.environ.get(STORAGE_ENV) or str(tracking.medsam2_home() / "ray_results")
+    storage = storage_path or os.environ.get(STORAGE_ENV) or str(medsam2_home() / "ray_results")
     storage = storage.removeprefix("file://")
     return str(Path(storage).resolve()) if "://" not in storage else storage
 
@@ -68,7 +69,7 @@ def portable_config(cfg: ExperimentCfg) -> ExperimentCfg:
 def runtime_env(local: bool) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and not SECRET_ENV.search(k)}
     if local:  # same machine: pin the home dir (relative by default) and make the checkout importable
-        env["MEDSAM2_HOME"] = str(tracking.medsam2_home())
+        env["MEDSAM2_HOME"] = str(medsam2_home())
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return {"env_vars": env}

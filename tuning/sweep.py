@@ -31,6 +31,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from medsam2 import tracking
 from medsam2.config import ExperimentCfg, config_hash, load_config, parse_overrides, with_overrides
+from medsam2.home import medsam2_home
 from tuning.ray_session import init_ray, is_local, portable_config, storage_root
 from tuning.report import parallel_coordinates, results_table
 from tuning.spaces import SPACE_RESOURCES, SPACES, apply_params
@@ -167,7 +168,7 @@ def run_sweep(
     cfg = prepare_config(space, base_cfg, overrides)
     storage = storage_root(storage_path)
     name = name or _experiment_name(space, cfg, storage, resume)
-    local_out = Path(storage) / name if is_local(storage) else tracking.medsam2_home() / "sweeps" / name
+    local_out = Path(storage) / name if is_local(storage) else medsam2_home() / "sweeps" / name
     local_out.mkdir(parents=True, exist_ok=True)
 
     exp_id = tracking.setup(cfg)  # creates the store and experiment once, before any trial touches them

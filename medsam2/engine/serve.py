@@ -1,7 +1,9 @@
 """Serving requests → masks: the typed records the MLflow pyfunc takes, their checks, limits and encodings.
 
 A request is a list of :class:`ServeRecord` (``{"inputs": [...], "params": {"format": "png"|"rle"}}`` over HTTP).
-Each record carries its image **in the request**: ``image`` is the base64 text of a PNG, JPEG, TIFF or DICOM file.
+Each record carries its image **in the request**: ``image`` is the base64 text of a PNG, JPEG, TIFF or DICOM file;
+or a CT/MR volume, ``volume`` (base64 of a NIfTI file or a ZIP of a DICOM series) with ``prompts`` on one or more
+slices, which SAM2's memory propagates through the volume (:mod:`medsam2.engine.serve_volume`).
 ``image_path`` (a file on the server) is refused unless the serving environment names an allowed root
 (``MEDSAM2_SERVE_IMAGE_ROOT``), and then only a path that resolves (symlinks followed) under that root.
 
@@ -31,6 +33,10 @@ from medsam2.data.images import read_image_any
 from medsam2.data.readers import QuarantineError
 from medsam2.engine.predict import predict
 from medsam2.engine.prompt_sources import check_prompt
+from medsam2.engine.serve_volume import VolumePrompt, segment_volume_record
+from medsam2.errors import RequestError
+
+__all__ = ["RLE", "RequestError", "ServeLimits", "ServeRecord", "ServeResult", "VolumePrompt", "serve"]
 
 FORMATS = ("png", "rle")
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "tiff-le": b"II*\x00", "tiff-be": b"MM\x00*"}
@@ -40,13 +46,18 @@ SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff-le": ".tif", "tiff-be": ".tif", "
 class ServeRecord(BaseModel):
     """One image and its prompt. ``image``: base64 of the file's bytes (PNG/JPEG/TIFF/DICOM); ``box``:
     ``[x0, y0, x1, y1]`` in the image's pixels; ``points``: ``[[x, y], …]`` with ``point_labels`` (1 foreground,
-    0 background); ``image_path``: only where the server allows it."""
+    0 background); ``image_path``: only where the server allows it. Or a volume: ``volume``, base64 of a NIfTI
+    file (.nii/.nii.gz) or of a ZIP of a DICOM series, ``series`` (UID or SeriesNumber, when the ZIP holds
+    several) and ``prompts`` (one :class:`VolumePrompt` per prompted slice)."""
 
     image: str | None = None
     image_path: str | None = None
     box: list[float] | None = None
     points: list[list[float]] | None = None
     point_labels: list[int] | None = None
+    volume: str | None = None
+    series: str | None = None
+    prompts: list[VolumePrompt] | None = None
 
 
 class RLE(BaseModel):
@@ -59,23 +70,22 @@ class RLE(BaseModel):
 class ServeResult(BaseModel):
     """One record's mask at the image's own size: ``mask`` (base64 PNG, 0/255) or ``rle`` as ``format`` says;
     ``iou_pred``: SAM's predicted IoU in [0, 1]; ``confidence``: the calibrated confidence when the model has
-    one, else None."""
+    one, else None. For a volume record: ``format`` ``nifti``, ``volume`` (base64 of a ``.nii.gz`` uint8 {0,1}
+    label volume with the source's shape and affine), ``dicom_seg`` (base64 of a DICOM-SEG referencing every
+    slice, for a DICOM series), ``shape`` (the source's voxel shape), ``height``/``width`` a slice's,
+    ``foreground_slices``; ``iou_pred`` is None."""
 
     format: str
     height: int
     width: int
     mask: str | None = None
     rle: RLE | None = None
-    iou_pred: float
+    iou_pred: float | None = None
     confidence: float | None = None
-
-
-class RequestError(Exception):
-    """A request the server refuses: ``status`` (HTTP) and ``message`` (one sentence for the client)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+    volume: str | None = None
+    dicom_seg: str | None = None
+    shape: list[int] | None = None
+    foreground_slices: int | None = None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -88,21 +98,25 @@ def _env_int(name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request may hold. Defaults: 32 records, 40 megapixels per image, 64 MiB of image bytes per
-    request (the HTTP body limit itself belongs to the reverse proxy: ``infra/README.md``); no server paths."""
+    """What one request may hold. Defaults: 32 records, 40 megapixels per image, 64 million voxels per volume,
+    64 MiB of image bytes per request (the HTTP body limit itself belongs to the reverse proxy:
+    ``infra/README.md``); no server paths."""
 
     max_records: int = 32
     max_pixels: int = 40_000_000
     max_bytes: int = 64 * 2**20
     image_root: Path | None = None
+    max_voxels: int = 64_000_000
 
     @classmethod
     def from_env(cls) -> ServeLimits:
-        """``MEDSAM2_SERVE_MAX_RECORDS``, ``_MAX_PIXELS``, ``_MAX_BYTES`` and ``_IMAGE_ROOT`` (unset: defaults)."""
+        """``MEDSAM2_SERVE_MAX_RECORDS``, ``_MAX_PIXELS``, ``_MAX_VOXELS``, ``_MAX_BYTES`` and ``_IMAGE_ROOT``
+        (unset: defaults)."""
         root = os.environ.get("MEDSAM2_SERVE_IMAGE_ROOT", "").strip()
         return cls(max_records=_env_int("MEDSAM2_SERVE_MAX_RECORDS", cls.max_records),
                    max_pixels=_env_int("MEDSAM2_SERVE_MAX_PIXELS", cls.max_pixels),
                    max_bytes=_env_int("MEDSAM2_SERVE_MAX_BYTES", cls.max_bytes),
+                   max_voxels=_env_int("MEDSAM2_SERVE_MAX_VOXELS", cls.max_voxels),
                    image_root=Path(root).resolve() if root else None)
 
 
@@ -176,13 +190,13 @@ def _from_path(raw: str, where: str, limits: ServeLimits) -> np.ndarray:
     return _read(resolved, where)
 
 
-def _b64(text: str, where: str) -> bytes:
+def _b64(text: str, where: str, field: str = "image") -> bytes:
     try:
         data = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError(422, f"{where}: image is not valid base64") from None
+        raise RequestError(422, f"{where}: {field} is not valid base64") from None
     if not data:
-        raise RequestError(422, f"{where}: image is empty")
+        raise RequestError(422, f"{where}: {field} is empty")
     return data
 
 
@@ -216,21 +230,27 @@ def _check_prompt(rec: ServeRecord, prompt: str, hw: tuple[int, int], where: str
 
 
 def load_records(records: Sequence[ServeRecord | dict[str, Any]], prompt: str, limits: ServeLimits
-                 ) -> tuple[list[ServeRecord], list[np.ndarray]]:
-    """Check a request and decode its images → (records, uint8 (H,W,3) RGB images). Raises RequestError."""
+                 ) -> tuple[list[ServeRecord], list[np.ndarray | None]]:
+    """Check a request and decode its images → (records, uint8 (H,W,3) RGB images; None for a volume record,
+    decoded one at a time by :func:`serve`). Raises RequestError."""
     recs = [r if isinstance(r, ServeRecord) else ServeRecord.model_validate(r) for r in records]
     if not recs:
         raise RequestError(422, "inputs: the request holds no records")
     if len(recs) > limits.max_records:
         raise RequestError(413, f"inputs: {len(recs)} records in one request; this server takes at most "
                                 f"{limits.max_records} (MEDSAM2_SERVE_MAX_RECORDS)")
-    total = sum(len(r.image or "") for r in recs) * 3 // 4
+    total = sum(len(r.image or "") + len(r.volume or "") for r in recs) * 3 // 4
     if total > limits.max_bytes:
         raise RequestError(413, f"inputs: {total / 2**20:.1f} MiB of images in one request; this server takes at "
                                 f"most {limits.max_bytes / 2**20:.1f} MiB (MEDSAM2_SERVE_MAX_BYTES)")
     images = []
     for i, rec in enumerate(recs):
         where = f"record {i}"
+        if rec.volume is not None:
+            if rec.image is not None or rec.image_path is not None:
+                raise RequestError(422, f"{where}: give an image or a volume, not both")
+            images.append(None)
+            continue
         if rec.image is not None and rec.image_path is not None:
             raise RequestError(422, f"{where}: give image or image_path, not both")
         if rec.image is not None:
@@ -238,7 +258,8 @@ def load_records(records: Sequence[ServeRecord | dict[str, Any]], prompt: str, l
         elif rec.image_path is not None:
             img = _from_path(rec.image_path, where, limits)
         else:
-            raise RequestError(422, f"{where}: image required (base64 of a PNG, JPEG, TIFF or DICOM file)")
+            raise RequestError(422, f"{where}: image required (base64 of a PNG, JPEG, TIFF or DICOM file), or a "
+                                    "volume (base64 of a NIfTI file or a ZIP of a DICOM series)")
         if img.shape[0] * img.shape[1] > limits.max_pixels:
             raise RequestError(413, f"{where}: image is {img.shape[1]}x{img.shape[0]}; this server takes at most "
                                     f"{limits.max_pixels / 1e6:.1f} megapixels (MEDSAM2_SERVE_MAX_PIXELS)")
@@ -284,19 +305,32 @@ def output_format(params: dict[str, Any] | None) -> str:
 def serve(model, prompt: str, records: Sequence[ServeRecord | dict[str, Any]], params: dict[str, Any] | None,
           limits: ServeLimits | None = None) -> list[ServeResult]:
     """Check, decode and predict one request with a loaded ``Segmenter``; ``prompt`` is the model's prompt mode
-    (``box``/``points``/``none``). Raises :class:`RequestError` for anything the client has to fix."""
+    (``box``/``points``/``none``) for image records (a volume record brings its own prompts). Results come in
+    the records' order. Raises :class:`RequestError` for anything the client has to fix."""
     fmt = output_format(params)
-    recs, images = load_records(records, prompt, limits or ServeLimits.from_env())
+    limits = limits or ServeLimits.from_env()
+    recs, images = load_records(records, prompt, limits)
     box, pts = prompt == "box", prompt == "points"
+    flat = [i for i, im in enumerate(images) if im is not None]
+    out: dict[int, ServeResult] = {}
 
-    def run(idx: list[int]) -> list:
-        return predict(model, [images[i] for i in idx], boxes=[recs[i].box if box else None for i in idx],
-                       points=[recs[i].points if pts else None for i in idx],
-                       point_labels=[recs[i].point_labels if pts else None for i in idx])
+    def run(idx: list[int]) -> None:
+        preds = predict(model, [images[i] for i in idx], boxes=[recs[i].box if box else None for i in idx],
+                        points=[recs[i].points if pts else None for i in idx],
+                        point_labels=[recs[i].point_labels if pts else None for i in idx])
+        for i, p in zip(idx, preds, strict=True):
+            out[i] = ServeResult(format=fmt, height=int(p.mask.shape[0]), width=int(p.mask.shape[1]),
+                                 iou_pred=float(p.iou_pred), **encode_mask(p.mask, fmt))
 
-    if pts and len({len(r.points or []) for r in recs}) > 1:  # a batch stacks equal point counts
-        preds = [p for i in range(len(recs)) for p in run([i])]
-    else:
-        preds = run(list(range(len(recs))))
-    return [ServeResult(format=fmt, height=int(p.mask.shape[0]), width=int(p.mask.shape[1]),
-                        iou_pred=float(p.iou_pred), **encode_mask(p.mask, fmt)) for p in preds]
+    if pts and len({len(recs[i].points or []) for i in flat}) > 1:  # a batch stacks equal point counts
+        for i in flat:
+            run([i])
+    elif flat:
+        run(flat)
+    for i, rec in enumerate(recs):
+        if images[i] is None:
+            where = f"record {i}"
+            out[i] = ServeResult(format="nifti", **segment_volume_record(
+                model, _b64(rec.volume, where, "volume"), rec.series, rec.prompts, where,
+                max_bytes=limits.max_bytes, max_voxels=limits.max_voxels))
+    return [out[i] for i in range(len(recs))]
