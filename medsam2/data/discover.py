@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from medsam2.data import dicom as dcm
 from medsam2.data import layouts as L
+from medsam2.data import sidecars
 from medsam2.data.deid import phi_values, pseudonymise, scrub
 from medsam2.data.readers import QuarantineError, read_nifti, sniff_kind, stem_of
 from medsam2.data.source import Source
@@ -39,7 +40,8 @@ def discover(src: Source, dataset: str, opts: dict[str, Any], salt: str) -> Disc
     kinds, units, ignored = _kinds_of(src)
     source = src.storage.uri
     rels = sorted(src.info)
-    test_stems, test_origin = L.resolve_test_stems(rels, opts, dataset, lambda rel: src.path(rel).read_text(), source)
+    test_stems, test_origin = sidecars.resolve_test_stems(rels, opts, dataset,
+                                                          lambda rel: src.path(rel).read_text(), source)
     if test_origin and test_origin.startswith("shipped:"):
         log.info("%s: no test list in %s; frozen test split from the packaged %s", dataset, source, test_origin[8:])
     paired = _PairedUnits.of(src, dataset, opts, salt)
@@ -49,7 +51,7 @@ def discover(src: Source, dataset: str, opts: dict[str, Any], salt: str) -> Disc
     units += _discover_nifti(src, kinds, paired)
     units += _discover_dicom(src, kinds, dataset, opts, salt)
     image_stems = {stem_of(PurePosixPath(u.image).name) for u in units if u.kind != "reject" and u.image}
-    L.check_test_stems(test_stems, test_origin, image_stems, dataset, opts, source)
+    sidecars.check_test_stems(test_stems, test_origin, image_stems, dataset, opts, source)
     return Discovery(sorted(units, key=lambda u: u.key), ignored, test_stems)
 
 
@@ -104,8 +106,8 @@ class _PairedUnits:
 
     @classmethod
     def of(cls, src: Source, dataset: str, opts: dict[str, Any], salt: str) -> _PairedUnits:
-        boxes = L.load_boxes(src.path(opts["boxes"])) if opts.get("boxes") in src.info else {}
-        return cls(dataset, salt, boxes, L.patient_key_fn(opts), L.modality_fn(opts), _unit_options(opts))
+        boxes = sidecars.load_boxes(src.path(opts["boxes"])) if opts.get("boxes") in src.info else {}
+        return cls(dataset, salt, boxes, sidecars.patient_key_fn(opts), sidecars.modality_fn(opts), _unit_options(opts))
 
     def unit(self, kind: str, image: str, mask: str | None, target: str | None = None) -> L.Unit:
         stem = L._stem(image)

@@ -23,7 +23,7 @@
 
 * **No lost test split.** A dataset whose profile (or layout) names a frozen test list gets it from the source,
   else from the list shipped with the package (Kvasir-SEG: the PraNet list, as the official download has
-  none); no list at all, or one naming none of the source's images, is a ``layouts.TestListError`` (a
+  none); no list at all, or one naming none of the source's images, is a ``sidecars.TestListError`` (a
   ``FileNotFoundError``) saying which dataset and file and how to fix it — never a test split silently merged
   into train/val.
 

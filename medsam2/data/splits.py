@@ -8,7 +8,7 @@ The rule, applied to every row of one dataset each time it is ingested (so it is
    ``medsam2/data/resources/`` — or layout ``test_list``) marks rows whose image stem is listed as ``test`` —
    and with them *every row of the same patient*, so a patient is never split across test and train/val. Test
    rows never move, whatever else changes. A dataset expecting a list that is missing or matches none of its
-   images is an ingest error (``layouts.TestListError``), never a silently lost test split.
+   images is an ingest error (``sidecars.TestListError``), never a silently lost test split.
 3. Every other row is ``val`` if its patient's bucket < ``val_fraction × 1000``, else ``train``. The bucket
    (0–999) is ``sha256("split\\0" + raw patient key)`` mod 1000, computed at ingest from the raw patient key
    (DICOM PatientID, BraTS case, CVC sequence, image stem, ...) *before* it is pseudonymised. Using the raw

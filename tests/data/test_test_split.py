@@ -12,11 +12,12 @@ from data_helpers import SALT, copy_kvasir_pairs
 from PIL import Image
 
 from medsam2.data import layouts as L
+from medsam2.data import sidecars
 from medsam2.data.ingest import ingest
 from medsam2.data.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = L.RESOURCES / "kvasir_split_pranet_test.txt"
+SHIPPED = sidecars.RESOURCES / "kvasir_split_pranet_test.txt"
 
 
 def _kvasir_like(sample: Path, dest: Path, n_test: int = 2, n_other: int = 3, own_list: list[str] | None = None):
@@ -47,9 +48,9 @@ def _png_folder(root: Path, stems: list[str]) -> Path:
 
 
 def test_shipped_list_is_the_pranet_list_and_is_package_data(sample_data: Path) -> None:
-    stems = L.load_stems(SHIPPED)
+    stems = sidecars.load_stems(SHIPPED)
     assert len(stems) == 100
-    assert stems == L.load_stems(sample_data / "kvasir-seg" / "split_pranet_test.txt")
+    assert stems == sidecars.load_stems(sample_data / "kvasir-seg" / "split_pranet_test.txt")
     pkg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "resources/*.txt" in pkg["medsam2.data"]
     assert L.resolve_layout("Kvasir-SEG", None)["shipped_test_list"] == SHIPPED.name  # the Simula folder name
@@ -77,7 +78,7 @@ def test_source_with_its_own_list_still_uses_it(sample_data: Path, tmp_path: Pat
 def test_expected_list_missing_is_a_clear_error(tmp_path: Path) -> None:
     # A layout naming a test list the source lacks (and no list ships for this dataset).
     src = _png_folder(tmp_path / "lab-polyps", ["a", "b", "c"])
-    with pytest.raises(L.TestListError) as exc:
+    with pytest.raises(sidecars.TestListError) as exc:
         ingest(str(src), tmp_path / "work", layout={"test_list": "test_ids.txt"}, salt=SALT)
     msg = str(exc.value)
     assert "'lab-polyps'" in msg and "'test_ids.txt'" in msg and "test_list" in msg and str(src) in msg
@@ -85,14 +86,14 @@ def test_expected_list_missing_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "work" / "manifest.parquet").exists()  # nothing written
     # The same for a Kvasir source that names its own (absent) list: no silent fallback to the shipped one.
     kv = _png_folder(tmp_path / "kvasir-seg", ["x", "y"])
-    with pytest.raises(L.TestListError, match="'my_test.txt'"):
+    with pytest.raises(sidecars.TestListError, match="'my_test.txt'"):
         ingest(str(kv), tmp_path / "work2", layout={"test_list": "my_test.txt"}, salt=SALT)
 
 
 def test_list_matching_no_image_is_a_clear_error(tmp_path: Path, sample_data: Path) -> None:
     # A Kvasir source with none of the PraNet images: the shipped list applies and names none of them.
     src, _, _ = _kvasir_like(sample_data, tmp_path / "kvasir-seg", n_test=0, n_other=2)
-    with pytest.raises(L.TestListError) as exc:
+    with pytest.raises(sidecars.TestListError) as exc:
         ingest(str(src), tmp_path / "work", salt=SALT)
     msg = str(exc.value)
     assert "'kvasir-seg'" in msg and "names none of the 2 images" in msg and "shipped:" in msg
@@ -100,11 +101,11 @@ def test_list_matching_no_image_is_a_clear_error(tmp_path: Path, sample_data: Pa
     # The source's own list naming none of its images: the same error, naming that file.
     own = _png_folder(tmp_path / "lab", ["a", "b"])
     (own / "test.txt").write_text("zzz\n")
-    with pytest.raises(L.TestListError, match=r"'test.txt'.*names none of the 2 images"):
+    with pytest.raises(sidecars.TestListError, match=r"'test.txt'.*names none of the 2 images"):
         ingest(str(own), tmp_path / "work2", salt=SALT)
     # An empty list is an error too.
     (own / "test.txt").write_text("\n")
-    with pytest.raises(L.TestListError, match="names no image stems"):
+    with pytest.raises(sidecars.TestListError, match="names no image stems"):
         ingest(str(own), tmp_path / "work3", salt=SALT)
 
 
