@@ -2,7 +2,7 @@
 ones inside functions included (they are dependencies all the same):
 
 - no ``prefect`` or ``ray`` anywhere in the library (``flows/`` and ``tuning/`` hold them);
-- ``mlflow`` only in ``medsam2/tracking``;
+- ``mlflow`` only in ``medsam2/tracking`` (and not in ``flows/`` or ``tuning/`` either);
 - every module belongs to one layer of ``LAYERS`` and imports only its own layer or lower ones;
 - no import cycles between modules.
 
@@ -148,3 +148,16 @@ def test_layers_only_look_down_and_there_is_no_cycle():
     without_known = {m: {t for t in ts if (m, t) not in KNOWN} for m, ts in graph.items()}
     cycles = _cycles(without_known)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_flows_and_tuning_reach_mlflow_only_through_tracking():
+    """Every MLflow call of the project is in ``medsam2/tracking`` (runs, registry, serving, exports, sweeps): the
+    thin layers above the library (``flows/``, ``tuning/``) import no mlflow."""
+    bad = []
+    for path in sorted([*(REPO / "flows").rglob("*.py"), *(REPO / "tuning").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in names
+                    if n.split(".")[0] == "mlflow"]
+    assert not bad, "\n".join(bad)

@@ -22,22 +22,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import mlflow
 import ray
 import yaml
-from mlflow import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from medsam2 import tracking
 from medsam2.config import ExperimentCfg, config_hash, load_config, parse_overrides, with_overrides
 from medsam2.home import medsam2_home
+from medsam2.tracking import sweeps as runs
 from tuning.ray_session import init_ray, is_local, portable_config, storage_root
 from tuning.report import parallel_coordinates, results_table
 from tuning.spaces import SPACE_RESOURCES, SPACES, apply_params
 from tuning.trainable import (
     CONFIG_FILE,
-    TRIAL_TAG,
     SweepContext,
     run_trial,
     trial_config,
@@ -170,79 +167,37 @@ def run_sweep(
     name = name or _experiment_name(space, cfg, storage, resume)
     local_out = Path(storage) / name if is_local(storage) else medsam2_home() / "sweeps" / name
     local_out.mkdir(parents=True, exist_ok=True)
-
-    exp_id = tracking.setup(cfg)  # creates the store and experiment once, before any trial touches them
-    uri = cfg.tracking.tracking_uri
     state_file = local_out / "sweep.json"
-    parent_id = json.loads(state_file.read_text())["parent_run_id"] if resume and state_file.exists() else None
-    parent = (
-        mlflow.start_run(run_id=parent_id)
-        if parent_id
-        else mlflow.start_run(  # nested: the pipeline's run, or a caller's active run, becomes the sweep's parent
-            experiment_id=exp_id,
-            run_name=name,
-            nested=True,
-            parent_run_id=parent_run_id,
-            tags={"medsam2.kind": "sweep", "medsam2.space": space},
-        )
-    )
-    parent_id = parent.info.run_id
-    state_file.write_text(json.dumps({"parent_run_id": parent_id, "space": space, "experiment_id": exp_id}))
+    resume_id = json.loads(state_file.read_text())["parent_run_id"] if resume and state_file.exists() else None
+    sweep = runs.open_sweep_run(cfg, name, space, resume_run_id=resume_id, parent_run_id=parent_run_id)
+    state_file.write_text(json.dumps({"parent_run_id": sweep.run_id, "space": space,
+                                      "experiment_id": sweep.experiment_id}))
     started_ray = False
     try:
         if not resume:
-            tracking.log_config(cfg)
-            mlflow.log_params(
-                {
-                    "sweep.space": space,
-                    "sweep.num_samples": num_samples,
-                    "sweep.search": search,
-                    "sweep.gpus_per_trial": gpus_per_trial,
-                    "sweep.cpus_per_trial": cpus_per_trial,
-                    "sweep.max_failures": max_failures,
-                    "sweep.name": name,
-                }
-            )
+            runs.log_sweep_start(cfg, {"space": space, "num_samples": num_samples, "search": search,
+                                       "gpus_per_trial": gpus_per_trial, "cpus_per_trial": cpus_per_trial,
+                                       "max_failures": max_failures, "name": name})
         started_ray = init_ray(address, num_cpus, quiet)
-        ctx = SweepContext(
-            base_cfg=cfg.model_dump(mode="json"),
-            tracking_uri=uri,
-            experiment_id=exp_id,
-            parent_run_id=parent_id,
-            sweep_name=name,
-            storage_path=storage,
-        )
+        ctx = SweepContext(base_cfg=cfg.model_dump(mode="json"), tracking_uri=sweep.tracking_uri,
+                           experiment_id=sweep.experiment_id, parent_run_id=sweep.run_id, sweep_name=name,
+                           storage_path=storage)
         resources, max_concurrent = _trial_resources(cfg, cpus_per_trial, gpus_per_trial, max_concurrent)
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
         if resume:
-            tuner = tune.Tuner.restore(
-                str(local_out) if is_local(storage) else f"{storage}/{name}",
-                trainable,
-                resume_unfinished=True,
-                resume_errored=True,
-            )
+            tuner = tune.Tuner.restore(str(local_out) if is_local(storage) else f"{storage}/{name}", trainable,
+                                       resume_unfinished=True, resume_errored=True)
         else:
-            tuner = _tuner(
-                trainable,
-                param_space,
-                cfg,
-                num_samples,
-                storage,
-                name,
-                max_failures,
-                search,
-                max_concurrent,
-                seed,
-                quiet,
-            )
+            tuner = _tuner(trainable, param_space, cfg, num_samples, storage, name, max_failures, search,
+                           max_concurrent, seed, quiet)
         grid = tuner.fit()
         if search == "optuna" and is_local(storage):
             _fail_interrupted_trials(local_out)
-        result = _summarise(grid, cfg, ctx, local_out, storage, name, exp_id, parent_id, uri, t0)
-        mlflow.end_run("FINISHED")
+        result = _summarise(grid, cfg, ctx, sweep, local_out, storage, t0)
+        runs.end_sweep_run("FINISHED")
         return result
     except BaseException:
-        mlflow.end_run("FAILED")
+        runs.end_sweep_run("FAILED")
         raise
     finally:
         if started_ray:
@@ -316,17 +271,18 @@ def _trial_dirname(trial) -> str:
     return trial_dirname(trial.trial_id)
 
 
-def _summarise(grid, cfg, ctx, local_out: Path, storage, name, exp_id, parent_id, uri, t0) -> SweepResult:
+def _summarise(grid, cfg, ctx: SweepContext, sweep: runs.SweepRun, local_out: Path, storage: str, t0: float
+               ) -> SweepResult:
+    """The results table, plot, best config and summary, written under ``local_out`` and onto the parent run;
+    every trial run tagged with its outcome and closed."""
+    name = ctx.sweep_name
     table = results_table(grid)
     csv_path = local_out / "results.csv"
     table.to_csv(csv_path, index=False)
     (local_out / "results.json").write_text(table.to_json(orient="records", indent=2))
-    mlflow.log_artifact(str(csv_path), "sweep")
-    mlflow.log_artifact(str(local_out / "results.json"), "sweep")
-    plot = parallel_coordinates(table, local_out / "parallel_coordinates.png")
-    if plot is not None:
-        mlflow.log_artifact(str(plot), "sweep")
-    _close_child_runs(uri, exp_id, parent_id, table)
+    runs.log_sweep_files(csv_path, local_out / "results.json",
+                         parallel_coordinates(table, local_out / "parallel_coordinates.png"))
+    runs.close_trial_runs(sweep, dict(zip(table["trial_id"], table["status"], strict=True)))
 
     ok = table[table["status"] != "ERROR"].dropna(subset=["best_val_dice"])
     best_cfg_path, best_dice, best_trial = None, float("nan"), None
@@ -337,9 +293,7 @@ def _summarise(grid, cfg, ctx, local_out: Path, storage, name, exp_id, parent_id
         best_cfg_path = local_out / "best_config.yaml"
         best_cfg_path.write_text(_resolved_config(best, ctx))
         load_config(best_cfg_path)  # fail here, not in the user's next command, if it does not load
-        mlflow.log_artifact(str(best_cfg_path), "sweep")
-        mlflow.set_tag("best_trial", best_trial)
-        mlflow.log_metric("best_val_dice", best_dice)
+        runs.log_sweep_files(best_cfg_path)
     counts = {
         "trials": len(table),
         "completed": int((table["status"] == "COMPLETED").sum()),
@@ -348,12 +302,13 @@ def _summarise(grid, cfg, ctx, local_out: Path, storage, name, exp_id, parent_id
         "errored": int((table["status"] == "ERROR").sum()),
     }
     wall = time.perf_counter() - t0
-    mlflow.log_metrics({**counts, "sweep_wall_s": wall})
+    runs.log_sweep_result({**counts, "sweep_wall_s": wall, **({"best_val_dice": best_dice} if best_trial else {})},
+                          best_trial)
     result = SweepResult(
         name=name,
-        parent_run_id=parent_id,
-        experiment_id=exp_id,
-        tracking_uri=uri,
+        parent_run_id=sweep.run_id,
+        experiment_id=sweep.experiment_id,
+        tracking_uri=sweep.tracking_uri,
         best_config=str(best_cfg_path) if best_cfg_path else None,
         best_val_dice=best_dice,
         best_trial=best_trial,
@@ -363,7 +318,7 @@ def _summarise(grid, cfg, ctx, local_out: Path, storage, name, exp_id, parent_id
         **counts,
     )
     (local_out / "sweep_result.json").write_text(json.dumps(result.to_dict(), indent=2))
-    mlflow.log_artifact(str(local_out / "sweep_result.json"), "sweep")
+    runs.log_sweep_files(local_out / "sweep_result.json")
     return result
 
 
@@ -384,21 +339,6 @@ def _resolved_config(result, ctx: SweepContext) -> str:
     base_dir = ctx.base_cfg["train"]["output_dir"]  # None: its own identity dir under MEDSAM2_HOME (output_dir_of)
     tree["train"]["output_dir"] = f"{base_dir.rstrip('/')}/{ctx.sweep_name}-best" if base_dir else None
     return yaml.safe_dump(tree, sort_keys=False)
-
-
-def _close_child_runs(uri: str, exp_id: str, parent_id: str, table) -> None:
-    """Tag every child run with its Tune outcome and end the runs a trial could not end itself: Tune ends a
-    stopped trial's process (ASHA stops at a rung, and at ``max_t`` on the final report) right away."""
-    client = MlflowClient(uri, registry_uri=uri)
-    outcomes = dict(zip(table["trial_id"], table["status"], strict=True))
-    for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=10_000):
-        outcome = outcomes.get(run.data.tags.get(TRIAL_TAG))
-        if outcome:
-            client.set_tag(run.info.run_id, "tune_status", outcome)
-        if run.info.status == "RUNNING":  # the trial's process was ended before it could close its run
-            end_status = {"COMPLETED": "FINISHED", "ENDED_BY_TRAINER": "FINISHED", "ERROR": "FAILED"}.get(
-                outcome, "KILLED")
-            client.set_terminated(run.info.run_id, end_status)
 
 
 def cli_sweep(

@@ -3,8 +3,9 @@
 * :class:`TuneReport` is the only place in the project that calls ``ray.tune.report``: one report per
   evaluation (``val_dice``, ``step``, ...), carrying a Tune checkpoint (the trial's ``last.pt`` plus its
   resolved config) whenever the loop writes one at the same step.
-* :class:`MlflowChild` logs the trial as one MLflow run nested under the sweep's parent run (tag
-  ``mlflow.parentRunId``); a retried trial reopens the same child run instead of making a second one.
+* :func:`trial_run` (``medsam2.tracking.sweeps.TrialRun``) logs the trial as one MLflow run nested under the
+  sweep's parent run (tag ``mlflow.parentRunId``); a retried trial reopens the same child run instead of making
+  a second one.
 
 Resume: each trial trains into its own ``train.output_dir`` (``<trial dir>/train`` for local storage). A trial
 restarted after a failure finds its ``last.pt`` there, or — on another node — gets it back from the last Tune
@@ -13,24 +14,19 @@ checkpoint, and ``train`` resumes from it.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import yaml
-from mlflow import MlflowClient
 from ray import tune
 
 from medsam2.config import ExperimentCfg
 from medsam2.engine.callbacks import Callback, TrainStart
 from medsam2.engine.train import train
-from medsam2.tracking import MlflowCallback
+from medsam2.tracking.sweeps import SweepRun, TrialRun
 from tuning.ray_session import restore_last, stage_last
 from tuning.spaces import apply_params
 
@@ -38,7 +34,6 @@ FAULT_ENV = "MEDSAM2_TUNE_FAIL_ONCE"
 """Test hook: path of a marker file. The first trial to write a Tune checkpoint while the marker is absent
 creates it and raises, so Tune's FailureConfig retry path runs (a crash mid-trial cannot be provoked
 otherwise on a healthy machine)."""
-TRIAL_TAG = "medsam2.trial_id"
 ENDED_BY_TRAINER = "ended_by_trainer"
 """Report key: the trial's own loop stopped it before ``max_steps`` (``train.max_minutes`` or
 ``train.early_stop_patience``), which the sweep table calls ``ENDED_BY_TRAINER``, not an ASHA stop."""
@@ -178,89 +173,10 @@ class FailOnce(Callback):
         raise RuntimeError(f"injected fault at step {step} ({FAULT_ENV}={self.marker})")
 
 
-class MlflowChild(Callback):
-    """One child run per trial under the sweep's parent run; delegates the run content to ``MlflowCallback``
-    (resolved config, params, losses, val Dice per evaluation, learning curve)."""
-
-    def __init__(self, ctx: SweepContext, trial_id: str, trial_name: str, params: dict[str, Any]) -> None:
-        self.ctx, self.trial_id, self.trial_name, self.params = ctx, trial_id, trial_name, params
-        self.inner = MlflowCallback()
-        self.run_id: str | None = None
-        self.reopened = False
-        self.resume_logged = False
-
-    def start(self) -> str:
-        mlflow.set_tracking_uri(self.ctx.tracking_uri)
-        client = MlflowClient(self.ctx.tracking_uri, registry_uri=self.ctx.tracking_uri)
-        query = f"tags.mlflow.parentRunId = '{self.ctx.parent_run_id}' and tags.`{TRIAL_TAG}` = '{self.trial_id}'"
-        found = client.search_runs([self.ctx.experiment_id], query, max_results=1)
-        if found:  # a retried or restored trial continues its own run
-            run = mlflow.start_run(run_id=found[0].info.run_id)
-            mlflow.set_tag("retried", "true")
-            self.reopened = True
-        else:
-            run = mlflow.start_run(
-                experiment_id=self.ctx.experiment_id,
-                run_name=self.trial_name,
-                nested=True,
-                parent_run_id=self.ctx.parent_run_id,
-                tags={
-                    "mlflow.parentRunId": self.ctx.parent_run_id,
-                    TRIAL_TAG: self.trial_id,
-                    "medsam2.sweep": self.ctx.sweep_name,
-                    "medsam2.kind": "trial",
-                    "tune_params": json.dumps(self.params, default=str)[:5000],
-                },
-            )
-        self.run_id = run.info.run_id
-        return self.run_id
-
-    def attach(self, run_id: str, reopened: bool) -> None:
-        """Log into the run a distributed trial's driver opened (``start``), from its rank-0 worker."""
-        mlflow.set_tracking_uri(self.ctx.tracking_uri)
-        mlflow.start_run(run_id=run_id)
-        self.run_id, self.reopened = run_id, reopened
-
-    def note_resumed(self, step: int) -> None:
-        """Log the step this attempt resumed from (once; 0 logs nothing)."""
-        if step and not self.resume_logged:
-            mlflow.log_metric("resumed_from", step)
-            self.resume_logged = True
-
-    def on_train_start(self, info: TrainStart) -> None:
-        self.note_resumed(info.resumed_from)
-        if not self.reopened:  # a reopened run has its params from the first attempt (params are immutable)
-            self.inner.on_train_start(info)
-
-    def on_step(self, step: int, logs: dict[str, float]) -> None:
-        self.inner.on_step(step, logs)
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.inner.on_eval(step, metrics)
-
-    def on_train_end(self, result: Any) -> None:
-        self.inner.on_train_end(result)
-        mlflow.set_tag("checkpoint", result.checkpoint)
-
-    @contextlib.contextmanager
-    def ending(self, finished: Callable[[], bool]) -> Iterator[None]:
-        """End the child run as the trial ends. Tune ends a trial ASHA stopped with ``SystemExit`` inside its
-        report: the run is COMPLETED/FINISHED when ``finished()`` (the STOP answered the report at ``max_t``),
-        else STOPPED_EARLY/KILLED; any other exception ends it FAILED. All are re-raised."""
-        try:
-            yield
-        except SystemExit:
-            done = finished()
-            mlflow.set_tag("tune_status", "COMPLETED" if done else "STOPPED_EARLY")
-            self.finish("FINISHED" if done else "KILLED")
-            raise
-        except BaseException:
-            self.finish("FAILED")
-            raise
-
-    def finish(self, status: str) -> None:
-        if self.run_id is not None and mlflow.active_run() is not None:
-            mlflow.end_run(status)
+def trial_run(ctx: SweepContext, trial_id: str, trial_name: str, params: dict[str, Any]) -> TrialRun:
+    """The trial's MLflow child run under the sweep's parent run (``medsam2.tracking.sweeps``)."""
+    return TrialRun(SweepRun(ctx.experiment_id, ctx.parent_run_id, ctx.tracking_uri), ctx.sweep_name, trial_id,
+                    trial_name, params)
 
 
 def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
@@ -274,7 +190,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
         return
     restore_last(out, tune.get_checkpoint())
     reporter = TuneReport(cfg)
-    child = MlflowChild(ctx, trial_id, trial_name, params)
+    child = trial_run(ctx, trial_id, trial_name, params)
     callbacks: list[Callback] = [child, reporter]  # child first: its on_train_end precedes the final report
     if os.environ.get(FAULT_ENV):
         callbacks.append(FailOnce(os.environ[FAULT_ENV]))
@@ -286,7 +202,7 @@ def run_trial(params: dict[str, Any], ctx: SweepContext) -> None:
         m, nan = result.metrics, float("nan")
         tune.report({**trial_metrics(m.get("last_val_dice", nan), m.get("best_val_dice", nan), result.steps,
                                      cfg.train.max_steps, result.resumed_from), ENDED_BY_TRAINER: 1})
-        mlflow.set_tag("tune_status", "ENDED_BY_TRAINER")
+        child.tag("tune_status", "ENDED_BY_TRAINER")
     if not reporter.reported:  # e.g. restored after it had already finished: report the final numbers once
         m, nan = result.metrics, float("nan")
         tune.report(
@@ -310,13 +226,13 @@ def _run_distributed_trial(params: dict[str, Any], ctx: SweepContext, cfg: Exper
 
     from tuning.distributed import make_trainer
 
-    child = MlflowChild(ctx, trial_id, trial_name, params)
+    child = trial_run(ctx, trial_id, trial_name, params)
     child.start()
     trainer = make_trainer(cfg, _trial_worker, {"ctx": asdict(ctx), "trial": [trial_id, trial_name], "params": params,
                                                 "run_id": child.run_id, "reopened": child.reopened},
                            name=f"{ctx.sweep_name}-{trial_dirname(trial_id)}", storage_path=ctx.storage_path,
                            max_failures=0, callbacks=[TuneReportCallback()])  # Tune's FailureConfig retries
-    with child.ending(lambda: "train_wall_s" in MlflowClient(ctx.tracking_uri).get_run(child.run_id).data.metrics):
+    with child.ending(child.trained_to_the_end):
         trainer.fit()  # ASHA's STOP is raised here, in the driver, when a report is handed to Tune
     child.finish("FINISHED")
 
@@ -331,7 +247,7 @@ def _trial_worker(loop_config: dict[str, Any]) -> None:
     callbacks: list[Callback] = [TuneReport(cfg, report=ray.train.report, checkpoint_cls=ray.train.Checkpoint,
                                             rank=rank)]
     if rank == 0:
-        child = MlflowChild(SweepContext(**loop_config["ctx"]), *loop_config["trial"], loop_config["params"])
+        child = trial_run(SweepContext(**loop_config["ctx"]), *loop_config["trial"], loop_config["params"])
         child.attach(loop_config["run_id"], loop_config["reopened"])
         callbacks.insert(0, child)  # its on_train_end precedes the final report
     result = train(cfg, callbacks=callbacks)

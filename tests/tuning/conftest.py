@@ -82,7 +82,7 @@ def _check_sweep_tracking(res, uri: str, n_trials: int) -> None:
     import pandas as pd
 
     from medsam2.config import load_config
-    from tuning.trainable import TRIAL_TAG
+    from medsam2.tracking.sweeps import TRIAL_TAG
 
     client, children = child_runs(uri, res.parent_run_id)
     parent = client.get_run(res.parent_run_id)

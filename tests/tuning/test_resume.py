@@ -82,7 +82,7 @@ def test_killed_optuna_sweep_resumes_under_the_same_parent_run(sweep_env, tmp_pa
     # driver's process group killed, its Ray workers outlived it and wrote later checkpoints: crash() kills all.)
     import pandas as pd
 
-    from tuning.trainable import TRIAL_TAG
+    from medsam2.tracking.sweeps import TRIAL_TAG
 
     table = pd.read_csv(Path(out["results_csv"]), dtype={"trial_id": str}).set_index("trial_id")
     by_trial = {c.data.tags[TRIAL_TAG]: c for c in children}
