@@ -89,7 +89,8 @@ def train_and_eval(work: Path, out: Path, tag: str, plan: dict, *, baselines: bo
                                     "baseline_ellipse_in_box_dice", "test_confidence_spearman",
                                     "test_confidence_spearman_raw",
                                     "test_confidence_ece", "test_confidence_ece_raw", "test_flag_precision",
-                                    "test_flag_recall", "val_confidence_spearman")},
+                                    "test_flag_recall", "test_flag_rate", "test_flag_below",
+                                    "val_confidence_spearman")},
            "n_test": ev.n_images, "overrides": record["overrides"], "checkpoint": res.checkpoint,
            "per_image": dict(zip(clean["image_id"], clean["dice"], strict=True))}
     row["total_s"] = round(time.perf_counter() - t0, 2)

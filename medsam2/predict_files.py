@@ -119,7 +119,7 @@ def predict_files(model: str, items: list[PromptItem], out: Path, engine: str = 
                 entry = _one(net, mode, item, out, stem, cache, precision)
                 if calibration is not None:
                     entry["confidence"] = float(calibration(entry["iou_pred"]))
-                    entry["needs_review"] = bool(entry["confidence"] < calibration.review_below)
+                    entry["needs_review"] = bool(entry["confidence"] < calibration.flag_threshold)
                 outputs.append(entry)
             except Exception as e:  # noqa: BLE001 - reported for this input; the batch goes on
                 report = describe(e)

@@ -158,12 +158,13 @@ def load_engine(model: str, engine: str = "torch", precision: str | None = None)
 def run_evaluate(
     model: str, cfg_overrides: list[str] | None = None, *, workdir: str | None = None, run_id: str | None = None,
     report_dir: str | None = None, parent_run_id: str | None = None, flags: bool = True,
-    review_below: float | None = None,
+    review_below: float | None = None, flag_below: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model, write the report, and log metrics + report into ``run_id`` (else a new eval run).
 
     ``flags``: on the test split (not cross-dataset) also calibrate failure flags on val
-    (:func:`medsam2.engine.evaluate.calibrate_flags`; ``review_below`` overrides its threshold)."""
+    (:func:`medsam2.engine.evaluate.calibrate_flags`; ``review_below`` overrides the Dice of a failure, and
+    ``flag_below`` the needs-review threshold, else chosen on val)."""
     from medsam2 import tracking
     from medsam2.engine.evaluate import evaluate
     from medsam2.eval.calibration import CalibrationCfg
@@ -180,7 +181,8 @@ def run_evaluate(
         if cfg.eval.images:
             calibration = None
             if flags and cfg.eval.split == "test" and not cfg.eval.cross_dataset:
-                calibration = CalibrationCfg(**({} if review_below is None else {"review_below": review_below}))
+                given = {"review_below": review_below, "flag_below": flag_below}
+                calibration = CalibrationCfg(**{k: v for k, v in given.items() if v is not None})
             result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}", calibration=calibration,
                               context=context)
             tracking.log_evaluation(result, out)

@@ -66,8 +66,11 @@ def evaluate(
     cross_dataset: Annotated[bool, typer.Option(help="Evaluate on every labelled dataset's test rows.")] = False,
     flags: Annotated[bool, typer.Option(help="Failure flags: calibrate predicted IoU → Dice on val, mark test images "
                                               "'needs review' and report the flags' precision/recall.")] = True,
-    review_below: Annotated[float | None, typer.Option(help="Needs review below this calibrated confidence "
+    review_below: Annotated[float | None, typer.Option(help="A failure the flags should catch: a Dice below this "
                                                             "(default 0.7).")] = None,
+    flag_below: Annotated[float | None, typer.Option(help="Needs review below this calibrated confidence (default: "
+                                                          "chosen on val by cross-fitting, best F1 on failures).")
+                          ] = None,
     volumes: Annotated[Path | None, typer.Option(
         help="YAML/JSON list of volumes ({image, label, labels: [ids], name}): 3-D Dice/HD95/NSD of SAM2's memory "
              "from the key slice's prompt, beside the oracle slice-by-slice and the key prompt on every slice.")
@@ -96,7 +99,7 @@ def evaluate(
     _check_workdir(workdir, "evaluate")
     _needs_mlflow(tracking_uri)
     res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report, flags=flags,
-                       review_below=review_below)
+                       review_below=review_below, flag_below=flag_below)
     m = res["metrics"]
     lines = []
     if res.get("report"):

@@ -24,7 +24,7 @@ from medsam2.data.prompts import mask_box, sample_points
 from medsam2.data.selection import cross_dataset_rows, select_rows
 from medsam2.engine.predict import predict
 from medsam2.eval.baselines import BASELINES, PROMPT_BASELINES, mean_mask_baseline
-from medsam2.eval.calibration import CalibrationCfg, assess, finite_metrics, fit_isotonic
+from medsam2.eval.calibration import CalibrationCfg, assess, choose_flag_threshold, finite_metrics, fit_isotonic
 from medsam2.eval.report import write_report
 from medsam2.eval.robustness import IMAGE_CORRUPTIONS, PROMPT_CORRUPTIONS, apply_corruption, severity_drop
 from medsam2.metrics import segmentation_metrics, summarize
@@ -214,10 +214,14 @@ def calibrate_flags(model: Segmenter, cfg: ExperimentCfg, per_image: pd.DataFram
         return None, {}
     val_pi, _ = evaluate_rows(model, val, cfg.data.workdir, baselines=False, precision=cfg.train.precision,
                               batch_size=cfg.eval.batch_size, gallery_size=0)
-    cal = fit_isotonic(val_pi["iou_pred"], val_pi["dice"], ccfg.review_below)
+    flag = ccfg.flag_below
+    if flag is None:  # cross-fitted on val: the threshold is not chosen on the images it was fitted on
+        flag = choose_flag_threshold(val_pi["iou_pred"], val_pi["dice"], ccfg.review_below, ccfg.folds,
+                                     seed=cfg.train.seed)
+    cal = fit_isotonic(val_pi["iou_pred"], val_pi["dice"], ccfg.review_below, flag)
     rows = (per_image["method"] == "model") & (per_image["condition"] == "clean")
     per_image.loc[rows, "confidence"] = cal(per_image.loc[rows, "iou_pred"].to_numpy(float))
-    per_image.loc[rows, "needs_review"] = per_image.loc[rows, "confidence"] < ccfg.review_below
+    per_image.loc[rows, "needs_review"] = per_image.loc[rows, "confidence"] < cal.flag_threshold
     on_val = assess(cal, val_pi["iou_pred"], val_pi["dice"], ccfg.n_bins)
     on_split = assess(cal, per_image.loc[rows, "iou_pred"], per_image.loc[rows, "dice"], ccfg.n_bins)
     res = {"calibrator": cal.to_dict(), "fit_split": "val", "split": cfg.eval.split, "settings": ccfg.model_dump(),

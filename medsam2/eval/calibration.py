@@ -2,8 +2,12 @@
 
 SAM's predicted IoU ranks masks but is not a Dice: a fine-tuned model's head still says 0.9 for a miss. An
 **isotonic regression** (pool-adjacent-violators, non-decreasing) fitted on the *val* rows maps predicted IoU to
-the expected actual Dice; that is the image's ``confidence`` in [0, 1]. An image whose confidence is below
-``review_below`` is marked **needs review**. On the test rows the report gives:
+the expected actual Dice; that is the image's ``confidence`` in [0, 1]. A **failure** is an actual Dice below
+``review_below``. An image whose confidence is below the calibrator's ``flag_below`` is marked **needs review**:
+the threshold is chosen on val by cross-fitting (:func:`choose_flag_threshold`: out-of-fold confidences, the
+threshold with the best F1 at catching val failures), because an expected Dice is a mean and stays above
+``review_below`` for most images that fail (a threshold at ``review_below`` itself flagged none of the Kvasir
+test failures). On the test rows the report gives:
 
 - **ECE** (expected calibration error): over ``n_bins`` equal-width confidence bins, Σ (n_b / N) ·
   |mean confidence_b − mean Dice_b|, for the raw predicted IoU and for the calibrated confidence;
@@ -42,6 +46,10 @@ class CalibrationCfg(BaseModel):
     """Equal-width confidence bins of the ECE and the reliability curve."""
     min_fit: int = Field(5, ge=2)
     """Fewest val images to fit on; with fewer the evaluation reports no calibration."""
+    flag_below: float | None = Field(None, gt=0, le=1)
+    """Needs review below this confidence; None: chosen on val (:func:`choose_flag_threshold`)."""
+    folds: int = Field(5, ge=2)
+    """Folds of the cross-fitting that chooses ``flag_below`` on val."""
 
 
 @dataclass(frozen=True)
@@ -52,24 +60,32 @@ class Calibrator:
     y: tuple[float, ...]
     n_fit: int
     review_below: float
+    """A failure: actual Dice below this."""
+    flag_below: float | None = None
+    """Needs review: confidence below this (None: ``review_below``)."""
+
+    @property
+    def flag_threshold(self) -> float:
+        return self.review_below if self.flag_below is None else self.flag_below
 
     def __call__(self, iou_pred: np.ndarray | float) -> np.ndarray:
         """Confidence in [0, 1] of each predicted IoU (any shape, same shape out)."""
         return np.clip(np.interp(np.asarray(iou_pred, np.float64), self.x, self.y), 0.0, 1.0)
 
     def needs_review(self, iou_pred: np.ndarray | float) -> np.ndarray:
-        return self(iou_pred) < self.review_below
+        return self(iou_pred) < self.flag_threshold
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "isotonic", "input": "iou_pred", "x": list(self.x), "y": list(self.y),
-                "n_fit": self.n_fit, "review_below": self.review_below}
+                "n_fit": self.n_fit, "review_below": self.review_below, "flag_below": self.flag_threshold}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibrator:
         if d.get("method") != "isotonic" or len(d.get("x", ())) != len(d.get("y", ())) or not d.get("x"):
             raise ValueError("not an isotonic calibration (method, x and y of equal non-zero length expected)")
+        flag = d.get("flag_below")  # absent in calibrations written before it was chosen on val
         return cls(tuple(map(float, d["x"])), tuple(map(float, d["y"])), int(d["n_fit"]),
-                   float(d["review_below"]))
+                   float(d["review_below"]), None if flag is None else float(flag))
 
     @classmethod
     def load(cls, path: str | Path) -> Calibrator:
@@ -78,18 +94,53 @@ class Calibrator:
         return cls.from_dict(d.get("calibrator", d))
 
 
-def fit_isotonic(iou_pred: np.ndarray, dice: np.ndarray, review_below: float = 0.7) -> Calibrator:
-    """Fit on (N,) predicted IoUs and (N,) actual Dice values (NaN pairs dropped) with scikit-learn's
-    ``IsotonicRegression`` (pool-adjacent-violators); its thresholds are the calibrator's knots."""
+def _pairs(iou_pred: np.ndarray, dice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(iou_pred, np.float64).reshape(-1)
     y = np.asarray(dice, np.float64).reshape(-1)
     keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if x.size == 0:
+    if not keep.any():
         raise ValueError("no (predicted IoU, Dice) pairs to calibrate on")
+    return x[keep], y[keep]
+
+
+def fit_isotonic(iou_pred: np.ndarray, dice: np.ndarray, review_below: float = 0.7,
+                 flag_below: float | None = None) -> Calibrator:
+    """Fit on (N,) predicted IoUs and (N,) actual Dice values (NaN pairs dropped) with scikit-learn's
+    ``IsotonicRegression`` (pool-adjacent-violators); its thresholds are the calibrator's knots."""
+    x, y = _pairs(iou_pred, dice)
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(x, y)
     kx, ky = iso.X_thresholds_.tolist(), iso.y_thresholds_.tolist()
-    return Calibrator(tuple(kx), tuple(ky), int(x.size), float(review_below))
+    return Calibrator(tuple(kx), tuple(ky), int(x.size), float(review_below),
+                      None if flag_below is None else float(flag_below))
+
+
+def choose_flag_threshold(iou_pred: np.ndarray, dice: np.ndarray, review_below: float = 0.7, folds: int = 5,
+                          seed: int = 0) -> float:
+    """The needs-review threshold on the calibrated confidence, chosen on val without fitting and choosing on
+    the same images: each of ``folds`` folds gets confidences from a calibrator fitted on the other folds, and
+    the threshold ``t`` (flag = out-of-fold confidence < t) with the best F1 at catching failures (Dice <
+    ``review_below``) wins; ties go to the smaller ``t`` (fewer flags). ``review_below`` when val has no
+    failure, or too few images for the folds."""
+    x, y = _pairs(iou_pred, dice)
+    failed = y < review_below
+    k = min(folds, int(x.size) // 2)
+    if not failed.any() or k < 2:
+        return float(review_below)
+    fold = np.random.default_rng(seed).permutation(x.size) % k
+    conf = np.empty_like(x)
+    for f in range(k):
+        held = fold == f
+        conf[held] = fit_isotonic(x[~held], y[~held], review_below)(x[held])
+    levels = np.unique(conf)
+    cuts = np.append((levels[:-1] + levels[1:]) / 2, levels[-1] + 1e-6)  # between levels, and above them all
+    best, best_f1 = float(review_below), -1.0
+    for t in cuts:
+        flagged = conf < t
+        tp = int((flagged & failed).sum())
+        f1 = 2 * tp / (int(flagged.sum()) + int(failed.sum()))
+        if f1 > best_f1 + 1e-12:
+            best, best_f1 = float(min(t, 1.0)), f1
+    return best
 
 
 def reliability(conf: np.ndarray, actual: np.ndarray, n_bins: int = 10) -> list[dict[str, float]]:
@@ -135,8 +186,8 @@ def assess(cal: Calibrator, iou_pred: np.ndarray, dice: np.ndarray, n_bins: int 
     x = np.clip(np.asarray(iou_pred, np.float64), 0, 1)
     y = np.asarray(dice, np.float64)
     conf = cal(x)
-    flags = flag_quality(conf < cal.review_below, y < cal.review_below)
-    return {"n": int(x.size), "review_below": cal.review_below,
+    flags = flag_quality(conf < cal.flag_threshold, y < cal.review_below)
+    return {"n": int(x.size), "review_below": cal.review_below, "flag_below": cal.flag_threshold,
             "ece_raw": _num(ece(x, y, n_bins)), "ece": _num(ece(conf, y, n_bins)),
             "spearman_raw": _num(_spearman(x, y)), "spearman": _num(_spearman(conf, y)),
             "flags": {k: _num(v) if isinstance(v, float) else v for k, v in flags.items()},
@@ -149,5 +200,6 @@ def finite_metrics(prefix: str, assessed: dict[str, Any]) -> dict[str, float]:
             "confidence_spearman": assessed["spearman"], "confidence_spearman_raw": assessed["spearman_raw"],
             "flag_precision": assessed["flags"]["precision"],
             "flag_recall": assessed["flags"]["recall"],
-            "flag_rate": assessed["flags"]["n_flagged"] / max(1, assessed["flags"]["n"])}
+            "flag_rate": assessed["flags"]["n_flagged"] / max(1, assessed["flags"]["n"]),
+            "flag_below": assessed.get("flag_below")}
     return {f"{prefix}_{k}": float(v) for k, v in vals.items() if v is not None and math.isfinite(v)}

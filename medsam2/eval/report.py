@@ -259,7 +259,8 @@ def _plot_reliability(calibration: dict, path: Path) -> str:
                        ("reliability", f"calibrated (ECE {res['ece']:.3f})")):
         bins = res[key]
         ax.plot([b["confidence"] for b in bins], [b["dice"] for b in bins], marker="o", label=label)
-    ax.axvline(res["review_below"], color="red", lw=1, label=f"needs review < {res['review_below']:.2f}")
+    flag = res.get("flag_below", res["review_below"])
+    ax.axvline(flag, color="red", lw=1, label=f"needs review < {flag:.2f}")
     ax.set(xlabel="confidence", ylabel="actual Dice", xlim=(0, 1), ylim=(0, 1),
            title=f"Reliability on {calibration['split']} (fit on {calibration['fit_split']})")
     ax.legend(fontsize=7, loc="upper left")
@@ -277,7 +278,8 @@ def _flags_html(calibration: dict) -> list[str]:
                      "recall": r["flags"]["recall"]})
     table = pd.DataFrame(rows).to_html(index=False, border=0, classes="t", float_format="%.3f", na_rep="–")
     r = calibration[split]
-    return [f"<h2>Failure flags (needs review: calibrated confidence &lt; {r['review_below']:.2f}; failure: Dice "
+    return [f"<h2>Failure flags (needs review: calibrated confidence &lt; {r.get('flag_below', r['review_below']):.2f}"
+            f", chosen on {calibration['fit_split']} by cross-fitting; failure: Dice "
             f"&lt; {r['review_below']:.2f}; calibrated on {calibration['fit_split']})</h2>", table]
 
 

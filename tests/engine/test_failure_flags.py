@@ -39,7 +39,9 @@ def test_evaluate_reports_flags_fitted_on_val(val5_workdir, tiny_checkpoint, tmp
     model = per[per["method"] == "model"]
     calibrator = Calibrator.from_dict(cal["calibrator"])
     np.testing.assert_allclose(model["confidence"], calibrator(model["iou_pred"]))
-    assert (model["needs_review"] == (model["confidence"] < 0.3)).all()
+    # needs review below the threshold chosen on val (cross-fitted), which the calibration stores
+    assert cal["test"]["flag_below"] == calibrator.flag_threshold and 0 < calibrator.flag_threshold <= 1
+    assert (model["needs_review"] == (model["confidence"] < calibrator.flag_threshold)).all()
     flags = cal["test"]["flags"]
     failed = model["dice"] < 0.3
     assert flags["n_flagged"] == int(model["needs_review"].sum()) and flags["n_failures"] == int(failed.sum())

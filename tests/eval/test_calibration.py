@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from medsam2.eval.calibration import Calibrator, assess, ece, fit_isotonic, flag_quality, reliability
+from medsam2.eval.calibration import (
+    Calibrator,
+    assess,
+    choose_flag_threshold,
+    ece,
+    fit_isotonic,
+    flag_quality,
+    reliability,
+)
 
 
 def test_isotonic_pools_violators_and_clips_outside_the_fit():
@@ -49,3 +57,34 @@ def test_ece_reliability_and_flags_by_hand():
     assert (q["precision"], q["recall"], q["n_flagged"], q["n_failures"]) == (0.5, 0.5, 2, 2)
     none = flag_quality(np.zeros(3, bool), np.zeros(3, bool))
     assert np.isnan(none["precision"]) and np.isnan(none["recall"])
+
+
+def _rare_failures(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kvasir's pattern: most masks are good (Dice 0.9); below predicted IoU 0.8 three in ten fail (Dice 0.3), so
+    the expected Dice there is 0.72: above review_below 0.7, and a threshold at 0.7 flags nothing."""
+    rng = np.random.default_rng(seed)
+    iou = rng.uniform(0.7, 1.0, n)
+    failed = rng.random(n) < np.where(iou < 0.8, 0.3, 0.03)
+    return iou, np.where(failed, 0.3, 0.9) + rng.normal(0, 0.01, n)
+
+
+def test_flag_threshold_chosen_on_val_catches_failures_an_expected_dice_threshold_misses():
+    val_iou, val_dice = _rare_failures(300, 0)
+    test_iou, test_dice = _rare_failures(2000, 1)
+    at_review = assess(fit_isotonic(val_iou, val_dice, 0.7), test_iou, test_dice)
+    assert at_review["flags"]["recall"] in (0.0, None) or at_review["flags"]["recall"] < 0.2
+    flag = choose_flag_threshold(val_iou, val_dice, 0.7, folds=5, seed=0)
+    cal = fit_isotonic(val_iou, val_dice, 0.7, flag)
+    chosen = assess(cal, test_iou, test_dice)
+    assert 0.7 < flag < 0.9 and chosen["flag_below"] == flag
+    assert chosen["flags"]["recall"] > 0.6 and chosen["flags"]["precision"] > 0.2  # base rate of failure: ~0.12
+    assert cal.needs_review(0.75) and not cal.needs_review(0.95)
+    again = Calibrator.from_dict(cal.to_dict())
+    assert again.flag_threshold == flag
+    old = {k: v for k, v in cal.to_dict().items() if k != "flag_below"}  # a calibration.json from before
+    assert Calibrator.from_dict(old).flag_threshold == 0.7
+
+
+def test_flag_threshold_without_failures_or_images_is_review_below():
+    assert choose_flag_threshold(np.linspace(0.8, 1, 50), np.full(50, 0.9), 0.7) == 0.7
+    assert choose_flag_threshold(np.array([0.5, 0.9, 0.7]), np.array([0.2, 0.9, 0.8]), 0.7) == 0.7  # 3 < 2 folds

@@ -181,9 +181,6 @@ def test_rayjob_entrypoint_is_a_real_cli_command():
 
     argv = SWEEP_ENTRYPOINT.split()
     assert argv[argv.index("--space") + 1] in SPACES.names()
-    cli = ROOT / "medsam2" / "cli.py"
-    if not cli.exists() or "sweep" not in cli.read_text():
-        pytest.skip("medsam2/cli.py has no `sweep` command yet; checked against the documented contract only")
     from typer.testing import CliRunner
 
     from medsam2.cli import app
