@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from medsam2.data.images import read_image_any
 from medsam2.data.readers import QuarantineError
 from medsam2.engine.predict import predict
 from medsam2.engine.prompt_sources import check_prompt
-from medsam2.engine.serve_volume import VolumePrompt, segment_volume_record
+from medsam2.engine.serve_volume import VolumePrompt, finite, segment_volume_record
 from medsam2.errors import RequestError
 
 __all__ = ["RLE", "RequestError", "ServeLimits", "ServeRecord", "ServeResult", "VolumePrompt", "serve"]
@@ -200,24 +199,20 @@ def _b64(text: str, where: str, field: str = "image") -> bytes:
     return data
 
 
-def _finite(values: Sequence[float]) -> bool:
-    return all(isinstance(v, int | float) and math.isfinite(v) for v in values)
-
-
 def _check_prompt(rec: ServeRecord, prompt: str, hw: tuple[int, int], where: str) -> None:
     """The fields the prompt mode needs, well-formed; the geometry checked as ``medsam2 predict`` checks it."""
     box = pts = None
     if prompt == "box":
         if rec.box is None:
             raise RequestError(422, f"{where}: box required for a box-prompted model ([x0, y0, x1, y1] in pixels)")
-        if len(rec.box) != 4 or not _finite(rec.box):
+        if len(rec.box) != 4 or not finite(rec.box):
             raise RequestError(422, f"{where}: box must be 4 finite numbers [x0, y0, x1, y1]")
         box = np.asarray(rec.box, np.float32)
     elif prompt == "points":
         labels = rec.point_labels
         if not rec.points or labels is None:
             raise RequestError(422, f"{where}: points and point_labels required for a point-prompted model")
-        if any(len(p) != 2 or not _finite(p) for p in rec.points):
+        if any(len(p) != 2 or not finite(p) for p in rec.points):
             raise RequestError(422, f"{where}: points must be [[x, y], …] pairs of finite numbers")
         if len(labels) != len(rec.points) or any(v not in (0, 1) for v in labels):
             raise RequestError(422, f"{where}: point_labels must hold one 0 (background) or 1 (foreground) "

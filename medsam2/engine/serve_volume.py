@@ -129,7 +129,8 @@ def _check_voxels(voxels: int, where: str, max_voxels: int) -> None:
                                 f"{max_voxels / 1e6:.1f} (MEDSAM2_SERVE_MAX_VOXELS)")
 
 
-def _finite(values: list[float]) -> bool:
+def finite(values: list[float]) -> bool:
+    """Every value a finite int or float (a prompt's coordinates; shared with image records in ``serve``)."""
     return all(isinstance(v, int | float) and math.isfinite(v) for v in values)
 
 
@@ -170,11 +171,11 @@ def slice_prompts(prompts: list[VolumePrompt] | None, vol: Volume, where: str) -
             continue
         if p.box is None and p.points is None:
             raise RequestError(422, f"{at}: give box, points or mask")
-        if p.box is not None and (len(p.box) != 4 or not _finite(p.box)):
+        if p.box is not None and (len(p.box) != 4 or not finite(p.box)):
             raise RequestError(422, f"{at}: box must be 4 finite numbers [x0, y0, x1, y1]")
         if p.points is not None:
             labels = p.point_labels if p.point_labels is not None else [1] * len(p.points)
-            if any(len(q) != 2 or not _finite(q) for q in p.points) or not p.points:
+            if any(len(q) != 2 or not finite(q) for q in p.points) or not p.points:
                 raise RequestError(422, f"{at}: points must be [[x, y], …] pairs of finite numbers")
             if len(labels) != len(p.points) or any(v not in (0, 1) for v in labels):
                 raise RequestError(422, f"{at}: point_labels must hold one 0 or 1 per point")
