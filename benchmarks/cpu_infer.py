@@ -3,8 +3,10 @@
 For each config (default hiera-t @1024, hiera-t @512, hiera-b+ @1024; random init, seed 0, SAM2's own decoder
 and a box prompt, i.e. the plain SAM2 image path that ``SAM2ImagePredictor`` also runs) and each engine:
 
-- ``torch-fp32`` / ``torch-fp32-b6`` (batch 6) / ``torch-bf16`` / ``torch-compile`` (inductor, fp32) /
-  ``torch-int8`` (``torch.ao`` dynamic int8 Linear): :func:`medsam2.engine.predict.predict`;
+- ``torch-fp32`` / ``torch-fp32-b6`` (batch 6) / ``torch-bf16`` (the encoder's bf16 twin with chunked
+  attention, :class:`medsam2.engine.predict.TorchEngine`) / ``torch-compile`` and ``torch-bf16-compile`` (the
+  encoder under inductor with freezing, compile time in ``compile_s``) / ``torch-int8`` (``torch.ao`` dynamic
+  int8 Linear): :func:`medsam2.engine.predict.predict`;
 - ``onnx-fp32`` / ``onnx-int8``: the ``medsam2 export`` graphs under ONNX Runtime;
 - ``sam2-predictor``: ``SAM2ImagePredictor.set_image`` + ``predict(box=…, multimask_output=False)``;
 
@@ -38,14 +40,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as bench  # noqa: E402
 
-ENGINES = ("torch-fp32", "torch-fp32-b6", "torch-bf16", "torch-compile", "torch-int8", "onnx-fp32", "onnx-int8",
-           "sam2-predictor")
+ENGINES = ("torch-fp32", "torch-fp32-b6", "torch-bf16", "torch-compile", "torch-bf16-compile", "torch-int8",
+           "onnx-fp32", "onnx-int8", "sam2-predictor")
 CONFIGS = ("hiera_t@1024", "hiera_t@512", "hiera_b+@1024")
 CHECKPOINT_NOTE = ("a trained checkpoint runs its own recipe (box crop, prior, flip TTA, its decoder) in our engines; "
                    "SAM2ImagePredictor runs the plain SAM2 path on its SAM2 weights, so its speed and masks are "
                    "not the same model's: compare the torch and onnx rows with each other. With model.box_crop "
                    "each box has its own crop, so an extra prompt is a full prediction (encoder_once ~1)")
-HEAVY = {"torch-fp32-b6", "torch-compile"}  # run on the first config only (time)
+HEAVY = {"torch-fp32-b6", "torch-compile", "torch-bf16-compile"}  # run on the first config only (time)
 
 
 def kvasir_items(data: Path, n: int) -> list[tuple[Path, list[float]]]:
@@ -111,11 +113,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         net = OnnxEngine(spec["export_dir"], "int8" if engine == "onnx-int8" else "fp32")
     else:
         net = _model(spec["backbone"], spec["size"], spec.get("checkpoint"))
-        if engine == "torch-compile":
-            from medsam2.engine.runtime import compile_encoder
+        if engine.endswith("compile"):
+            from medsam2.engine.predict import TorchEngine
 
-            err = compile_encoder(net)
-            extra["compile_error"] = err
+            net = TorchEngine(net, compile=True)
         if engine == "torch-int8":
             net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
     if engine == "sam2-predictor":
@@ -124,7 +125,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         sam_pred = SAM2ImagePredictor(net.sam)
         s = net.image_size  # its feature sizes are written for 1024 px; other sizes need theirs
         sam_pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
-    precision = "bf16" if engine == "torch-bf16" else "fp32"
+    precision = "bf16" if engine.startswith("torch-bf16") else "fp32"
     extra["load_s"] = round(time.perf_counter() - t0, 2)
 
     def run(batch: list[tuple[Path, list[float]]]) -> list[np.ndarray]:
@@ -144,6 +145,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     t = time.perf_counter()
     run(items[:1])  # warm-up (and, compiled, the compilation)
     extra["first_call_s"] = round(time.perf_counter() - t, 2)
+    for c in getattr(net, "compiled", {}).values():
+        extra["compile_s"], extra["compile_error"] = round(c.compile_s or 0, 1), c.error
     bs = 6 if engine == "torch-fp32-b6" else 1
     passes = []  # the best of ``repeats`` timed passes over the images: runs on a shared host vary by ~15 %
     for _ in range(spec.get("repeats", 2)):
@@ -261,7 +264,7 @@ def run_config(name: str, args, items, scratch: Path, peak: dict, deadline: floa
         bench.log(f"cpu_infer: {name} {engine}")
         row = _spawn(spec, left)
         if "error" not in row:
-            prec = "bf16" if engine == "torch-bf16" else "int8" if engine.endswith("int8") else "fp32"
+            prec = "bf16" if engine.startswith("torch-bf16") else "int8" if engine.endswith("int8") else "fp32"
             row["achieved_gflop_s"] = res["gflop_per_image"] * row["img_s"]
             row["share_of_peak"] = row["achieved_gflop_s"] / peak[prec]
             row["peak_basis"] = prec

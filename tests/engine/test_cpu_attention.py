@@ -1,0 +1,130 @@
+"""The CPU bf16 inference path: chunked attention, the model's bf16 twin, and the compiled encoder with its
+eager fallback. Speed is measured in benchmarks/cpu_infer.py, not here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medsam2.config import ModelCfg
+from medsam2.engine import runtime
+from medsam2.engine.checkpoint import build_model
+from medsam2.engine.cpu_attention import ChunkedCpuAttention, chunked_attention
+from medsam2.engine.predict import TorchEngine, _Encode, predict
+from medsam2.metrics import segmentation_metrics
+
+
+def _qkv(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 300, 16), (5, 1, 49, 24), (1, 2, 256, 8)])
+def test_chunked_attention_equals_sdpa(shape):
+    """300 queries: one full chunk of 256 and a partial one; 49 and 256: a single chunk."""
+    q, k, v = _qkv(shape)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(chunked_attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked_attention(q, k, v, chunk=7), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked_attention(q, k, v, scale=0.3),
+                               F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=1e-5, rtol=1e-5)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    err = (chunked_attention(qb, kb, vb).float() - ref).norm() / ref.norm()
+    assert err < 0.01  # bf16 softmax: measured 0.004-0.005 on Hiera shapes
+
+
+def test_the_mode_takes_only_the_calls_it_covers():
+    q, k, v = _qkv((1, 2, 300, 16), torch.bfloat16)
+    with torch.no_grad(), ChunkedCpuAttention():
+        got = F.scaled_dot_product_attention(q, k, v)
+        kw = F.scaled_dot_product_attention(query=q, key=k, value=v)
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(300, 300, dtype=torch.bool))
+        fp32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert torch.equal(got, chunked_attention(q, k, v)) and torch.equal(kw, got)
+    with torch.no_grad():
+        assert torch.equal(masked, F.scaled_dot_product_attention(q, k, v))  # PyTorch's own kernel ran
+        assert torch.equal(fp32, F.scaled_dot_product_attention(q.float(), k.float(), v.float()))
+    qg = q.clone().requires_grad_()
+    with ChunkedCpuAttention():  # training: PyTorch's kernel, and the gradient flows
+        F.scaled_dot_product_attention(qg, k, v).sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad.float()).all()
+
+
+def _tiny():
+    model, _ = build_model(ModelCfg(image_size=64, prompt="box"))
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # off the init, so the masks are not all alike
+        for p in model.sam.sam_mask_decoder.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_bf16_twin_is_cached_until_the_weights_change():
+    model = _tiny()
+    twin = runtime.bf16_twin(model)
+    assert runtime.bf16_twin(model) is twin
+    assert next(twin.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    assert not any(p.requires_grad for p in twin.parameters())
+    with torch.no_grad():
+        next(model.sam.image_encoder.parameters()).add_(1.0)  # an optimiser step, in place
+    fresh = runtime.bf16_twin(model)
+    assert fresh is not twin
+    a, b = next(model.sam.image_encoder.parameters()), next(fresh.sam.image_encoder.parameters())
+    torch.testing.assert_close(b.float(), a, atol=0.05, rtol=0.01)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    assert runtime.bf16_twin(model) is not fresh
+
+
+def test_bf16_prediction_runs_the_twin_and_matches_fp32(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    model = _tiny()
+    img = np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)
+    box = np.array([10, 8, 70, 60], np.float32)
+    fp32 = predict(model, [img], boxes=[box], precision="fp32")[0]
+    seen = []
+    hook = runtime.bf16_twin(model).sam.image_encoder.trunk.register_forward_hook(
+        lambda m, i, o: seen.append(o[-1].dtype))
+    bf16 = predict(model, [img], boxes=[box], precision="bf16")[0]
+    hook.remove()
+    assert seen == [torch.bfloat16]  # the twin's Hiera trunk ran, in bf16
+    assert segmentation_metrics(bf16.mask, fp32.mask)["dice"] > 0.95 and abs(bf16.iou_pred - fp32.iou_pred) < 0.05
+
+
+@pytest.mark.slow
+def test_compiled_engine_matches_eager_and_reports_its_compile_time():
+    model = _tiny()
+    img = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    box = np.array([8, 8, 50, 56], np.float32)
+    eager = predict(model, [img], boxes=[box], precision="fp32")[0]
+    engine = TorchEngine(model, compile=True)
+    got = predict(engine, [img], boxes=[box], precision="fp32")[0]
+    c = engine.compiled["fp32"]
+    assert c.error is None and c.compile_s > 0
+    np.testing.assert_allclose(got.prob, eager.prob, atol=1e-4)
+
+
+def test_a_failing_compile_falls_back_to_eager(caplog):
+    """A mock: an inductor failure (no C++ compiler, an op it cannot lower) cannot be produced on this host, so
+    the compiled callable is replaced by one that raises as inductor would."""
+    model = _tiny()
+    img = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    box = np.array([8, 8, 50, 56], np.float32)
+    eager = predict(model, [img], boxes=[box], precision="fp32")[0]
+    engine = TorchEngine(model, compile=True)
+    compiled = runtime.InferenceCompiled(_Encode(model))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: C++ compile error")
+
+    compiled.compiled = broken
+    engine.compiled["fp32"] = compiled
+    with caplog.at_level("WARNING"):
+        got = predict(engine, [img], boxes=[box], precision="fp32")
+        again = predict(engine, [img], boxes=[box], precision="fp32")
+    assert compiled.error.startswith("RuntimeError: InductorError") and "predicting eager" in caplog.text
+    assert engine.compiled["fp32"] is compiled  # not recompiled on the next call
+    np.testing.assert_array_equal(got[0].prob, eager.prob)
+    np.testing.assert_array_equal(again[0].prob, eager.prob)
