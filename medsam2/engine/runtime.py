@@ -102,11 +102,12 @@ def bf16_twin(model: torch.nn.Module) -> torch.nn.Module:
     """A bf16 copy of ``model`` (weights and buffers cast to bfloat16, eval mode) for CPU inference, cached per
     model until its weights change (:func:`_weights_state`).
 
-    Run without autocast on bf16 inputs, its image encoder takes 1.13 s per image where bf16 autocast on the fp32
-    model takes 1.41 s (hiera-t @1024, 2 AVX-512 BF16 cores, 2026-12-03; fp32 1.97 s): autocast re-casts every
-    weight on every call and runs layer norms and softmaxes in fp32, casting activations back and forth.
-    The features differ from fp32's by 1.1 % (relative L2) against autocast's 0.9 %. Costs one more copy of the
-    weights at half their size."""
+    Run without autocast on bf16 inputs (what :class:`~medsam2.engine.predict.TorchEngine` does), it avoids
+    autocast's per-call weight casts and fp32 layer norms: alone that was 2 % faster end to end (1.04 → 1.02 s per
+    1024 px hiera-t image, 2 AVX-512 BF16 cores, same process, 2026-12-03); the larger gain is the chunked
+    attention it makes possible (:mod:`~medsam2.engine.cpu_attention`: 1.48 → 1.17 s with both). Its features
+    differ from fp32's by 1.1 % (relative L2) against autocast's 0.9 %. Costs one more copy of the weights at half
+    their size."""
     state = _weights_state(model)
     cached = _BF16_TWINS.get(model)
     if cached is not None and cached[0] == state:
@@ -122,9 +123,9 @@ class InferenceCompiled:
     """``torch.compile`` (inductor with ``freezing``: weights folded in as constants and, on CPU, prepacked for
     oneDNN) of an inference-only module, compiled on its first call. Where that fails (no C++ compiler, an op
     inductor cannot lower) it runs the eager module from then on, with the reason in ``error`` (and a warning).
-    ``compile_s``: the first call's seconds (compilation included); measured on hiera-t @1024, 2 cores: 28 s, for
-    an encoder 7 % faster in bf16 (1.06 s against 1.13 s eager) and none in fp32
-    (benchmarks/results/cpu-infer-*.json, engine ``torch-bf16-compile``)."""
+    ``compile_s``: the first call's seconds (compilation included). Measured in one process on hiera-t @1024,
+    2 cores (2026-12-03): 16 s to compile, then 1.075 s per image end to end against 1.098 s eager in bf16 (2 %),
+    and no gain in fp32; benchmarks/cpu_infer.py's ``torch-bf16-compile`` engine records it."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module
