@@ -13,9 +13,11 @@ resolution with 95 % bootstrap CIs (``engine.evaluate``); the final round's mode
 (``calibrate_flags``) and report Spearman(confidence, Dice) on test.
 
 The best score is chosen on *val* Dice at the last round (test is never looked at for a choice); its test gap to
-random is reported with a paired bootstrap CI. Goals (issue 18): best − random ≥ 0.02 Dice at round 3, and
-Spearman(confidence, Dice) ≥ 0.5 on test. Rounds run round by round across arms, so ``--max-minutes`` (40) cuts
-whole rounds last and the arms stay comparable at every round that ran; what was cut is listed in ``skipped``.
+random is reported with a paired bootstrap CI. The **ceiling** is the same recipe and steps trained on *every*
+train label; a 25 % subset rarely beats it, so ``summary.headroom`` (ceiling − random at the last round) is about
+the largest gap any score could show under this budget. Goals (issue 18): best − random ≥ 0.02 Dice at round 3,
+and Spearman(confidence, Dice) ≥ 0.5 on test. Rounds run round by round across arms, so ``--max-minutes`` (40)
+cuts whole rounds last and the arms stay comparable at every round that ran; what was cut is in ``skipped``.
 
     python benchmarks/active_learning.py --quick      # smoke: a handful of images, 1 step, 1 round
     python benchmarks/active_learning.py --out benchmarks/results/active-learning-cpu-$(date +%Y%m%d)   # ≤ 40 min
@@ -127,7 +129,7 @@ def rank(checkpoint: str, work: Path, score: str, k: int, seed: int, src_masks: 
         "pool_model_dice": float(np.mean(dice)), "chosen_scores": [it.score for it in items[:k]]}
 
 
-def plot(rows: list[dict], arms: list[str], path: Path) -> None:
+def plot(rows: list[dict], arms: list[str], path: Path, ceiling: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,6 +144,8 @@ def plot(rows: list[dict], arms: list[str], path: Path) -> None:
         err = [[r["test_dice"] - r["test_dice_ci_low"] for r in rs], [r["test_dice_ci_high"] - r["test_dice"]
                                                                        for r in rs]]
         ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=arm, ls="--" if arm == "random" else "-")
+    if ceiling is not None:
+        ax.axhline(ceiling["test_dice"], ls="-.", c="black", lw=1, label="every train label (ceiling)")
     if start.get("baseline_ellipse_in_box_dice") is not None:
         ax.axhline(start["baseline_ellipse_in_box_dice"], ls=":", c="grey", lw=1, label="ellipse-in-box")
     ax.set(xlabel="labelled training images (%)", ylabel="Dice, PraNet test split (95 % CI)",
@@ -152,9 +156,10 @@ def plot(rows: list[dict], arms: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def summarise(rows: list[dict], arms: list[str], per_image: dict) -> dict:
+def summarise(rows: list[dict], arms: list[str], per_image: dict, ceiling: dict | None = None) -> dict:
     """The val-chosen best score at the last round that every arm reached, its test gap to random (paired
-    bootstrap), and the Spearman goal on that model's failure flags."""
+    bootstrap), the Spearman goal on that model's failure flags, and the headroom to the all-labels
+    ``ceiling`` row."""
     done = [max((r["round"] for r in rows if r["arm"] == a), default=0) for a in arms]
     last = min(done) if done else 0
     if last == 0 or "random" not in arms:
@@ -165,7 +170,12 @@ def summarise(rows: list[dict], arms: list[str], per_image: dict) -> dict:
     paired = le._paired_gap(per_image[("random", last)], per_image[(best, last)])
     gap = at[best]["test_dice"] - at["random"]["test_dice"]
     rho = at[best].get("test_confidence_spearman")
-    return {"last_round": last, "best_score": best, "chosen_on": "val Dice of the last round's models",
+    headroom = None if ceiling is None else {
+        "ceiling_test_dice": ceiling["test_dice"],
+        "ceiling_minus_random": ceiling["test_dice"] - at["random"]["test_dice"],
+        "ceiling_minus_start": ceiling["test_dice"] - next(r for r in rows if r["round"] == 0)["test_dice"]}
+    return {"last_round": last, "headroom": headroom, "best_score": best,
+            "chosen_on": "val Dice of the last round's models",
             "val_dice": {a: at[a]["val_dice"] for a in arms}, "test_dice": {a: at[a]["test_dice"] for a in arms},
             "gap_best_vs_random": {"gap": gap, **{k: paired.get(k) for k in ("ci_low", "ci_high", "p_improve", "n")}},
             "goals": {"best_beats_random": {"threshold": GOAL_GAP, "value": gap, "met": bool(gap >= GOAL_GAP)},
@@ -188,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--max-minutes", type=float)
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the every-train-label training")
     args = ap.parse_args(argv)
     logging.getLogger("medsam2").setLevel(logging.WARNING)
     from medsam2.config import DataCfg
@@ -243,6 +254,13 @@ def main(argv: list[str] | None = None) -> dict:
     w0 = round_workdir(base, scratch / "rounds" / "start", labelled0)
     add_row(train_and_eval(w0, scratch, "start", plan, baselines=True, flags=plan["rounds"] == 0), "start", 0,
             labelled0)
+    if not args.no_ceiling:  # every train label, same recipe and steps: what no selection of 25 % can beat
+        ceiling = train_and_eval(base, scratch, "all-labels", plan, baselines=False, flags=False)
+        shutil.rmtree(Path(ceiling["checkpoint"]).parent, ignore_errors=True)
+        result["ceiling"] = {**{kk: v for kk, v in ceiling.items() if kk not in ("checkpoint", "per_image")},
+                             "labelled_images": n_train, "labelled_pct": 100.0}
+        bench.log(f"active learning: ceiling (100 %): test {ceiling['test_dice']:.4f}")
+        save()
     state = {a: {"labelled": set(labelled0), "work": w0, "checkpoint": table[0]["checkpoint"]} for a in arms}
     for arm in arms:
         per_image[(arm, 0)] = table[0]["per_image"]
@@ -268,8 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.rmtree(Path(st["checkpoint"]).parent, ignore_errors=True)
             st.update(work=work, checkpoint=row["checkpoint"])
             add_row(row, arm, rnd, st["labelled"])
-    result["summary"] = summarise(table, arms, per_image)
-    plot(table, arms, out / "active_learning.png")
+    result["summary"] = summarise(table, arms, per_image, result.get("ceiling"))
+    plot(table, arms, out / "active_learning.png", result.get("ceiling"))
     result["plot"] = str(out / "active_learning.png")
     result["complete"] = True
     save()

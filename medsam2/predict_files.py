@@ -47,9 +47,10 @@ def _frames(item: PromptItem) -> list[np.ndarray]:
     return [read_image_any(path)]
 
 
-def _one(net, mode: str, item: PromptItem, out: Path, stem: str, cache=None, precision: str | None = None
-         ) -> dict[str, Any]:
-    """Segment one input and write its outputs; raises on a problem of this input."""
+def _one(net, mode: str, item: PromptItem, out: Path, stem: str, cache=None, precision: str | None = None,
+         agreement: bool = False) -> dict[str, Any]:
+    """Segment one input and write its outputs (``agreement``: also its ``flip_agreement``); raises on a
+    problem of this input."""
     if item.error:
         raise InputDataError(item.error)
     if mode == "box" and item.box is None:
@@ -63,12 +64,14 @@ def _one(net, mode: str, item: PromptItem, out: Path, stem: str, cache=None, pre
                  frames[0].shape[:2])
     n = len(frames)
     preds = predict(net, frames, boxes=[item.box] * n, points=[item.points] * n, point_labels=[item.labels] * n,
-                    cache=cache, precision=_torch_precision(precision))
+                    cache=cache, precision=_torch_precision(precision), agreement=agreement)
     masks = [p.mask for p in preds]
     png = out / f"{stem}_mask.png"
     Image.fromarray((masks[0] * 255).astype(np.uint8)).save(png)
     entry = {"input": item.label, "status": "ok", "mask_png": str(png), "iou_pred": preds[0].iou_pred,
              "foreground_fraction": float(masks[0].mean()), "frames": n}
+    if preds[0].flip_agreement is not None:
+        entry["flip_agreement"] = preds[0].flip_agreement
     if item.box is not None:
         entry["box"] = [float(v) for v in item.box]
     if item.path is not None and sniff_kind(item.path) == "dicom":
@@ -116,9 +119,11 @@ def predict_files(model: str, items: list[PromptItem], out: Path, engine: str = 
     try:
         for item, stem in zip(items, _stems(items), strict=True):
             try:
-                entry = _one(net, mode, item, out, stem, cache, precision)
+                entry = _one(net, mode, item, out, stem, cache, precision,
+                             agreement=calibration is not None and calibration.needs_flip)
                 if calibration is not None:
-                    entry["confidence"] = float(calibration(entry["iou_pred"]))
+                    entry["confidence"] = float(calibration.confidence([entry["iou_pred"]],
+                                                                       entry.get("flip_agreement"))[0])
                     entry["needs_review"] = bool(entry["confidence"] < calibration.flag_threshold)
                 outputs.append(entry)
             except Exception as e:  # noqa: BLE001 - reported for this input; the batch goes on

@@ -158,13 +158,14 @@ def load_engine(model: str, engine: str = "torch", precision: str | None = None)
 def run_evaluate(
     model: str, cfg_overrides: list[str] | None = None, *, workdir: str | None = None, run_id: str | None = None,
     report_dir: str | None = None, parent_run_id: str | None = None, flags: bool = True,
-    review_below: float | None = None, flag_below: float | None = None,
+    review_below: float | None = None, flag_below: float | None = None, confidence_input: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model, write the report, and log metrics + report into ``run_id`` (else a new eval run).
 
     ``flags``: on the test split (not cross-dataset) also calibrate failure flags on val
     (:func:`medsam2.engine.evaluate.calibrate_flags`; ``review_below`` overrides the Dice of a failure, and
-    ``flag_below`` the needs-review threshold, else chosen on val)."""
+    ``flag_below`` the needs-review threshold, else chosen on val; ``confidence_input`` what is calibrated, a
+    name in :data:`~medsam2.eval.calibration.CONFIDENCE_INPUTS`, else chosen on val)."""
     from medsam2 import tracking
     from medsam2.engine.evaluate import evaluate
     from medsam2.eval.calibration import CalibrationCfg
@@ -181,8 +182,11 @@ def run_evaluate(
         if cfg.eval.images:
             calibration = None
             if flags and cfg.eval.split == "test" and not cfg.eval.cross_dataset:
-                given = {"review_below": review_below, "flag_below": flag_below}
-                calibration = CalibrationCfg(**{k: v for k, v in given.items() if v is not None})
+                given = {"review_below": review_below, "flag_below": flag_below, "input": confidence_input}
+                try:
+                    calibration = CalibrationCfg(**{k: v for k, v in given.items() if v is not None})
+                except ValueError as e:  # pydantic's ValidationError: an unknown input, a threshold outside (0, 1)
+                    raise UsageError(f"failure-flag settings: {e}") from e
             result = evaluate(net, cfg, out, title=f"MedSAM2 evaluation — {model}", calibration=calibration,
                               context=context)
             tracking.log_evaluation(result, out)

@@ -50,7 +50,8 @@ def labelled_rows(workdir: str | Path) -> pd.DataFrame:
 
 
 def _engine(model):
-    """An engine for ``model`` with test-time flipping off: the flip score compares the two views itself."""
+    """An engine for ``model`` with test-time flipping off: the flip score compares the two views, so neither
+    may be the mean of both."""
     engine = TorchEngine(model) if isinstance(model, Segmenter) else model
     if getattr(engine.cfg, "tta_flip", False):
         engine.cfg = engine.cfg.model_copy(update={"tta_flip": False})
@@ -68,28 +69,15 @@ def _images(rows: pd.DataFrame, workdir: Path) -> tuple[list[np.ndarray], list[n
 
 def _predict(engine, rows: pd.DataFrame, images: list[np.ndarray], masks: list, *, flip: bool,
              precision: str, batch_size: int) -> list[Prediction]:
-    """Predictions of ``images`` (or of their mirror images, with the prompts mirrored; masks flipped back)."""
+    """Predictions of ``images`` with the rows' prompts (``flip``: with each one's ``flip_agreement``)."""
     mode = engine.cfg.prompt
     prompts = [row_prompt(mode, row, img.shape[:2], m)
                for (_, row), img, m in zip(rows.iterrows(), images, masks, strict=True)]
-    if flip:
-        images = [np.ascontiguousarray(img[:, ::-1]) for img in images]
-        for p, img in zip(prompts, images, strict=True):
-            w = img.shape[1]
-            if "box" in p:
-                b = p["box"]
-                p["box"] = np.array([w - b[2], b[1], w - b[0], b[3]], np.float32)
-            if "points" in p:
-                p["points"] = np.stack([w - p["points"][:, 0], p["points"][:, 1]], 1).astype(np.float32)
-    preds = predict(engine, images,
-                    boxes=[p["box"] for p in prompts] if mode == "box" else None,
-                    points=[p["points"] for p in prompts] if mode == "points" else None,
-                    point_labels=[p["point_labels"] for p in prompts] if mode == "points" else None,
-                    precision=precision, batch_size=batch_size)
-    if flip:
-        preds = [Prediction(mask=p.mask[:, ::-1].copy(), prob=p.prob[:, ::-1].copy(), iou_pred=p.iou_pred)
-                 for p in preds]
-    return preds
+    return predict(engine, images,
+                   boxes=[p["box"] for p in prompts] if mode == "box" else None,
+                   points=[p["points"] for p in prompts] if mode == "points" else None,
+                   point_labels=[p["point_labels"] for p in prompts] if mode == "points" else None,
+                   precision=precision, batch_size=batch_size, agreement=flip)
 
 
 @torch.no_grad()
@@ -118,12 +106,8 @@ def pool_signals(model, pool: pd.DataFrame, workdir: str | Path, needs: frozense
     engine = _engine(model)
     images, masks = _images(pool, workdir)
     prompt_masks = [None] * len(masks) if hide_masks else masks
-    preds = _predict(engine, pool, images, prompt_masks, flip=False, precision=precision, batch_size=batch_size)
-    sig = PoolSignals(preds=preds)
-    if "flip" in needs:
-        flipped = _predict(engine, pool, images, prompt_masks, flip=True, precision=precision,
-                           batch_size=batch_size)
-        sig.flip_probs = [p.prob for p in flipped]
+    sig = PoolSignals(preds=_predict(engine, pool, images, prompt_masks, flip="flip" in needs,
+                                     precision=precision, batch_size=batch_size))
     if "embed" in needs:
         sig.embeddings = embeddings(engine, images, batch_size)
         lab_images = _images(labelled, workdir)[0] if labelled is not None and len(labelled) else []

@@ -2,17 +2,18 @@
 source of their names (``medsam2 suggest --score``, the active-learning benchmark's arms).
 
 Each score is an :class:`Acquisition`: the signals it needs (``pred``: the model's prediction of each pool
-image; ``flip``: the prediction of its mirror image, flipped back; ``embed``: image embeddings of the pool and
-of the labelled images) and ``select(signals, budget, seed) -> [(pool index, score), …]``, best first, exactly
-``budget`` long. Higher score = more worth labelling. Per-image scores (every uncertainty) take the top
-``budget``; ``kcenter`` is a set selection; ``random`` a seeded draw.
+image; ``flip``: that prediction's ``flip_agreement`` with its mirror image's, flipped back, from
+``predict(agreement=True)``; ``embed``: image embeddings of the pool and of the labelled images) and
+``select(signals, budget, seed) -> [(pool index, score), …]``, best first, exactly ``budget`` long. Higher
+score = more worth labelling. Per-image scores (every uncertainty) take the top ``budget``; ``kcenter`` is a
+set selection; ``random`` a seeded draw.
 
 ==========  ==========================================================================================
 name        score of an image
 ==========  ==========================================================================================
 pred_iou    1 − SAM's predicted IoU of its mask (clipped to [0, 1])
 entropy     mean binary entropy of its foreground probabilities, in bits ([0, 1])
-tta_flip    1 − Dice between the mask and the mask of its mirror image flipped back ([0, 1])
+tta_flip    1 − ``flip_agreement``: Dice between the mask and the mask of its mirror image flipped back ([0, 1])
 kcenter     k-center greedy (Sener & Savarese 2018) over mean-pooled image embeddings: the distance from
             the image to its nearest centre (labelled images and those already chosen) when it is chosen
 random      a seeded uniform draw in [0, 1) (the baseline every score must beat)
@@ -25,11 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from medsam2.engine.predict import Prediction
 from medsam2.engine.self_training import confidence_score
-from medsam2.metrics import batch_dice
 from medsam2.registry import Registry
 
 
@@ -38,9 +37,8 @@ class PoolSignals:
     """What the scores read about a pool of N images (each list is N long, in pool order)."""
 
     preds: list[Prediction]
-    """The model's prediction of each image (``prob`` (H,W) float32 in [0,1], ``iou_pred`` in [0,1])."""
-    flip_probs: list[np.ndarray] | None = None
-    """(H,W) float32 foreground probability of each mirrored image, flipped back; None unless needed."""
+    """The model's prediction of each image (``prob`` (H,W) float32 in [0,1], ``iou_pred`` in [0,1];
+    ``flip_agreement`` in [0,1] when the ``flip`` signal was asked for, else None)."""
     embeddings: np.ndarray | None = None
     """(N,D) float32 mean-pooled image embeddings of the pool; None unless needed."""
     labelled_embeddings: np.ndarray | None = None
@@ -90,14 +88,9 @@ def entropy_uncertainty(signals: PoolSignals) -> np.ndarray:
 
 
 def flip_disagreement(signals: PoolSignals) -> np.ndarray:
-    if signals.flip_probs is None:
-        raise ValueError("tta_flip needs the flipped predictions (signals.flip_probs)")
-    out = []
-    for p, f in zip(signals.preds, signals.flip_probs, strict=True):
-        a = torch.from_numpy(np.asarray(p.prob, np.float32))[None]
-        b = torch.from_numpy(np.asarray(f, np.float32))[None]
-        out.append(1.0 - float(batch_dice(a, b > 0.5, from_logits=False)[0]))
-    return np.array(out)
+    if any(p.flip_agreement is None for p in signals.preds):
+        raise ValueError("tta_flip needs each prediction's flip_agreement (predict with agreement=True)")
+    return np.array([1.0 - float(p.flip_agreement) for p in signals.preds])
 
 
 ACQUISITIONS.register("pred_iou")(per_image()(pred_iou_uncertainty))

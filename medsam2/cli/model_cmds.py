@@ -64,8 +64,11 @@ def evaluate(
     report: Annotated[str | None, typer.Option("--report", help="Report directory.")] = None,
     robustness: Annotated[bool, typer.Option(help="Add the corruption suite.")] = False,
     cross_dataset: Annotated[bool, typer.Option(help="Evaluate on every labelled dataset's test rows.")] = False,
-    flags: Annotated[bool, typer.Option(help="Failure flags: calibrate predicted IoU → Dice on val, mark test images "
+    flags: Annotated[bool, typer.Option(help="Failure flags: calibrate a confidence → Dice on val, mark test images "
                                               "'needs review' and report the flags' precision/recall.")] = True,
+    confidence_input: Annotated[str | None, typer.Option(
+        help="What the flags calibrate: iou_pred, flip_agreement or iou_flip (default: the one that ranks val "
+             "Dice best).")] = None,
     review_below: Annotated[float | None, typer.Option(help="A failure the flags should catch: a Dice below this "
                                                             "(default 0.7).")] = None,
     flag_below: Annotated[float | None, typer.Option(help="Needs review below this calibrated confidence (default: "
@@ -99,7 +102,7 @@ def evaluate(
     _check_workdir(workdir, "evaluate")
     _needs_mlflow(tracking_uri)
     res = run_evaluate(model, overrides, workdir=workdir, run_id=run_id, report_dir=report, flags=flags,
-                       review_below=review_below, flag_below=flag_below)
+                       review_below=review_below, flag_below=flag_below, confidence_input=confidence_input)
     m = res["metrics"]
     lines = []
     if res.get("report"):

@@ -24,7 +24,15 @@ from medsam2.data.prompts import mask_box, sample_points
 from medsam2.data.selection import cross_dataset_rows, select_rows
 from medsam2.engine.predict import predict
 from medsam2.eval.baselines import BASELINES, PROMPT_BASELINES, mean_mask_baseline
-from medsam2.eval.calibration import CalibrationCfg, assess, choose_flag_threshold, finite_metrics, fit_isotonic
+from medsam2.eval.calibration import (
+    CalibrationCfg,
+    assess,
+    choose_flag_threshold,
+    choose_input,
+    finite_metrics,
+    fit_isotonic,
+    input_values,
+)
 from medsam2.eval.report import write_report
 from medsam2.eval.robustness import IMAGE_CORRUPTIONS, PROMPT_CORRUPTIONS, apply_corruption, severity_drop
 from medsam2.metrics import segmentation_metrics, summarize
@@ -60,13 +68,13 @@ def _prompt_for(model: Segmenter, mask: np.ndarray) -> dict[str, Any]:
     return {}
 
 
-def _run(model, images, prompts, precision, batch_size):
+def _run(model, images, prompts, precision, batch_size, agreement: bool = False):
     return predict(
         model, images,
         boxes=[p.get("box") for p in prompts] if model.cfg.prompt == "box" else None,
         points=[p.get("points") for p in prompts] if model.cfg.prompt == "points" else None,
         point_labels=[p.get("point_labels") for p in prompts] if model.cfg.prompt == "points" else None,
-        precision=precision, batch_size=batch_size,
+        precision=precision, batch_size=batch_size, agreement=agreement,
     )
 
 
@@ -105,10 +113,12 @@ def baseline_fns(prompt: str, train_rows: pd.DataFrame | None, workdir: str | Pa
 def evaluate_rows(
     model: Segmenter, rows: pd.DataFrame, workdir: str | Path, *, baselines: bool | dict[str, Any] = True,
     robustness: bool = False, precision: str = "auto", batch_size: int = 8, gallery_size: int = 8,
+    agreement: bool = False,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Per-image results (one row per image × method × condition) and gallery items for ``rows``.
 
-    ``baselines``: True = the prompt mode's parameter-free baselines, or a dict from :func:`baseline_fns`."""
+    ``baselines``: True = the prompt mode's parameter-free baselines, or a dict from :func:`baseline_fns`.
+    ``agreement``: the model's clean rows also get ``flip_agreement`` (a mirrored second pass)."""
     records, gallery = [], []
     workdir = Path(workdir)
     if baselines is True:
@@ -121,9 +131,11 @@ def evaluate_rows(
             images.append(np.asarray(image))
             masks.append(np.asarray(mask) > 0)
         prompts = [_prompt_for(model, m) for m in masks]
-        preds = _run(model, images, prompts, precision, batch_size)
+        preds = _run(model, images, prompts, precision, batch_size, agreement)
         for (_, meta), img, gt, pr in zip(chunk.iterrows(), images, masks, preds, strict=True):
             rec = {**_row(meta, "model", "clean", 0, pr.mask, gt), "iou_pred": pr.iou_pred}
+            if pr.flip_agreement is not None:
+                rec["flip_agreement"] = pr.flip_agreement
             records.append(rec)
             if gallery_size:
                 gallery.append({"image_id": meta["image_id"], "image": img, "target": gt, "pred": pr.mask,
@@ -200,10 +212,12 @@ def leakage(cfg: ExperimentCfg, *, near_duplicates: bool) -> pd.DataFrame:
 
 def calibrate_flags(model: Segmenter, cfg: ExperimentCfg, per_image: pd.DataFrame, ccfg: CalibrationCfg,
                     out_dir: Path) -> tuple[dict[str, Any] | None, dict[str, float]]:
-    """Failure flags (:mod:`medsam2.eval.calibration`): fit the predicted-IoU → Dice calibrator on the val rows,
-    add ``confidence`` and ``needs_review`` to ``per_image``'s clean model rows (in place; NaN / False for other
-    rows), write ``out_dir/calibration.json`` and return (its content, flat metrics). Fewer than
-    ``ccfg.min_fit`` val rows: (None, {}) and the report says why."""
+    """Failure flags (:mod:`medsam2.eval.calibration`): on the val rows choose the input (``ccfg.input``, else
+    the best-ranking one) and fit its → Dice calibrator, add ``confidence`` and ``needs_review`` to
+    ``per_image``'s clean model rows (in place; NaN / False for other rows; ``per_image`` has
+    ``flip_agreement`` when an input may need it: ``evaluate_rows(agreement=True)``), write
+    ``out_dir/calibration.json`` and return (its content, flat metrics). Fewer than ``ccfg.min_fit`` val rows:
+    (None, {}) and the report says why."""
     per_image["confidence"] = np.nan
     per_image["needs_review"] = False
     if cfg.eval.split == "val":
@@ -213,19 +227,26 @@ def calibrate_flags(model: Segmenter, cfg: ExperimentCfg, per_image: pd.DataFram
         log.warning("no failure flags: %d val rows, %d needed to calibrate", len(val), ccfg.min_fit)
         return None, {}
     val_pi, _ = evaluate_rows(model, val, cfg.data.workdir, baselines=False, precision=cfg.train.precision,
-                              batch_size=cfg.eval.batch_size, gallery_size=0)
+                              batch_size=cfg.eval.batch_size, gallery_size=0, agreement=ccfg.may_need_flip)
+
+    def flips(df: pd.DataFrame) -> np.ndarray | None:
+        return df["flip_agreement"].to_numpy(float) if "flip_agreement" in df else None
+
+    name, val_rho = choose_input(val_pi["iou_pred"], flips(val_pi), val_pi["dice"])
+    name = ccfg.input or name
+    x_val = input_values(name, val_pi["iou_pred"], flips(val_pi))
     flag = ccfg.flag_below
     if flag is None:  # cross-fitted on val: the threshold is not chosen on the images it was fitted on
-        flag = choose_flag_threshold(val_pi["iou_pred"], val_pi["dice"], ccfg.review_below, ccfg.folds,
-                                     seed=cfg.train.seed)
-    cal = fit_isotonic(val_pi["iou_pred"], val_pi["dice"], ccfg.review_below, flag)
+        flag = choose_flag_threshold(x_val, val_pi["dice"], ccfg.review_below, ccfg.folds, seed=cfg.train.seed)
+    cal = fit_isotonic(x_val, val_pi["dice"], ccfg.review_below, flag, input=name)
     rows = (per_image["method"] == "model") & (per_image["condition"] == "clean")
-    per_image.loc[rows, "confidence"] = cal(per_image.loc[rows, "iou_pred"].to_numpy(float))
+    split_pi = per_image.loc[rows]
+    per_image.loc[rows, "confidence"] = cal.confidence(split_pi["iou_pred"].to_numpy(float), flips(split_pi))
     per_image.loc[rows, "needs_review"] = per_image.loc[rows, "confidence"] < cal.flag_threshold
-    on_val = assess(cal, val_pi["iou_pred"], val_pi["dice"], ccfg.n_bins)
-    on_split = assess(cal, per_image.loc[rows, "iou_pred"], per_image.loc[rows, "dice"], ccfg.n_bins)
+    on_val = assess(cal, val_pi["iou_pred"], val_pi["dice"], ccfg.n_bins, flips(val_pi))
+    on_split = assess(cal, split_pi["iou_pred"], split_pi["dice"], ccfg.n_bins, flips(split_pi))
     res = {"calibrator": cal.to_dict(), "fit_split": "val", "split": cfg.eval.split, "settings": ccfg.model_dump(),
-           "val": on_val, cfg.eval.split: on_split}
+           "input_spearman_val": val_rho, "val": on_val, cfg.eval.split: on_split}
     (out_dir / "calibration.json").write_text(json.dumps(res, indent=2, allow_nan=False))
     return res, {**finite_metrics(cfg.eval.split, on_split), **finite_metrics("val", on_val)}
 
@@ -253,6 +274,7 @@ def evaluate(
     per_image, gallery = evaluate_rows(
         model, rows, cfg.data.workdir, baselines=fns, robustness=ec.robustness,
         precision=cfg.train.precision, batch_size=ec.batch_size, gallery_size=ec.gallery_size,
+        agreement=calibration is not None and calibration.may_need_flip,
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

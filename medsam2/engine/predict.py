@@ -29,6 +29,7 @@ from medsam2.data.crops import box_to_crop, crop_pair, crop_window, paste_logits
 from medsam2.data.dataset import resize_pair
 from medsam2.engine.cpu_attention import ChunkedCpuAttention
 from medsam2.engine.runtime import InferenceCompiled, autocast, bf16_twin, cpu_bf16_active, inference_precision
+from medsam2.metrics import batch_dice
 from medsam2.model.decoders.stock import StockDecoder, run_sam_decoder
 from medsam2.model.segmenter import Segmenter, normalize
 
@@ -41,6 +42,9 @@ class Prediction:
     """(H,W) float32 foreground probability in [0,1]."""
     iou_pred: float
     """SAM's predicted IoU of the mask, in [0,1]."""
+    flip_agreement: float | None = None
+    """Dice in [0,1] between the masks of the image and of its mirror image (flipped back), on the model's S×S
+    (or crop) logits, both empty = 1; None unless ``predict(agreement=True)`` or ``model.tta_flip``."""
 
 
 def _scale(xy: np.ndarray, hw: tuple[int, int], size: int) -> np.ndarray:
@@ -203,6 +207,18 @@ def _resample(logits: torch.Tensor, prior: torch.Tensor | None, hw: tuple[int, i
     return out
 
 
+def _agreement(logits: torch.Tensor, prior: torch.Tensor | None, f_logits: torch.Tensor,
+               f_prior: torch.Tensor | None) -> list[float]:
+    """Per sample, Dice of the masks (logit > 0) of (B,1,h,w) ``logits`` and ``f_logits`` (the mirror's,
+    flipped back), each with its (B,1,S,S) box prior added at the prior's size; both empty = 1."""
+    def mask(lg: torch.Tensor, pr: torch.Tensor | None) -> torch.Tensor:
+        if pr is not None:
+            lg = F.interpolate(lg.float(), size=pr.shape[-2:], mode="bilinear", align_corners=False) + pr.float()
+        return lg.float() > 0
+
+    return [float(d) for d in batch_dice(mask(logits, prior).float(), mask(f_logits, f_prior), from_logits=False)]
+
+
 @torch.no_grad()
 def predict(
     model,
@@ -214,6 +230,7 @@ def predict(
     precision: str = "auto",
     batch_size: int = 8,
     cache: FeatureCache | None = None,
+    agreement: bool = False,
 ) -> list[Prediction]:
     """Segment ``images`` (each (H,W,3) uint8 RGB) with the model's prompt mode.
 
@@ -223,6 +240,8 @@ def predict(
     ignore prompts. ``precision``: ``auto`` (:func:`~medsam2.engine.runtime.inference_precision`: bf16 on CUDA
     and on CPUs with native bf16, else fp32), ``fp32`` or ``bf16``. One image with several prompts is encoded
     once: pass it several times (its features are reused within the call); a ``cache`` keeps them across calls.
+    ``agreement``: also run the mirror image and report each mask's ``flip_agreement`` (a failure-flag input,
+    :mod:`medsam2.eval.calibration`); the masks stay the unflipped image's unless ``model.tta_flip``.
     """
     engine = TorchEngine(model) if isinstance(model, Segmenter) else model
     cache = cache if cache is not None else FeatureCache(size=batch_size)
@@ -262,12 +281,16 @@ def predict(
         with autocast(device, precision):
             feats = _encode_cached(engine, x, inputs_u8, False, precision, cache)
             logits, iou, prior = engine.decode(feats, x, kw)
-            if engine.cfg.tta_flip:  # mean of the logits of the image and its mirror image (flipped back)
+            agree = [None] * len(idx)
+            if engine.cfg.tta_flip or agreement:  # the mirror image's logits, flipped back
                 xf = x.flip(-1)
                 f_feats = _encode_cached(engine, xf, inputs_u8, True, precision, cache)
                 f_logits, f_iou, f_prior = engine.decode(f_feats, xf, _flip_prompts(kw, size))
-                logits, iou = (logits + f_logits.flip(-1)) / 2, (iou + f_iou) / 2
-                prior = None if prior is None else (prior + f_prior.flip(-1)) / 2
+                f_logits, f_prior = f_logits.flip(-1), None if f_prior is None else f_prior.flip(-1)
+                agree = _agreement(logits, prior, f_logits, f_prior)
+            if engine.cfg.tta_flip:  # mean of the logits of the image and its mirror image
+                logits, iou = (logits + f_logits) / 2, (iou + f_iou) / 2
+                prior = None if prior is None else (prior + f_prior) / 2
         logits, iou = logits.float(), iou.float()
         for j, i in enumerate(idx):
             h, w = images[i].shape[:2]
@@ -279,5 +302,5 @@ def predict(
                 full = _resample(logits[j:j + 1], pj, (h, w))
             prob = torch.sigmoid(full)
             p = prob[0, 0].cpu().numpy()
-            out.append(Prediction(mask=p > 0.5, prob=p, iou_pred=float(iou[j, 0])))
+            out.append(Prediction(mask=p > 0.5, prob=p, iou_pred=float(iou[j, 0]), flip_agreement=agree[j]))
     return out

@@ -61,9 +61,10 @@ def effective_precision(device: torch.device, precision: str = "auto") -> str:
 
 def inference_precision(device: torch.device, precision: str = "auto") -> str:
     """What prediction runs: as :func:`effective_precision`, except that ``auto`` on a CPU with native bf16 is
-    bf16. Measured on 2 AVX-512 BF16 cores (benchmarks/results/cpu-infer-20261202.json): 1.7-2.0x fp32's img/s
-    (hiera-t @1024 1.70x, @512 2.01x, hiera-b+ @1024 1.88x), and on the demo champion the masks of the Kvasir
-    test images have Dice 0.9997 against fp32's (6 images there; also 0.9997 on 40 in a run not committed).
+    bf16. Measured on 2 AVX-512 BF16 cores (benchmarks/results/cpu-infer-20261203.json, the bf16 twin with
+    chunked attention): 2.2-2.8x fp32's img/s (hiera-t @1024 2.25x, @512 2.83x, hiera-b+ @1024 2.30x), masks of
+    6 Kvasir test images at Dice 0.996-0.997 against fp32's with random weights; on the demo champion the
+    autocast path before it gave Dice 0.9997 (cpu-infer-20261202.json).
     ``fp32`` stays available (``--precision fp32``)."""
     if precision == "auto" and device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
@@ -123,9 +124,10 @@ class InferenceCompiled:
     """``torch.compile`` (inductor with ``freezing``: weights folded in as constants and, on CPU, prepacked for
     oneDNN) of an inference-only module, compiled on its first call. Where that fails (no C++ compiler, an op
     inductor cannot lower) it runs the eager module from then on, with the reason in ``error`` (and a warning).
-    ``compile_s``: the first call's seconds (compilation included). Measured in one process on hiera-t @1024,
-    2 cores (2026-12-03): 16 s to compile, then 1.075 s per image end to end against 1.098 s eager in bf16 (2 %),
-    and no gain in fp32; benchmarks/cpu_infer.py's ``torch-bf16-compile`` engine records it."""
+    ``compile_s``: the first call's seconds (compilation included). On hiera-t @1024, 2 cores, it does not pay:
+    one A/B process gave 16 s to compile, then 1.075 against 1.098 s per image eager in bf16 (2 %); the
+    benchmark (cpu-infer-20261203.json) 322 s to compile, then 1.20 against 1.06 s eager in bf16 and 2.56
+    against 2.39 s in fp32. So it is opt-in (``TorchEngine(compile=True)``)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module

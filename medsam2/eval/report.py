@@ -280,7 +280,8 @@ def _flags_html(calibration: dict) -> list[str]:
     r = calibration[split]
     return [f"<h2>Failure flags (needs review: calibrated confidence &lt; {r.get('flag_below', r['review_below']):.2f}"
             f", chosen on {calibration['fit_split']} by cross-fitting; failure: Dice "
-            f"&lt; {r['review_below']:.2f}; calibrated on {calibration['fit_split']})</h2>", table]
+            f"&lt; {r['review_below']:.2f}; calibrated on {calibration['fit_split']}; input "
+            f"{calibration.get('calibrator', {}).get('input', 'iou_pred')})</h2>", table]
 
 
 def _fmt(stats: dict) -> str:

@@ -52,8 +52,8 @@ def test_label_studio_task_carries_the_mask_as_a_prediction():
     assert np.array_equal(rle_to_mask(res["value"]["rle"], 5, 8), mask)
 
 
-def _pred(prob: np.ndarray, iou: float) -> Prediction:
-    return Prediction(mask=prob > 0.5, prob=prob.astype(np.float32), iou_pred=iou)
+def _pred(prob: np.ndarray, iou: float, agreement: float) -> Prediction:
+    return Prediction(mask=prob > 0.5, prob=prob.astype(np.float32), iou_pred=iou, flip_agreement=agreement)
 
 
 def _signals() -> PoolSignals:
@@ -63,10 +63,9 @@ def _signals() -> PoolSignals:
     unsure[2:6, 2:6] = 0.6
     left = np.zeros((8, 8))
     left[:, :4] = 1.0
-    preds = [_pred(sure, 0.9), _pred(unsure, 0.8), _pred(left, 0.2)]
-    flips = [sure, unsure, left[:, ::-1]]  # the third disagrees completely with its mirror view
-    emb = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0]], np.float32)
-    return PoolSignals(preds=preds, flip_probs=flips, embeddings=emb,
+    preds = [_pred(sure, 0.9, 1.0), _pred(unsure, 0.8, 0.9), _pred(left, 0.2, 0.0)]  # the third disagrees
+    emb = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0]], np.float32)  # completely with its mirror view
+    return PoolSignals(preds=preds, embeddings=emb,
                        labelled_embeddings=np.zeros((1, 2), np.float32))
 
 
@@ -91,7 +90,7 @@ def test_random_is_seeded_and_budget_is_checked():
         with pytest.raises(ValueError, match="budget"):
             rand(sig, budget)
     with pytest.raises(ValueError, match="flip"):
-        ACQUISITIONS.get("tta_flip")(PoolSignals(preds=sig.preds), 1)
+        ACQUISITIONS.get("tta_flip")(PoolSignals(preds=[_pred(p.prob, p.iou_pred, None) for p in sig.preds]), 1)
 
 
 def test_kcenter_covers_clusters_before_revisiting_one():

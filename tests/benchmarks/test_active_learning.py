@@ -20,7 +20,9 @@ def test_best_score_is_chosen_on_val_and_compared_with_random_on_test(monkeypatc
     rows = [_row("start", 0, 0.5, 0.5), _row("entropy", 1, 0.80, 0.60), _row("kcenter", 1, 0.70, 0.99),
             _row("random", 1, 0.75, 0.55)]
     per_image = {("random", 1): {"a": 0.5, "b": 0.6, "c": 0.55}, ("entropy", 1): {"a": 0.6, "b": 0.62, "c": 0.58}}
-    s = al.summarise(rows, ["entropy", "kcenter", "random"], per_image)
+    s = al.summarise(rows, ["entropy", "kcenter", "random"], per_image, {"test_dice": 0.58})
+    assert s["headroom"]["ceiling_minus_random"] == pytest.approx(0.03)
+    assert s["headroom"]["ceiling_minus_start"] == pytest.approx(0.08)
     assert s["best_score"] == "entropy"  # best val, though kcenter has the best test Dice
     assert s["gap_best_vs_random"]["gap"] == pytest.approx(0.05) and s["gap_best_vs_random"]["n"] == 3
     assert s["goals"]["best_beats_random"]["met"] is True and s["goals"]["spearman_confidence_dice"]["met"] is True
@@ -47,4 +49,7 @@ def test_active_learning_quick(sample_data: Path, tmp_path: Path) -> None:
         assert r["steps"] == start["steps"] == 1 and r["pool"] == 6 and r["n_test"] == 3
         assert "test_confidence_ece" in r  # the last round's models fit failure flags on val
     assert res["summary"]["best_score"] in set(arms) - {"random"}
+    ceiling = res["ceiling"]  # every train label (8), the same one step
+    assert ceiling["labelled_images"] == 8 and ceiling["steps"] == 1 and ceiling["n_test"] == 3
+    assert res["summary"]["headroom"]["ceiling_test_dice"] == ceiling["test_dice"]
     assert res["summary"]["goals"]["best_beats_random"]["threshold"] == 0.02

@@ -38,7 +38,12 @@ def test_evaluate_reports_flags_fitted_on_val(val5_workdir, tiny_checkpoint, tmp
     per = pd.read_csv(tmp_path / "report" / "per_image.csv")
     model = per[per["method"] == "model"]
     calibrator = Calibrator.from_dict(cal["calibrator"])
-    np.testing.assert_allclose(model["confidence"], calibrator(model["iou_pred"]))
+    # both views were predicted (the input is chosen on val among every one), and the chosen input is stored
+    assert model["flip_agreement"].between(0, 1).all() and set(cal["input_spearman_val"]) == {
+        "iou_pred", "flip_agreement", "iou_flip"}
+    assert calibrator.input == cal["test"]["input"] and calibrator.input in cal["input_spearman_val"]
+    np.testing.assert_allclose(model["confidence"], calibrator.confidence(model["iou_pred"],
+                                                                          model["flip_agreement"]))
     # needs review below the threshold chosen on val (cross-fitted), which the calibration stores
     assert cal["test"]["flag_below"] == calibrator.flag_threshold and 0 < calibrator.flag_threshold <= 1
     assert (model["needs_review"] == (model["confidence"] < calibrator.flag_threshold)).all()
@@ -91,3 +96,12 @@ def test_predict_marks_needs_review_with_a_calibration(tiny_checkpoint, tmp_path
                           "--out", str(tmp_path / "out2"), "--box", "5,5,40,40", "--calibration", str(bad)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 3 and "not an isotonic calibration" in out.stderr and "Traceback" not in out.stderr
+    # a calibration of the flip agreement: predict runs the mirrored view too and calibrates its agreement
+    cal.write_text(json.dumps({"calibrator": Calibrator((0.0, 1.0), (0.0, 0.5), 10, 0.99,
+                                                        input="flip_agreement").to_dict()}))
+    out = subprocess.run([sys.executable, "-m", "medsam2.cli", "predict", str(png), "--model", str(tiny_checkpoint),
+                          "--out", str(tmp_path / "out3"), "--box", "5,5,40,40", "--calibration", str(cal),
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (entry,) = json.loads(out.stdout.strip().splitlines()[-1])["outputs"]
+    assert 0 <= entry["flip_agreement"] <= 1 and entry["confidence"] == pytest.approx(entry["flip_agreement"] / 2)

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from medsam2.eval.calibration import (
+    CalibrationCfg,
     Calibrator,
     assess,
     choose_flag_threshold,
+    choose_input,
     ece,
     fit_isotonic,
     flag_quality,
+    input_values,
     reliability,
 )
 
@@ -21,9 +24,13 @@ from medsam2.eval.calibration import (
 def test_isotonic_pools_violators_and_clips_outside_the_fit():
     """Pool-adjacent-violators on a known case: Dice 0.25, 0.75, 0.5, 1.0 at IoU 0.1-0.4 pools the middle
     pair to 0.625; outside the fitted range the confidence is clipped to the end knots."""
-    cal = fit_isotonic(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.25, 0.75, 0.5, 1.0]))
+    cal = fit_isotonic(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.25, 0.75, 0.5, 1.0]), centred=False)
     np.testing.assert_allclose(cal(np.array([0.1, 0.2, 0.3, 0.4])), [0.25, 0.625, 0.625, 1.0])
     np.testing.assert_allclose(cal(np.array([0.0, 0.5])), [0.25, 1.0])
+    # centred: the pooled step (0.2-0.3 at 0.625) is one knot at 0.25, so its two images are no longer tied
+    cir = fit_isotonic(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.25, 0.75, 0.5, 1.0]))
+    assert cir.x == (0.1, 0.25, 0.4) and cir.y == (0.25, 0.625, 1.0)
+    np.testing.assert_allclose(cir(np.array([0.2, 0.25, 0.3])), [0.5, 0.625, 0.75])
     rng = np.random.default_rng(0)
     x = rng.random(200).round(2)  # ties included
     grid = np.linspace(0, 1, 101)
@@ -88,3 +95,41 @@ def test_flag_threshold_chosen_on_val_catches_failures_an_expected_dice_threshol
 def test_flag_threshold_without_failures_or_images_is_review_below():
     assert choose_flag_threshold(np.linspace(0.8, 1, 50), np.full(50, 0.9), 0.7) == 0.7
     assert choose_flag_threshold(np.array([0.5, 0.9, 0.7]), np.array([0.2, 0.9, 0.8]), 0.7) == 0.7  # 3 < 2 folds
+
+
+def test_centred_fit_keeps_the_ranking_that_flat_steps_tie():
+    """Fitted on 30 val-sized noisy pairs, plain isotonic steps tie many test images (Spearman drops below the
+    input's); the centred fit keeps the input's ranking inside the knots (seeded: the answer is fixed)."""
+    rng = np.random.default_rng(0)
+
+    def pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = rng.uniform(0.6, 1.0, n)
+        return x, np.clip(x + rng.normal(0, 0.1, n), 0, 1)
+
+    (x, y), (xt, yt) = pairs(30), pairs(400)
+    plain, centred = assess(fit_isotonic(x, y, centred=False), xt, yt), assess(fit_isotonic(x, y), xt, yt)
+    assert plain["spearman"] < plain["spearman_raw"] - 0.02
+    assert abs(centred["spearman"] - centred["spearman_raw"]) < 0.005 and centred["ece"] < 0.05
+
+
+def test_the_input_that_ranks_dice_best_on_val_is_chosen_and_stored(tmp_path):
+    rng = np.random.default_rng(4)
+    dice = rng.uniform(0.2, 1.0, 80)
+    iou = np.clip(0.9 + rng.normal(0, 0.05, 80), 0, 1)  # SAM's head: high, whatever the Dice
+    flip = np.clip(dice + rng.normal(0, 0.05, 80), 0, 1)  # the two views agree where the mask is right
+    name, rho = choose_input(iou, flip, dice)
+    assert name in ("flip_agreement", "iou_flip") and rho["flip_agreement"] > 0.9 > abs(rho["iou_pred"])
+    assert choose_input(iou, None, dice) == ("iou_pred", {"iou_pred": rho["iou_pred"]})  # no mirrored pass
+    np.testing.assert_allclose(input_values("iou_flip", iou, flip), (iou + flip) / 2)
+    cal = fit_isotonic(input_values("flip_agreement", iou, flip), dice, input="flip_agreement")
+    assert cal.needs_flip and Calibrator.from_dict(cal.to_dict()).input == "flip_agreement"
+    res = assess(cal, iou, dice, flip_agreement=flip)
+    assert res["input"] == "flip_agreement" and res["spearman"] > 0.9
+    with pytest.raises(ValueError, match="flip_agreement"):
+        cal.confidence(iou)
+    with pytest.raises(ValueError, match="unknown confidence input"):
+        Calibrator.from_dict({**cal.to_dict(), "input": "vibes"})
+    with pytest.raises(ValueError, match="unknown confidence input"):
+        CalibrationCfg(input="vibes")
+    assert CalibrationCfg().may_need_flip and not CalibrationCfg(input="iou_pred").may_need_flip
+    assert not fit_isotonic(iou, dice).needs_flip  # written before inputs existed: iou_pred
