@@ -77,6 +77,12 @@ def test_missing_predict_input_is_an_input_error(tmp_path: Path) -> None:
     assert res.exit_code == 3 and "missing.png" in _short(res)
 
 
+def test_unknown_confidence_input_is_a_usage_error() -> None:
+    res = _run("evaluate", "--model", "no-such-model.pt", "--confidence-input", "vibes", "--json")
+    assert res.exit_code == 2, res.output
+    assert "vibes" in _short(res) and "flip_agreement" in _short(res) and _error_json(res)["kind"] == "usage"
+
+
 def test_click_usage_errors_take_the_same_path() -> None:
     res = _run("train", "--no-such-option", "--json")
     assert res.exit_code == 2

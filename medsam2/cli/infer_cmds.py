@@ -55,7 +55,7 @@ def predict(
              "an export made with --quantize int8).")] = "auto",
     calibration: Annotated[Path | None, typer.Option(
         help="calibration.json of an evaluation report: adds each mask's confidence (expected Dice) and "
-             "needs_review.")] = None,
+             "needs_review (a flip-agreement calibration also predicts each image mirrored).")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Segment images, one output per input: a PNG mask (and a DICOM-SEG for DICOM input) each.
