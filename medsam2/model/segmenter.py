@@ -26,6 +26,18 @@ PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 
 
+def _iou_head_in_fp32(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of SAM's IoU head: under autocast, its output is recomputed in fp32. In bf16 a predicted
+    IoU in [0.5, 1) has 128 possible values (steps of 1/256), so most images of a narrow-range model tie, which
+    blurs the ranking the failure flags and the ``pred_iou`` acquisition score read; the 3-layer MLP on one
+    (B,256) token costs nothing next to the decoder. Outside autocast (fp32, export) the output stands."""
+    x = args[0]
+    if not torch.is_autocast_enabled(x.device.type):
+        return None
+    with torch.autocast(x.device.type, enabled=False):
+        return type(module).forward(module, x.float())
+
+
 @dataclass(frozen=True)
 class ParamCount:
     trainable: int
@@ -50,6 +62,7 @@ class Segmenter(nn.Module):
         self.cfg = cfg
         self.decoder = DECODERS.create(cfg.decoder, sam, cfg)
         self.prior = PriorResidual(cfg.box_prior) if cfg.box_prior != "none" else None
+        sam.sam_mask_decoder.iou_prediction_head.register_forward_hook(_iou_head_in_fp32)
 
     @property
     def image_size(self) -> int:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from medsam2.config import ModelCfg
+from medsam2.engine import runtime
 from medsam2.engine.checkpoint import build_model
 from medsam2.engine.predict import _agreement, predict
 
@@ -39,3 +40,27 @@ def test_predict_reports_agreement_without_changing_the_masks(tta):
         np.testing.assert_array_equal(p.mask, q.mask)
         assert q.flip_agreement is not None and 0.0 <= q.flip_agreement <= 1.0
         assert (p.flip_agreement is not None) == tta  # test-time flipping computes it anyway
+
+
+def test_bf16_predicted_iou_is_not_rounded_to_bf16_steps():
+    """Under bf16 autocast SAM's IoU head runs in fp32 (a forward hook; SAM2 unforked): without it every
+    predicted IoU in [0.5, 1) is a multiple of 1/256 and a random-init model gave 4 distinct values on 12
+    images. Here: the values follow fp32's within 0.01 and are not all on that grid."""
+    torch.manual_seed(0)
+    model, _ = build_model(ModelCfg(image_size=64, prompt="box"))
+    model.eval()
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    boxes = [np.array([4 + i, 6, 40 + 3 * i, 50], np.float32) for i in range(6)]
+    fp32 = np.array([p.iou_pred for p in predict(model, images, boxes=boxes, precision="fp32")])
+    bf16 = np.array([p.iou_pred for p in predict(model, images, boxes=boxes, precision="bf16")])
+    np.testing.assert_allclose(bf16, fp32, atol=0.01)
+    assert (fp32 >= 0.25).all()  # bf16 steps are 1/512 or coarser from 0.25 up
+
+    def on_grid(v: np.ndarray) -> bool:
+        return bool(np.allclose(v * 512, np.round(v * 512), atol=1e-6))
+
+    assert not on_grid(bf16)
+    if runtime.cpu_has_native_bf16():  # elsewhere "bf16" runs fp32 and nothing is rounded
+        model.sam.sam_mask_decoder.iou_prediction_head._forward_hooks.clear()  # without the hook: rounded
+        assert on_grid(np.array([p.iou_pred for p in predict(model, images, boxes=boxes, precision="bf16")]))
