@@ -10,7 +10,7 @@ the top ``--add`` fraction (5 % of the train images) with their true masks (the 
 *fresh* model from the recipe (``configs/demo.yaml``) with the same step budget on the arm's labelled set: only
 *which* images are labelled differs between arms. Every model is evaluated on the PraNet test split at original
 resolution with 95 % bootstrap CIs (``engine.evaluate``); the final round's models also fit failure flags on val
-(``calibrate_flags``) and report Spearman(confidence, Dice) on test.
+(``engine.evaluate.fit_flags``) and report Spearman(confidence, Dice) on test.
 
 The best score is chosen on *val* Dice at the last round (test is never looked at for a choice); its test gap to
 random is reported with a paired bootstrap CI. The **ceiling** is the same recipe and steps trained on *every*

@@ -163,7 +163,7 @@ def run_evaluate(
     """Evaluate a model, write the report, and log metrics + report into ``run_id`` (else a new eval run).
 
     ``flags``: on the test split (not cross-dataset) also calibrate failure flags on val
-    (:func:`medsam2.engine.evaluate.calibrate_flags`; ``review_below`` overrides the Dice of a failure, and
+    (:func:`medsam2.engine.evaluate.fit_flags`; ``review_below`` overrides the Dice of a failure, and
     ``flag_below`` the needs-review threshold, else chosen on val; ``confidence_input`` what is calibrated, a
     name in :data:`~medsam2.eval.calibration.CONFIDENCE_INPUTS`, else chosen on val)."""
     from medsam2 import tracking

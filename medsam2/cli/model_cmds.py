@@ -99,10 +99,12 @@ def evaluate(
         overrides.append("eval.cross_dataset=true")
     tracking_uri = _tracking_override(overrides)  # also validates the --set syntax before any work
     if confidence_input is not None:
-        from medsam2.eval.calibration import CONFIDENCE_INPUTS
+        from medsam2.eval.calibration import check_input
 
-        if confidence_input not in CONFIDENCE_INPUTS:
-            raise UsageError(f"--confidence-input {confidence_input!r} is not one of {CONFIDENCE_INPUTS.names()}")
+        try:
+            check_input(confidence_input)
+        except ValueError as e:
+            raise UsageError(f"--confidence-input: {e}") from e
     _check_model(model)
     _check_workdir(workdir, "evaluate")
     _needs_mlflow(tracking_uri)

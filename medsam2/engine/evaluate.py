@@ -26,6 +26,7 @@ from medsam2.engine.predict import predict
 from medsam2.eval.baselines import BASELINES, PROMPT_BASELINES, mean_mask_baseline
 from medsam2.eval.calibration import (
     CalibrationCfg,
+    Calibrator,
     assess,
     choose_flag_threshold,
     choose_input,
@@ -210,43 +211,57 @@ def leakage(cfg: ExperimentCfg, *, near_duplicates: bool) -> pd.DataFrame:
                       image_loader=lambda uri: np.load(workdir / uri, mmap_mode="r"))
 
 
-def calibrate_flags(model: Segmenter, cfg: ExperimentCfg, per_image: pd.DataFrame, ccfg: CalibrationCfg,
-                    out_dir: Path) -> tuple[dict[str, Any] | None, dict[str, float]]:
-    """Failure flags (:mod:`medsam2.eval.calibration`): on the val rows choose the input (``ccfg.input``, else
-    the best-ranking one) and fit its → Dice calibrator, add ``confidence`` and ``needs_review`` to
-    ``per_image``'s clean model rows (in place; NaN / False for other rows; ``per_image`` has
-    ``flip_agreement`` when an input may need it: ``evaluate_rows(agreement=True)``), write
-    ``out_dir/calibration.json`` and return (its content, flat metrics). Fewer than ``ccfg.min_fit`` val rows:
-    (None, {}) and the report says why."""
-    per_image["confidence"] = np.nan
-    per_image["needs_review"] = False
+@dataclass
+class FittedFlags:
+    """Failure flags fitted on val (:func:`fit_flags`): the calibrator, val's per-image rows and each input's
+    val Spearman ρ."""
+
+    cal: Calibrator
+    val: pd.DataFrame
+    val_rho: dict[str, float | None]
+
+
+def _flips(df: pd.DataFrame) -> np.ndarray | None:
+    return df["flip_agreement"].to_numpy(float) if "flip_agreement" in df else None
+
+
+def fit_flags(model: Segmenter, cfg: ExperimentCfg, ccfg: CalibrationCfg) -> FittedFlags | None:
+    """Failure flags (:mod:`medsam2.eval.calibration`) fitted on the val rows: the input (``ccfg.input``, else
+    the one that ranks val Dice best), the cross-fitted threshold and the input → Dice calibrator. Fewer than
+    ``ccfg.min_fit`` val rows: None (and a warning). Val is mirrored only when an input may need it."""
     if cfg.eval.split == "val":
         raise ValueError("failure flags are fitted on val: evaluate them on another split (eval.split test)")
     val, _ = select_rows(cfg.data, "val", seed=cfg.train.seed)
     if len(val) < ccfg.min_fit:
         log.warning("no failure flags: %d val rows, %d needed to calibrate", len(val), ccfg.min_fit)
-        return None, {}
+        return None
     val_pi, _ = evaluate_rows(model, val, cfg.data.workdir, baselines=False, precision=cfg.train.precision,
                               batch_size=cfg.eval.batch_size, gallery_size=0, agreement=ccfg.may_need_flip)
-
-    def flips(df: pd.DataFrame) -> np.ndarray | None:
-        return df["flip_agreement"].to_numpy(float) if "flip_agreement" in df else None
-
-    name, val_rho = choose_input(val_pi["iou_pred"], flips(val_pi), val_pi["dice"])
+    name, val_rho = choose_input(val_pi["iou_pred"], _flips(val_pi), val_pi["dice"])
     name = ccfg.input or name
-    x_val = input_values(name, val_pi["iou_pred"], flips(val_pi))
+    x_val = input_values(name, val_pi["iou_pred"], _flips(val_pi))
     flag = ccfg.flag_below
     if flag is None:  # cross-fitted on val: the threshold is not chosen on the images it was fitted on
         flag = choose_flag_threshold(x_val, val_pi["dice"], ccfg.review_below, ccfg.folds, seed=cfg.train.seed)
-    cal = fit_isotonic(x_val, val_pi["dice"], ccfg.review_below, flag, input=name)
+    return FittedFlags(fit_isotonic(x_val, val_pi["dice"], ccfg.review_below, flag, input=name), val_pi, val_rho)
+
+
+def apply_flags(fitted: FittedFlags, cfg: ExperimentCfg, per_image: pd.DataFrame, ccfg: CalibrationCfg,
+                out_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """Add ``confidence`` and ``needs_review`` to ``per_image``'s clean model rows (in place; NaN / False for
+    other rows; ``per_image`` has ``flip_agreement`` when the calibrator needs it), write
+    ``out_dir/calibration.json`` and return (its content, flat metrics)."""
+    cal, val_pi = fitted.cal, fitted.val
+    per_image["confidence"] = np.nan
+    per_image["needs_review"] = False
     rows = (per_image["method"] == "model") & (per_image["condition"] == "clean")
     split_pi = per_image.loc[rows]
-    per_image.loc[rows, "confidence"] = cal.confidence(split_pi["iou_pred"].to_numpy(float), flips(split_pi))
+    per_image.loc[rows, "confidence"] = cal.confidence(split_pi["iou_pred"].to_numpy(float), _flips(split_pi))
     per_image.loc[rows, "needs_review"] = per_image.loc[rows, "confidence"] < cal.flag_threshold
-    on_val = assess(cal, val_pi["iou_pred"], val_pi["dice"], ccfg.n_bins, flips(val_pi))
-    on_split = assess(cal, split_pi["iou_pred"], split_pi["dice"], ccfg.n_bins, flips(split_pi))
+    on_val = assess(cal, val_pi["iou_pred"], val_pi["dice"], ccfg.n_bins, _flips(val_pi))
+    on_split = assess(cal, split_pi["iou_pred"], split_pi["dice"], ccfg.n_bins, _flips(split_pi))
     res = {"calibrator": cal.to_dict(), "fit_split": "val", "split": cfg.eval.split, "settings": ccfg.model_dump(),
-           "input_spearman_val": val_rho, "val": on_val, cfg.eval.split: on_split}
+           "input_spearman_val": fitted.val_rho, "val": on_val, cfg.eval.split: on_split}
     (out_dir / "calibration.json").write_text(json.dumps(res, indent=2, allow_nan=False))
     return res, {**finite_metrics(cfg.eval.split, on_split), **finite_metrics("val", on_val)}
 
@@ -257,8 +272,9 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate on ``cfg.eval.split`` rows of the eval datasets (or ``rows``); write the report to ``out_dir``.
 
-    ``calibration``: also fit failure flags on the val rows (:func:`calibrate_flags`) and report their ECE and
-    precision/recall on the evaluated rows."""
+    ``calibration``: also fit failure flags on the val rows (:func:`fit_flags`, before the evaluated rows, so
+    these are predicted mirrored only if the chosen input needs it) and report their ECE and precision/recall on
+    the evaluated rows (:func:`apply_flags`)."""
     ec = cfg.eval
     if rows is None and ec.cross_dataset:
         rows = cross_dataset_rows(cfg.data)
@@ -271,15 +287,19 @@ def evaluate(
     needs_train = "mean_mask" in PROMPT_BASELINES[model.cfg.prompt]  # only that baseline reads training masks
     train_rows = select_rows(cfg.data, "train", seed=cfg.train.seed)[0] if ec.baselines and needs_train else None
     fns = baseline_fns(model.cfg.prompt, train_rows, cfg.data.workdir) if ec.baselines else {}
+    fitted = fit_flags(model, cfg, calibration) if calibration is not None else None  # first: does it mirror?
     per_image, gallery = evaluate_rows(
         model, rows, cfg.data.workdir, baselines=fns, robustness=ec.robustness,
         precision=cfg.train.precision, batch_size=ec.batch_size, gallery_size=ec.gallery_size,
-        agreement=calibration is not None and calibration.may_need_flip,
+        agreement=fitted is not None and fitted.cal.needs_flip,
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    flags, flag_metrics = (calibrate_flags(model, cfg, per_image, calibration, out_dir) if calibration is not None
-                           else (None, {}))
+    flags, flag_metrics = None, {}
+    if fitted is not None:
+        flags, flag_metrics = apply_flags(fitted, cfg, per_image, calibration, out_dir)
+    elif calibration is not None:  # too few val rows: the columns are there, empty
+        per_image["confidence"], per_image["needs_review"] = np.nan, False
     per_image.to_csv(out_dir / "per_image.csv", index=False)
     leaks = leakage(cfg, near_duplicates=ec.cross_dataset)
     leaks.to_csv(out_dir / "leakage.csv", index=False)

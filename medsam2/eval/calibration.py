@@ -72,9 +72,7 @@ class CalibrationCfg(BaseModel):
     @field_validator("input")
     @classmethod
     def _known_input(cls, v: str | None) -> str | None:
-        if v is not None and v not in CONFIDENCE_INPUTS:
-            raise ValueError(f"unknown confidence input {v!r}; use one of {CONFIDENCE_INPUTS.names()}")
-        return v
+        return None if v is None else check_input(v)
 
 
 @dataclass(frozen=True)
@@ -88,6 +86,13 @@ class ConfidenceInput:
 
 CONFIDENCE_INPUTS: Registry = Registry("confidence input")
 """Name → :class:`ConfidenceInput` (the settings' ``input``, the calibration JSON's ``input``)."""
+
+
+def check_input(name: str) -> str:
+    """``name`` if it is in :data:`CONFIDENCE_INPUTS`, else a ValueError that lists the names."""
+    if name not in CONFIDENCE_INPUTS:
+        raise ValueError(f"unknown confidence input {name!r}; use one of {CONFIDENCE_INPUTS.names()}")
+    return name
 
 
 def _need(v: np.ndarray | None, name: str) -> np.ndarray:
@@ -170,9 +175,7 @@ class Calibrator:
         if d.get("method") != "isotonic" or len(d.get("x", ())) != len(d.get("y", ())) or not d.get("x"):
             raise ValueError("not an isotonic calibration (method, x and y of equal non-zero length expected)")
         flag = d.get("flag_below")  # absent in calibrations written before it was chosen on val
-        name = str(d.get("input", "iou_pred"))
-        if name not in CONFIDENCE_INPUTS:
-            raise ValueError(f"unknown confidence input {name!r}; use one of {CONFIDENCE_INPUTS.names()}")
+        name = check_input(str(d.get("input", "iou_pred")))
         return cls(tuple(map(float, d["x"])), tuple(map(float, d["y"])), int(d["n_fit"]),
                    float(d["review_below"]), None if flag is None else float(flag), name)
 

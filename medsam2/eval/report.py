@@ -370,7 +370,7 @@ def write_report(
             pred bool (H, W), dice}``; shown worst to best (at most 16: the 8 worst and 8 best).
         n_boot, seed: bootstrap settings for all CIs.
         calibration: optional failure-flag results (``calibration.json`` of
-            :func:`medsam2.engine.evaluate.calibrate_flags`): a "Failure flags" table and a reliability plot.
+            :func:`medsam2.engine.evaluate.apply_flags`): a "Failure flags" table and a reliability plot.
 
     Returns:
         The JSON-serialisable summary written to ``report.json``: ``title, n_rows, n_images, datasets,

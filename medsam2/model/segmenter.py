@@ -29,8 +29,8 @@ PIXEL_STD = (0.229, 0.224, 0.225)
 def _iou_head_in_fp32(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     """Forward hook of SAM's IoU head: under autocast, its output is recomputed in fp32. In bf16 a predicted
     IoU in [0.5, 1) has 128 possible values (steps of 1/256), so most images of a narrow-range model tie, which
-    blurs the ranking the failure flags and the ``pred_iou`` acquisition score read; the 3-layer MLP on one
-    (B,256) token costs nothing next to the decoder. Outside autocast (fp32, export) the output stands."""
+    blurs the ranking the failure flags and the ``pred_iou`` acquisition score read. What is recomputed is a
+    3-layer MLP on one (B,256) token. Outside autocast (fp32, export) the output stands."""
     x = args[0]
     if not torch.is_autocast_enabled(x.device.type):
         return None
