@@ -50,3 +50,17 @@ def test_prediction_defaults_to_bf16_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     assert runtime.inference_precision(CPU) == "fp32"
     assert runtime.inference_precision(torch.device("cuda")) == "bf16"
+
+
+def test_freed_large_blocks_are_kept_on_glibc(monkeypatch):
+    """pick_device('cpu') keeps freed large tensors' memory (glibc mallopt); MEDSAM2_MALLOC=system opts out.
+    Its speed is measured in benchmarks/cpu_infer.py, not here."""
+    import platform
+
+    runtime.pick_device("cpu")
+    if platform.libc_ver()[0] == "glibc":
+        assert runtime.keep_freed_memory() is True
+        big = torch.ones(64 * 2**20 // 4)  # 64 MB, above glibc's mmap threshold: from the heap now
+        assert float(big[-1]) == 1.0
+    monkeypatch.setenv("MEDSAM2_MALLOC", "system")
+    assert runtime.keep_freed_memory.__wrapped__() is False
