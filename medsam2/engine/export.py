@@ -252,6 +252,7 @@ class OnnxEngine:
                ) -> None:
         suffix = ".int8.onnx" if precision == "int8" else ".onnx"
         self.cfg, self.image_size, self.inputs, self.outputs = cfg, size, inputs, outputs
+        self.reads_image = "image" in inputs
         self.device = torch.device("cpu")
         self._enc = _session(d / f"encoder{suffix}")
         self._dec = _session(d / f"decoder{suffix}")

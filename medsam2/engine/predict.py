@@ -116,6 +116,9 @@ class TorchEngine:
         self.compile = compile
         self.compiled: dict[str, InferenceCompiled] = {}
         """By precision (``fp32``/``bf16``) once used: each has ``compile_s`` and ``error``."""
+        self.reads_image = not isinstance(model.decoder, StockDecoder)
+        """Whether :meth:`decode` reads the image (the decoders that refine at full resolution), or only its
+        batch size and device (SAM2's own)."""
 
     def encode(self, x: torch.Tensor) -> dict:
         bf16 = cpu_bf16_active(x)
@@ -169,19 +172,27 @@ class FeatureCache:
 
 
 def _one_feats(feats: dict, j: int) -> dict:
-    """Image j of batched features, kept batched (batch 1)."""
-    return {"image_embed": feats["image_embed"][j:j + 1], "high_res": [h[j:j + 1] for h in feats["high_res"]]}
+    """Image j of batched features, kept batched (batch 1) and contiguous: the bf16 twin's channels-last maps
+    would otherwise reach the decoder in another layout alone than inside a batch (``torch.cat``), and its bf16
+    kernels round differently by layout, so a mask would depend on what it was batched with."""
+    return {"image_embed": feats["image_embed"][j:j + 1].contiguous(),
+            "high_res": [h[j:j + 1].contiguous() for h in feats["high_res"]]}
 
 
 def _cat_feats(items: list[dict]) -> dict:
+    """Batch per-image features; one image's are returned as they are (a one-tensor ``cat`` still copies its
+    ~12 MB at 1024 px: 10 ms of an 85 ms extra prompt on 2 cores)."""
+    if len(items) == 1:
+        return items[0]
     return {"image_embed": torch.cat([f["image_embed"] for f in items]),
             "high_res": [torch.cat(level) for level in zip(*(f["high_res"] for f in items), strict=True)]}
 
 
-def _encode_cached(engine, x: torch.Tensor, inputs_u8: list[np.ndarray], flip: bool, precision: str,
-                   cache: FeatureCache) -> dict:
-    """``engine.encode(x)`` for the (B,3,S,S) batch, running the encoder only on inputs not in ``cache`` (an
-    input repeated in the batch is encoded once)."""
+def _encode_cached(engine, model_input: _ModelInput, inputs_u8: list[np.ndarray],
+                   flip: bool, precision: str, cache: FeatureCache) -> dict:
+    """``engine.encode`` of the batch of ``inputs_u8`` (mirrored if ``flip``), running the encoder only on inputs
+    not in ``cache`` (an input repeated in the batch is encoded once); ``model_input(rows, flip)`` makes the
+    encoder's (b,3,S,S) input of those rows."""
     keys = [cache.key(u8, flip, precision) for u8 in inputs_u8]
     found = {k: f for k in set(keys) if (f := cache.get(k)) is not None}
     todo = list(dict.fromkeys(k for k in keys if k not in found))
@@ -189,14 +200,38 @@ def _encode_cached(engine, x: torch.Tensor, inputs_u8: list[np.ndarray], flip: b
     # on CPU one image at a time: on 2 cores (hiera-t @1024) a batched encoder ran a batch of 6 at 0.285 img/s
     # against 0.404 one by one (the first cpu_infer run of 20261202, before this change); with it, 0.458 vs
     # 0.454 (benchmarks/results/cpu-infer-20261202.json). A GPU takes the batch at once
-    step = 1 if x.device.type == "cpu" else max(1, len(todo))
+    step = 1 if model_input.device.type == "cpu" else max(1, len(todo))
     for s in range(0, len(todo), step):
         chunk = todo[s:s + step]
-        feats = engine.encode(x[[first[k] for k in chunk]])
+        feats = engine.encode(model_input([first[k] for k in chunk], flip))
         for j, k in enumerate(chunk):
             found[k] = _one_feats(feats, j)
             cache.put(k, found[k])
     return _cat_feats([found[k] for k in keys])
+
+
+class _ModelInput:
+    """``model_input(rows, flip)``: the SAM-normalised (b,3,S,S) float32 input of those rows (None: all) of the
+    (B,S,S,3) uint8 ``batch_u8``, mirrored if ``flip``. Made only when the encoder runs or the decoder reads the
+    image: with cached features and SAM2's own decoder nothing needs it (normalising a 1024 px input took ~12 ms
+    of a 77 ms extra prompt on 2 cores, 2026-12-03)."""
+
+    def __init__(self, batch_u8: np.ndarray, device: torch.device) -> None:
+        self.u8 = torch.from_numpy(batch_u8)
+        self.device = device
+
+    def __call__(self, rows: list[int] | None = None, flip: bool = False) -> torch.Tensor:
+        t = self.u8 if rows is None else self.u8[rows]
+        x = normalize(t.to(self.device).permute(0, 3, 1, 2).float() / 255.0)
+        return x.flip(-1) if flip else x
+
+    def for_decoder(self, engine, flip: bool) -> torch.Tensor:
+        """What ``engine.decode`` reads as the image: the model input for the decoders that refine at full
+        resolution (``engine.reads_image``); for SAM2's own decoder, which reads only the batch size and the
+        device, a (B,3,1,1) zero stand-in (as the ONNX decoder graph makes for itself)."""
+        if engine.reads_image:
+            return self(None, flip)
+        return torch.zeros(len(self.u8), 3, 1, 1, device=self.device)
 
 
 def _resample(logits: torch.Tensor, prior: torch.Tensor | None, hw: tuple[int, int]) -> torch.Tensor:
@@ -277,15 +312,15 @@ def predict(
             kw["point_labels"] = torch.from_numpy(np.stack([np.asarray(point_labels[i]) for i in idx])).to(device)
         inputs_u8 = [crop_pair(images[i], None, windows[i], size)[0] if i in windows
                      else resize_pair(images[i], None, size)[0] for i in idx]
-        x = normalize(torch.from_numpy(np.stack(inputs_u8).astype(np.float32) / 255.0).permute(0, 3, 1, 2).to(device))
+        model_input = _ModelInput(np.stack(inputs_u8), device)
         with autocast(device, precision):
-            feats = _encode_cached(engine, x, inputs_u8, False, precision, cache)
-            logits, iou, prior = engine.decode(feats, x, kw)
+            feats = _encode_cached(engine, model_input, inputs_u8, False, precision, cache)
+            logits, iou, prior = engine.decode(feats, model_input.for_decoder(engine, False), kw)
             agree = [None] * len(idx)
             if engine.cfg.tta_flip or agreement:  # the mirror image's logits, flipped back
-                xf = x.flip(-1)
-                f_feats = _encode_cached(engine, xf, inputs_u8, True, precision, cache)
-                f_logits, f_iou, f_prior = engine.decode(f_feats, xf, _flip_prompts(kw, size))
+                f_feats = _encode_cached(engine, model_input, inputs_u8, True, precision, cache)
+                f_logits, f_iou, f_prior = engine.decode(f_feats, model_input.for_decoder(engine, True),
+                                                         _flip_prompts(kw, size))
                 f_logits, f_prior = f_logits.flip(-1), None if f_prior is None else f_prior.flip(-1)
                 agree = _agreement(logits, prior, f_logits, f_prior)
             if engine.cfg.tta_flip:  # mean of the logits of the image and its mirror image

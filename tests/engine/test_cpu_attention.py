@@ -152,3 +152,17 @@ def test_a_failing_compile_falls_back_to_eager(caplog):
     assert engine.compiled["fp32"] is compiled  # not recompiled on the next call
     np.testing.assert_array_equal(got[0].prob, eager.prob)
     np.testing.assert_array_equal(again[0].prob, eager.prob)
+
+
+def test_a_bf16_mask_does_not_depend_on_what_it_was_batched_with(monkeypatch):
+    """The served endpoint predicts a request's images as one batch, the CLI one file at a time: the same
+    image and box must give the same mask either way (bf16 kernels round differently by memory layout)."""
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    model = _tiny()
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 255, (90, 120, 3), dtype=np.uint8), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    ba, bb = np.array([10, 12, 80, 70], np.float32), np.array([5, 8, 40, 50], np.float32)
+    both = predict(model, [a, b], boxes=[ba, bb], precision="bf16")
+    alone = [predict(model, [a], boxes=[ba], precision="bf16")[0], predict(model, [b], boxes=[bb], precision="bf16")[0]]
+    for x, y in zip(both, alone, strict=True):
+        np.testing.assert_array_equal(x.prob, y.prob)
