@@ -57,6 +57,18 @@ def _covered(args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
     return qkv
 
 
+def chunked_attention_pays() -> bool:
+    """Whether :class:`ChunkedCpuAttention` is faster here than PyTorch's CPU flash kernel: where the CPU has no
+    AMX. The figures above are from 2 AVX-512 BF16 EPYC cores; on 2 Xeon cores with AMX (2026-12-03) the flash
+    kernel won on every Hiera-t shape at 1024 px, SAM2's transposed q/k/v as given: the global block 30 against
+    121 ms, the windowed ones 6.6 / 16.8 / 3.3 / 1.1 against 8.8 / 38.4 / 4.5 / 1.8 ms, and the whole bf16
+    encoder (hiera-t @1024, same process) took 0.412 s without the chunking against 0.517 s with it (@512:
+    0.092 against 0.106 s)."""
+    from medsam2.engine.runtime import cpu_has_amx
+
+    return not cpu_has_amx()
+
+
 class ChunkedCpuAttention(TorchFunctionMode):
     """Inside ``with ChunkedCpuAttention():``, CPU bf16 inference calls of ``scaled_dot_product_attention`` run
     :func:`chunked_attention`; everything else is untouched."""

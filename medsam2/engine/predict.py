@@ -15,6 +15,7 @@ which :func:`~medsam2.data.crops.paste_logits` then places in the image (its own
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from torch import nn
 
 from medsam2.data.crops import box_to_crop, crop_pair, crop_window, paste_logits
 from medsam2.data.dataset import resize_pair
-from medsam2.engine.cpu_attention import ChunkedCpuAttention
+from medsam2.engine.cpu_attention import ChunkedCpuAttention, chunked_attention_pays
 from medsam2.engine.runtime import InferenceCompiled, autocast, bf16_twin, cpu_bf16_active, inference_precision
 from medsam2.metrics import batch_dice
 from medsam2.model.decoders.stock import StockDecoder, run_sam_decoder
@@ -100,11 +101,12 @@ class TorchEngine:
     (:func:`decode_features`). :class:`~medsam2.engine.export.OnnxEngine` has the same interface.
 
     Under bf16 autocast on CPU the encoder runs on the model's bf16 twin
-    (:func:`~medsam2.engine.runtime.bf16_twin`: bf16 weights, no autocast) with
-    :class:`~medsam2.engine.cpu_attention.ChunkedCpuAttention`: 1.17 s against autocast's 1.48 s per 1024 px image
-    end to end (hiera-t, 2 cores, same process, 2026-12-03). The decoder stays fp32 under autocast (its prompt
-    coordinates would lose up to 4 px in bf16 at 1024). ``compile=True``: the encoder runs ``torch.compile``d
-    (:class:`~medsam2.engine.runtime.InferenceCompiled`, eager where compiling fails)."""
+    (:func:`~medsam2.engine.runtime.bf16_twin`: bf16 weights, no autocast), with
+    :class:`~medsam2.engine.cpu_attention.ChunkedCpuAttention` where it pays (CPUs without AMX,
+    :func:`~medsam2.engine.cpu_attention.chunked_attention_pays`): on 2 EPYC cores 1.17 s against autocast's
+    1.48 s per 1024 px image end to end (hiera-t, same process, 2026-12-03). The decoder stays fp32 under
+    autocast (its prompt coordinates would lose up to 4 px in bf16 at 1024). ``compile=True``: the encoder runs
+    ``torch.compile``d (:class:`~medsam2.engine.runtime.InferenceCompiled`, eager where compiling fails)."""
 
     name = "torch"
 
@@ -131,7 +133,8 @@ class TorchEngine:
             run = self.compiled[key]
         if not bf16:
             return run(x)
-        with torch.autocast("cpu", enabled=False), ChunkedCpuAttention():
+        attention = ChunkedCpuAttention() if chunked_attention_pays() else contextlib.nullcontext()
+        with torch.autocast("cpu", enabled=False), attention:
             return run(x.to(torch.bfloat16))
 
     def decode(self, feats: dict, x: torch.Tensor, kw: dict[str, torch.Tensor]):

@@ -54,6 +54,17 @@ def keep_freed_memory() -> bool:
 
 
 @functools.cache
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has AMX tiles for bf16 (``amx_bf16``; False where unknown): oneDNN's matmuls and
+    PyTorch's CPU flash attention run on them (:func:`~medsam2.engine.cpu_attention.chunked_attention_pays`)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return re.search(r"\bamx_bf16\b", text) is not None
+
+
+@functools.cache
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16 flags; False where unknown).
 

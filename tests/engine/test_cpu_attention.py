@@ -166,3 +166,19 @@ def test_a_bf16_mask_does_not_depend_on_what_it_was_batched_with(monkeypatch):
     alone = [predict(model, [a], boxes=[ba], precision="bf16")[0], predict(model, [b], boxes=[bb], precision="bf16")[0]]
     for x, y in zip(both, alone, strict=True):
         np.testing.assert_array_equal(x.prob, y.prob)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_the_chunked_attention_runs_only_where_it_pays(monkeypatch, amx):
+    """Chunked on AVX-512 BF16 without AMX (faster there); PyTorch's flash kernel where AMX is (faster there)."""
+    from medsam2.engine import cpu_attention
+
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: amx)
+    calls = []
+    real = cpu_attention.chunked_attention
+    monkeypatch.setattr(cpu_attention, "chunked_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    engine = TorchEngine(_tiny())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = engine.encode(torch.randn(1, 3, 64, 64))
+    assert torch.isfinite(feats["image_embed"].float()).all()
+    assert bool(calls) is (not amx)
