@@ -191,12 +191,11 @@ def _cat_feats(items: list[dict]) -> dict:
             "high_res": [torch.cat(level) for level in zip(*(f["high_res"] for f in items), strict=True)]}
 
 
-def _encode_cached(engine, model_input: _ModelInput, inputs_u8: list[np.ndarray],
-                   flip: bool, precision: str, cache: FeatureCache) -> dict:
-    """``engine.encode`` of the batch of ``inputs_u8`` (mirrored if ``flip``), running the encoder only on inputs
-    not in ``cache`` (an input repeated in the batch is encoded once); ``model_input(rows, flip)`` makes the
-    encoder's (b,3,S,S) input of those rows."""
-    keys = [cache.key(u8, flip, precision) for u8 in inputs_u8]
+def _encode_cached(engine, model_input: _ModelInput, flip: bool, precision: str, cache: FeatureCache) -> dict:
+    """``engine.encode`` of the batch ``model_input`` holds (mirrored if ``flip``), running the encoder only on
+    inputs not in ``cache`` (an input repeated in the batch is encoded once); ``model_input(rows, flip)`` makes
+    the encoder's (b,3,S,S) input of those rows."""
+    keys = [cache.key(u8.numpy(), flip, precision) for u8 in model_input.u8]
     found = {k: f for k in set(keys) if (f := cache.get(k)) is not None}
     todo = list(dict.fromkeys(k for k in keys if k not in found))
     first = {k: keys.index(k) for k in todo}
@@ -317,11 +316,11 @@ def predict(
                      else resize_pair(images[i], None, size)[0] for i in idx]
         model_input = _ModelInput(np.stack(inputs_u8), device)
         with autocast(device, precision):
-            feats = _encode_cached(engine, model_input, inputs_u8, False, precision, cache)
+            feats = _encode_cached(engine, model_input, False, precision, cache)
             logits, iou, prior = engine.decode(feats, model_input.for_decoder(engine, False), kw)
             agree = [None] * len(idx)
             if engine.cfg.tta_flip or agreement:  # the mirror image's logits, flipped back
-                f_feats = _encode_cached(engine, model_input, inputs_u8, True, precision, cache)
+                f_feats = _encode_cached(engine, model_input, True, precision, cache)
                 f_logits, f_iou, f_prior = engine.decode(f_feats, model_input.for_decoder(engine, True),
                                                          _flip_prompts(kw, size))
                 f_logits, f_prior = f_logits.flip(-1), None if f_prior is None else f_prior.flip(-1)

@@ -57,11 +57,16 @@ def keep_freed_memory() -> bool:
 def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU has AMX tiles for bf16 (``amx_bf16``; False where unknown): oneDNN's matmuls and
     PyTorch's CPU flash attention run on them (:func:`~medsam2.engine.cpu_attention.chunked_attention_pays`)."""
+    return _cpu_flag(r"amx_bf16", cpuinfo)
+
+
+def _cpu_flag(pattern: str, cpuinfo: str) -> bool:
+    """Whether a whole word of ``cpuinfo`` matches ``pattern`` (False where the file cannot be read)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
         return False
-    return re.search(r"\bamx_bf16\b", text) is not None
+    return re.search(rf"\b({pattern})\b", text) is not None
 
 
 @functools.cache
@@ -71,11 +76,7 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     Without them PyTorch emulates bf16 matmuls and convolutions: on 2 AVX2-only EPYC cores the demo recipe took
     12.1 s per training step under bf16 autocast against 1.2 s in fp32 (it was 0.34 s with bf16 on a host with
     AVX-512 BF16)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", text) is not None
+    return _cpu_flag(r"avx512_bf16|amx_bf16", cpuinfo)
 
 
 def effective_precision(device: torch.device, precision: str = "auto") -> str:

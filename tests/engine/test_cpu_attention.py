@@ -78,7 +78,6 @@ def test_bf16_twin_is_cached_until_the_weights_change():
     assert runtime.bf16_twin(model) is not fresh
 
 
-
 def test_the_twin_encodes_as_a_plain_bf16_copy_and_leaves_the_model_whole():
     """The twin skips the neck's unread position encoding and holds channels-last convolutions: its features
     must be a plain bf16 copy's, and the model itself (which trains and runs SAM2's memory) keeps its positions."""
@@ -101,6 +100,7 @@ def test_the_twin_encodes_as_a_plain_bf16_copy_and_leaves_the_model_whole():
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
     pos = twin.sam.image_encoder(x)["vision_pos_enc"][0]
     assert pos.shape == (2, 256, 16, 16) and not pos.any() and pos.stride() == (0, 0, 0, 0)
+
 
 def test_bf16_prediction_runs_the_twin_and_matches_fp32(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)

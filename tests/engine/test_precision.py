@@ -60,7 +60,5 @@ def test_freed_large_blocks_are_kept_on_glibc(monkeypatch):
     runtime.pick_device("cpu")
     if platform.libc_ver()[0] == "glibc":
         assert runtime.keep_freed_memory() is True
-        big = torch.ones(64 * 2**20 // 4)  # 64 MB, above glibc's mmap threshold: from the heap now
-        assert float(big[-1]) == 1.0
     monkeypatch.setenv("MEDSAM2_MALLOC", "system")
     assert runtime.keep_freed_memory.__wrapped__() is False
