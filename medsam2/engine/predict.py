@@ -29,7 +29,14 @@ from torch import nn
 from medsam2.data.crops import box_to_crop, crop_pair, crop_window, paste_logits
 from medsam2.data.dataset import resize_pair
 from medsam2.engine.cpu_attention import ChunkedCpuAttention, chunked_attention_pays
-from medsam2.engine.runtime import InferenceCompiled, autocast, bf16_twin, cpu_bf16_active, inference_precision
+from medsam2.engine.runtime import (
+    InferenceCompiled,
+    autocast,
+    bf16_twin,
+    cpu_bf16_active,
+    encoder_twin,
+    inference_precision,
+)
 from medsam2.metrics import batch_dice
 from medsam2.model.decoders.stock import StockDecoder, run_sam_decoder
 from medsam2.model.segmenter import Segmenter, normalize
@@ -104,9 +111,11 @@ class TorchEngine:
     (:func:`~medsam2.engine.runtime.bf16_twin`: bf16 weights, no autocast), with
     :class:`~medsam2.engine.cpu_attention.ChunkedCpuAttention` where it pays (CPUs without AMX,
     :func:`~medsam2.engine.cpu_attention.chunked_attention_pays`): on 2 EPYC cores 1.17 s against autocast's
-    1.48 s per 1024 px image end to end (hiera-t, same process, 2026-12-03). The decoder stays fp32 under
-    autocast (its prompt coordinates would lose up to 4 px in bf16 at 1024). ``compile=True``: the encoder runs
-    ``torch.compile``d (:class:`~medsam2.engine.runtime.InferenceCompiled`, eager where compiling fails)."""
+    1.48 s per 1024 px image end to end (hiera-t, same process, 2026-12-03). In fp32 on CPU it runs the fp32
+    :func:`~medsam2.engine.runtime.encoder_twin` (the model's own weights; channels-last convolutions, no
+    recomputed positions). The decoder stays fp32 under autocast (its prompt coordinates would lose up to 4 px
+    in bf16 at 1024). ``compile=True``: the encoder runs ``torch.compile``d
+    (:class:`~medsam2.engine.runtime.InferenceCompiled`, eager where compiling fails)."""
 
     name = "torch"
 
@@ -124,7 +133,8 @@ class TorchEngine:
 
     def encode(self, x: torch.Tensor) -> dict:
         bf16 = cpu_bf16_active(x)
-        net = bf16_twin(self.model) if bf16 else self.model
+        cpu_fp32 = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        net = bf16_twin(self.model) if bf16 else encoder_twin(self.model) if cpu_fp32 else self.model
         run = net.encode
         if self.compile:
             key = "bf16" if bf16 else "fp32"

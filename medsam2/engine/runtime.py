@@ -120,7 +120,8 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-_BF16_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model → {dtype: (weights state, twin)}"""
 
 
 def _weights_state(model: torch.nn.Module) -> tuple:
@@ -135,32 +136,51 @@ def cpu_bf16_active(x: torch.Tensor) -> bool:
             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
+def encoder_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An encode-only copy of ``model`` for CPU inference (eval mode,
+    :func:`~medsam2.model.segmenter.for_encoding`: the neck's unread position encoding skipped, Hiera's position
+    embedding kept per size; convolution weights channels-last), cached per model and ``dtype`` until the
+    model's weights change (:func:`_weights_state`).
+
+    ``float32``: the twin shares the model's parameters and buffers (no second copy of the weights) except its
+    convolution weights, copied channels-last. On 2 AMX cores (hiera-t @1024, same process, 2026-12-04) the fp32
+    encoder went 1.21-1.33 → 1.06-1.09 s, features equal to 1e-6. ``bfloat16``: :func:`bf16_twin`.
+
+    Channels-last is the layout of Hiera's (B,H,W,C) features that the neck's convolutions receive: without it
+    oneDNN copied the 256-channel 256×256 map into NCHW for the next convolution."""
+    state = _weights_state(model)
+    twins = _TWINS.setdefault(model, {})
+    cached = twins.get(dtype)
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    if dtype == torch.float32:
+        convs = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+        memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in convs}
+        twin = for_encoding(copy.deepcopy(model, memo)).eval()
+        for m in twin.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.requires_grad_(False)
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    else:
+        twin = for_encoding(copy.deepcopy(model)).to(dtype, memory_format=torch.channels_last).eval()
+        for p in twin.parameters():
+            p.requires_grad_(False)
+    twins[dtype] = (state, twin)
+    return twin
+
+
 def bf16_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """A bf16 copy of ``model`` (weights and buffers cast to bfloat16, eval mode) for CPU inference, cached per
-    model until its weights change (:func:`_weights_state`).
+    """A bf16 :func:`encoder_twin` of ``model`` (weights and buffers cast to bfloat16) for CPU inference.
 
     Run without autocast on bf16 inputs (what :class:`~medsam2.engine.predict.TorchEngine` does), it avoids
     autocast's per-call weight casts and fp32 layer norms: alone that was 2 % faster end to end (1.04 → 1.02 s per
     1024 px hiera-t image, 2 AVX-512 BF16 cores, same process, 2026-12-03); the larger gain is the chunked
     attention it makes possible (:mod:`~medsam2.engine.cpu_attention`: 1.48 → 1.17 s with both). Its features
     differ from fp32's by 1.1 % (relative L2) against autocast's 0.9 %. Costs one more copy of the weights at half
-    their size.
-
-    The twin only encodes (:func:`~medsam2.model.segmenter.for_encoding`: the neck's unread position encoding is
-    skipped), and its convolution weights are channels-last, the layout of Hiera's (B,H,W,C) features that the
-    neck's convolutions receive: without it oneDNN copied the 256-channel 256×256 map into NCHW for the next
-    convolution. On 2 AMX cores (2026-12-03, same process, hiera-t @1024, features bit-identical) the encoder
+    their size. On 2 AMX cores (2026-12-03, same process, hiera-t @1024, features bit-identical) the encoder
     went 0.975 → 0.926 s with contiguous attention inputs, → 0.830 s with the position encoding skipped too,
     → 0.668 s with channels-last as well."""
-    state = _weights_state(model)
-    cached = _BF16_TWINS.get(model)
-    if cached is not None and cached[0] == state:
-        return cached[1]
-    twin = for_encoding(copy.deepcopy(model)).to(torch.bfloat16, memory_format=torch.channels_last).eval()
-    for p in twin.parameters():
-        p.requires_grad_(False)
-    _BF16_TWINS[model] = (state, twin)
-    return twin
+    return encoder_twin(model, torch.bfloat16)
 
 
 class InferenceCompiled:

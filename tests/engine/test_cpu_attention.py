@@ -78,6 +78,27 @@ def test_bf16_twin_is_cached_until_the_weights_change():
     assert runtime.bf16_twin(model) is not fresh
 
 
+def test_fp32_twin_shares_the_weights_and_encodes_as_the_model():
+    """The fp32 twin holds no second copy of the weights (only its convolutions, channels-last), follows the
+    model's weight changes, and gives the model's own features; the model keeps its layout and gradients."""
+    model = _tiny()
+    twin = runtime.encoder_twin(model)
+    assert runtime.encoder_twin(model) is twin and runtime.bf16_twin(model) is not twin
+    block = model.sam.image_encoder.trunk.blocks[0].attn.qkv.weight
+    assert twin.sam.image_encoder.trunk.blocks[0].attn.qkv.weight is block and block.requires_grad
+    conv = model.sam.image_encoder.trunk.patch_embed.proj.weight
+    tconv = twin.sam.image_encoder.trunk.patch_embed.proj.weight
+    assert conv.is_contiguous() and tconv.is_contiguous(memory_format=torch.channels_last) and conv.requires_grad
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, want = twin.encode(x), model.encode(x)
+    for a, b in zip([got["image_embed"], *got["high_res"]], [want["image_embed"], *want["high_res"]], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        conv.mul_(2.0)  # an optimiser step on a weight the twin copied
+    assert runtime.encoder_twin(model) is not twin
+
+
 def test_the_twin_encodes_as_a_plain_bf16_copy_and_leaves_the_model_whole():
     """The twin skips the neck's unread position encoding and holds channels-last convolutions: its features
     must be a plain bf16 copy's, and the model itself (which trains and runs SAM2's memory) keeps its positions."""
@@ -138,7 +159,7 @@ def test_a_failing_compile_falls_back_to_eager(caplog):
     box = np.array([8, 8, 50, 56], np.float32)
     eager = predict(model, [img], boxes=[box], precision="fp32")[0]
     engine = TorchEngine(model, compile=True)
-    compiled = runtime.InferenceCompiled(_Encode(model))
+    compiled = runtime.InferenceCompiled(_Encode(runtime.encoder_twin(model)))  # what fp32 on CPU encodes with
 
     def broken(*args, **kwargs):
         raise RuntimeError("InductorError: C++ compile error")
