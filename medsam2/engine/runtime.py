@@ -100,7 +100,9 @@ def inference_precision(device: torch.device, precision: str = "auto") -> str:
     bf16. Measured on 2 AVX-512 BF16 cores (benchmarks/results/cpu-infer-20261203.json, the bf16 twin with
     chunked attention): 2.2-2.8x fp32's img/s (hiera-t @1024 2.25x, @512 2.83x, hiera-b+ @1024 2.30x), masks of
     6 Kvasir test images at Dice 0.996-0.997 against fp32's with random weights; on the demo champion the
-    autocast path before it gave Dice 0.9997 (cpu-infer-20261202.json).
+    autocast path before it gave Dice 0.9997 (cpu-infer-20261202.json). On 2 AMX cores
+    (cpu-infer-20261204-amx-t1024.json, hiera-t @1024, 6 Kvasir test images): bf16 0.434 s per image, 3.37x
+    ``SAM2ImagePredictor``'s 1.46 s, against fp32's 1.27 s (1.15x), masks at Dice 0.996 against fp32's.
     ``fp32`` stays available (``--precision fp32``)."""
     if precision == "auto" and device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
