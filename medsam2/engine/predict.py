@@ -185,7 +185,7 @@ class FeatureCache:
 
 
 def _one_feats(feats: dict, j: int) -> dict:
-    """Image j of batched features, kept batched (batch 1) and contiguous: the bf16 twin's channels-last maps
+    """Image j of batched features, kept batched (batch 1) and contiguous: the encoder twin's channels-last maps
     would otherwise reach the decoder in another layout alone than inside a batch (``torch.cat``), and its bf16
     kernels round differently by layout, so a mask would depend on what it was batched with."""
     return {"image_embed": feats["image_embed"][j:j + 1].contiguous(),

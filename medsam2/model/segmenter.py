@@ -151,7 +151,8 @@ class UnreadPositions(nn.Module):
 
 
 def for_encoding(model: nn.Module) -> nn.Module:
-    """In place, for a frozen copy that only runs :meth:`Segmenter.encode` (the bf16 inference twin):
+    """In place, for an inference copy that only runs :meth:`Segmenter.encode` (``engine.runtime.encoder_twin``,
+    fp32 or bf16):
 
     - the neck's unread position encoding becomes :class:`UnreadPositions`;
     - Hiera's position embedding is computed once per feature size and kept: SAM2 recomputes it on every
