@@ -5,8 +5,9 @@ and a box prompt, i.e. the plain SAM2 image path that ``SAM2ImagePredictor`` als
 
 - ``torch-fp32`` / ``torch-fp32-b6`` (batch 6) / ``torch-bf16`` (the encoder's bf16 twin with chunked
   attention, :class:`medsam2.engine.predict.TorchEngine`) / ``torch-compile`` and ``torch-bf16-compile`` (the
-  encoder under inductor with freezing, compile time in ``compile_s``) / ``torch-int8`` (``torch.ao`` dynamic
-  int8 Linear): :func:`medsam2.engine.predict.predict`;
+  encoder under inductor with freezing, compile time in ``compile_s``) / ``torch-int8`` (``precision="int8"``:
+  the encoder's Linears in ``torch.ao`` dynamic int8 on oneDNN, :func:`medsam2.engine.runtime.int8_twin`):
+  :func:`medsam2.engine.predict.predict`;
 - ``onnx-fp32`` / ``onnx-int8``: the ``medsam2 export`` graphs under ONNX Runtime;
 - ``sam2-predictor``: ``SAM2ImagePredictor.set_image`` + ``predict(box=…, multimask_output=False)``;
 
@@ -117,15 +118,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             from medsam2.engine.predict import TorchEngine
 
             net = TorchEngine(net, compile=True)
-        if engine == "torch-int8":
-            net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
     if engine == "sam2-predictor":
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
         sam_pred = SAM2ImagePredictor(net.sam)
         s = net.image_size  # its feature sizes are written for 1024 px; other sizes need theirs
         sam_pred._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
-    precision = "bf16" if engine.startswith("torch-bf16") else "fp32"
+    precision = "bf16" if engine.startswith("torch-bf16") else "int8" if engine == "torch-int8" else "fp32"
     extra["load_s"] = round(time.perf_counter() - t0, 2)
 
     def run(batch: list[tuple[Path, list[float]]]) -> list[np.ndarray]:

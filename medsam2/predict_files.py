@@ -80,8 +80,8 @@ def _one(net, mode: str, item: PromptItem, out: Path, stem: str, cache=None, pre
 
 
 def _torch_precision(precision: str | None) -> str:
-    """``--precision`` for PyTorch's autocast (``int8`` is the ONNX engine's, chosen when it is loaded)."""
-    return precision if precision in ("fp32", "bf16") else "auto"
+    """``--precision`` for the PyTorch engine (``auto`` when not given)."""
+    return precision if precision in ("fp32", "bf16", "int8") else "auto"
 
 
 def _stems(items: list[PromptItem]) -> list[str]:
@@ -98,8 +98,9 @@ def predict_files(model: str, items: list[PromptItem], out: Path, engine: str = 
                   precision: str | None = None, calibration: Calibrator | None = None) -> dict[str, Any]:
     """Segment every item (one mask PNG each, plus a DICOM-SEG for a DICOM input) into ``out``.
 
-    ``engine``: ``torch`` or ``onnx`` (:func:`medsam2.steps.load_engine`); ``precision``: ``auto``/``fp32``/``bf16``
-    (PyTorch autocast) or ``int8`` (the ONNX engine's quantised graphs).
+    ``engine``: ``torch`` or ``onnx`` (:func:`medsam2.steps.load_engine`); ``precision``:
+    ``auto``/``fp32``/``bf16``/``int8`` (with ``onnx``, ``int8`` runs the export's
+    quantised graphs; with ``torch``, the encoder's Linears in dynamic int8).
 
     Returns ``{"model", "outputs": [one entry per item, in order], "n_inputs", "n_ok", "n_failed"}``; an entry is
     ``{"input", "status": "ok", "mask_png", "iou_pred", "foreground_fraction", "frames"[, "box", "dicom_seg"]}``

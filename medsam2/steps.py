@@ -119,15 +119,13 @@ def run_export(model: str, out: str | Path, *, quantize: str | None = None) -> d
 
 
 def load_engine(model: str, engine: str = "torch", precision: str | None = None):
-    """The engine ``medsam2 predict`` runs: the PyTorch model of a checkpoint / MLflow URI (``torch``), or the
-    ONNX Runtime engine of an export directory or of the export logged beside an MLflow model (``onnx``;
-    ``precision`` ``int8`` picks its quantised graphs). Returns ``(engine, cleanup)``."""
+    """The engine ``medsam2 predict`` runs: the PyTorch model of a checkpoint / MLflow URI (``torch``; its
+    precision is chosen per predict call), or the ONNX Runtime engine of an export directory or of the export
+    logged beside an MLflow model (``onnx``; ``precision`` ``int8`` picks its quantised graphs). Returns
+    ``(engine, cleanup)``."""
     from medsam2.errors import InputDataError
 
-    if engine == "torch":
-        if precision == "int8":
-            raise InputDataError("--precision int8 is the ONNX engine's", "add --engine onnx (with an export made "
-                                 "with --quantize int8), or use --precision fp32 / bf16")
+    if engine == "torch":  # its precision is chosen per call (predict's precision)
         return load_for_eval(model)[0], lambda: None
     if engine != "onnx":
         raise InputDataError(f"--engine {engine!r} is not one of torch, onnx")

@@ -51,8 +51,8 @@ def predict(
         help="torch, or onnx: ONNX Runtime on an export (--model is the export directory, or a registered model "
              "with an export logged by medsam2 export).")] = "torch",
     precision: Annotated[str, typer.Option(
-        help="auto, fp32, bf16 (PyTorch autocast; CPUs without native bf16 run fp32), or int8 (--engine onnx, "
-             "an export made with --quantize int8).")] = "auto",
+        help="auto, fp32, bf16 (CPUs without native bf16 run fp32), or int8 (torch: the encoder's Linears in "
+             "dynamic int8; onnx: an export made with --quantize int8).")] = "auto",
     calibration: Annotated[Path | None, typer.Option(
         help="calibration.json of an evaluation report: adds each mask's confidence (expected Dice) and "
              "needs_review (a flip-agreement calibration also predicts each image mirrored).")] = None,
@@ -71,6 +71,9 @@ def predict(
         if engine != "torch":
             raise UsageError(f"--engine {engine} has no memory path: --volume runs on PyTorch",
                              "drop --engine (or give --engine torch)")
+        if precision == "int8":
+            raise UsageError("--precision int8 is for 2-D images: --volume runs SAM2's memory in fp32 or bf16",
+                             "use --precision auto, fp32 or bf16")
         return _predict_volume(model, volume, slice_, out, box, points, mask, series, precision, json_,
                                inputs or prompts or workdir or ids)
     if slice_ or mask or series:

@@ -257,7 +257,8 @@ class OnnxEngine:
         self._enc = _session(d / f"encoder{suffix}")
         self._dec = _session(d / f"decoder{suffix}")
 
-    def encode(self, x: torch.Tensor) -> dict:
+    def encode(self, x: torch.Tensor, precision: str = "fp32") -> dict:
+        """(B,3,S,S) → features; ``precision`` is ignored (the graphs loaded are this engine's precision)."""
         e, h0, h1 = self._enc.run(list(FEATURES), {"image": x.float().cpu().numpy()})
         return {"image_embed": torch.from_numpy(e), "high_res": [torch.from_numpy(h0), torch.from_numpy(h1)]}
 

@@ -36,6 +36,7 @@ from medsam2.engine.runtime import (
     cpu_bf16_active,
     encoder_twin,
     inference_precision,
+    int8_twin,
 )
 from medsam2.metrics import batch_dice
 from medsam2.model.decoders.stock import StockDecoder, run_sam_decoder
@@ -131,13 +132,17 @@ class TorchEngine:
         """Whether :meth:`decode` reads the image (the decoders that refine at full resolution), or only its
         batch size and device (SAM2's own)."""
 
-    def encode(self, x: torch.Tensor) -> dict:
+    def encode(self, x: torch.Tensor, precision: str = "fp32") -> dict:
+        """(B,3,S,S) normalised float32 → features (:meth:`Segmenter.encode`). ``precision`` ``int8`` on CPU:
+        the int8 twin (:func:`~medsam2.engine.runtime.int8_twin`); bf16 and fp32 follow the autocast state."""
         bf16 = cpu_bf16_active(x)
         cpu_fp32 = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        net = bf16_twin(self.model) if bf16 else encoder_twin(self.model) if cpu_fp32 else self.model
+        int8 = cpu_fp32 and precision == "int8"
+        net = (bf16_twin(self.model) if bf16 else int8_twin(self.model) if int8
+               else encoder_twin(self.model) if cpu_fp32 else self.model)
         run = net.encode
         if self.compile:
-            key = "bf16" if bf16 else "fp32"
+            key = "bf16" if bf16 else "int8" if int8 else "fp32"
             if key not in self.compiled or self.compiled[key].module.model is not net:
                 self.compiled[key] = InferenceCompiled(_Encode(net))
             run = self.compiled[key]
@@ -215,7 +220,7 @@ def _encode_cached(engine, model_input: _ModelInput, flip: bool, precision: str,
     step = 1 if model_input.device.type == "cpu" else max(1, len(todo))
     for s in range(0, len(todo), step):
         chunk = todo[s:s + step]
-        feats = engine.encode(model_input([first[k] for k in chunk], flip))
+        feats = engine.encode(model_input([first[k] for k in chunk], flip), precision)
         for j, k in enumerate(chunk):
             found[k] = _one_feats(feats, j)
             cache.put(k, found[k])
@@ -285,8 +290,10 @@ def predict(
     :class:`~medsam2.engine.export.OnnxEngine`). ``boxes[i]``: (4,) x0,y0,x1,y1 in image i's pixels (prompt
     ``box``). ``points[i]``: (N,2) x,y and ``point_labels[i]``: (N,) 1/0 (prompt ``points``). Prompt-free models
     ignore prompts. ``precision``: ``auto`` (:func:`~medsam2.engine.runtime.inference_precision`: bf16 on CUDA
-    and on CPUs with native bf16, else fp32), ``fp32`` or ``bf16``. One image with several prompts is encoded
-    once: pass it several times (its features are reused within the call); a ``cache`` keeps them across calls.
+    and on CPUs with native bf16, else fp32), ``fp32``, ``bf16`` or ``int8`` (on CPU the encoder's Linears in
+    dynamic int8, :func:`~medsam2.engine.runtime.int8_twin`; the decoder stays fp32). One image with several
+    prompts is encoded once: pass it several times (its features are reused within the call); a ``cache``
+    keeps them across calls.
     ``agreement``: also run the mirror image and report each mask's ``flip_agreement`` (a failure-flag input,
     :mod:`medsam2.eval.calibration`); the masks stay the unflipped image's unless ``model.tta_flip``.
     """

@@ -103,9 +103,16 @@ def inference_precision(device: torch.device, precision: str = "auto") -> str:
     autocast path before it gave Dice 0.9997 (cpu-infer-20261202.json). On 2 AMX cores
     (cpu-infer-20261204-amx-t1024.json, hiera-t @1024, 6 Kvasir test images): bf16 0.434 s per image, 3.37x
     ``SAM2ImagePredictor``'s 1.46 s, against fp32's 1.27 s (1.15x), masks at Dice 0.996 against fp32's.
-    ``fp32`` stays available (``--precision fp32``)."""
+    ``fp32`` stays available (``--precision fp32``). ``int8`` (on CPU; bf16 elsewhere): the encoder's Linears
+    in dynamic int8 (:func:`int8_twin`), opt-in: on AMX cores bf16 is faster (see the README's CPU table), and
+    int8 is the fast path of CPUs without native bf16."""
     if precision == "auto" and device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "int8":
+        if device.type == "cpu":
+            return "int8"
+        log.warning("precision int8 is for CPUs (dynamic int8 Linears); running bf16 on %s", device.type)
+        return "bf16"
     return effective_precision(device, precision)
 
 
@@ -146,7 +153,8 @@ def encoder_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> 
 
     ``float32``: the twin shares the model's parameters and buffers (no second copy of the weights) except its
     convolution weights, copied channels-last. On 2 AMX cores (hiera-t @1024, same process, 2026-12-04) the fp32
-    encoder went 1.21-1.33 → 1.06-1.09 s, features equal to 1e-6. ``bfloat16``: :func:`bf16_twin`.
+    encoder went 1.21-1.33 → 1.06-1.09 s, features equal to 1e-6. ``bfloat16``: :func:`bf16_twin`;
+    ``qint8``: :func:`int8_twin`.
 
     Channels-last is the layout of Hiera's (B,H,W,C) features that the neck's convolutions receive: without it
     oneDNN copied the 256-channel 256×256 map into NCHW for the next convolution."""
@@ -158,17 +166,55 @@ def encoder_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> 
     if dtype == torch.float32:
         convs = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
         memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in convs}
-        twin = for_encoding(copy.deepcopy(model, memo)).eval()
-        for m in twin.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.requires_grad_(False)
-                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        twin = _channels_last_convs(for_encoding(copy.deepcopy(model, memo)).eval())
+    elif dtype == torch.qint8:  # its own copy of the weights: the quantised Linears replace theirs
+        twin = _int8_linears(_channels_last_convs(for_encoding(copy.deepcopy(model)).eval()))
     else:
         twin = for_encoding(copy.deepcopy(model)).to(dtype, memory_format=torch.channels_last).eval()
         for p in twin.parameters():
             p.requires_grad_(False)
     twins[dtype] = (state, twin)
     return twin
+
+
+def _channels_last_convs(twin: torch.nn.Module) -> torch.nn.Module:
+    """In place: every ``Conv2d`` weight of ``twin`` channels-last (and frozen)."""
+    for m in twin.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.weight.requires_grad_(False)
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return twin
+
+
+def int8_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """An int8 :func:`encoder_twin` of ``model``: the fp32 twin with every ``nn.Linear`` of its image encoder
+    (Hiera's attention and MLP projections, LoRA's too: 99 % of the encoder's FLOPs are there or in
+    attention) dynamically quantised (:func:`_int8_linears`). Everything else stays fp32."""
+    return encoder_twin(model, torch.qint8)
+
+
+def _int8_linears(twin: torch.nn.Module) -> torch.nn.Module:
+    """In place: the image encoder's ``nn.Linear`` → ``torch.ao`` dynamic int8 (weights int8 per output channel,
+    activations quantised per tensor at run time, fp32 in and out), packed for oneDNN where PyTorch has it,
+    else for its default quantised engine. Chosen by measurement on 2 AMX cores (2026-12-04, the 20 Linear
+    shapes of hiera-t @1024 weighted by their count, one image): fp32 570 ms, int8 x86/fbgemm 215 ms, int8
+    oneDNN 122 ms. The packed weights keep their engine, so the global setting is restored afterwards."""
+    import warnings
+
+    encoder = twin.sam.image_encoder if hasattr(twin, "sam") else twin
+    engines = torch.backends.quantized.supported_engines
+    before = torch.backends.quantized.engine
+    try:
+        if "onednn" in engines:
+            torch.backends.quantized.engine = "onednn"
+        with warnings.catch_warnings():  # torch.ao's deprecation notice is PyTorch's, not the user's concern
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(encoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    finally:
+        torch.backends.quantized.engine = before
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin.eval()
 
 
 def bf16_twin(model: torch.nn.Module) -> torch.nn.Module:

@@ -203,3 +203,38 @@ def test_the_chunked_attention_runs_only_where_it_pays(monkeypatch, amx):
         feats = engine.encode(torch.randn(1, 3, 64, 64))
     assert torch.isfinite(feats["image_embed"].float()).all()
     assert bool(calls) is (not amx)
+
+
+def test_int8_prediction_runs_quantised_linears_and_matches_fp32():
+    """precision int8: the encoder runs on the int8 twin (every Linear of the image encoder dynamically
+    quantised, the model's own weights untouched), its features and mask stay close to fp32's, the twin is
+    cached, and the decoder stays fp32."""
+    model = _tiny()
+    img = np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)
+    box = np.array([10, 8, 70, 60], np.float32)
+    fp32 = predict(model, [img], boxes=[box], precision="fp32")[0]
+    twin = runtime.int8_twin(model)
+    assert runtime.int8_twin(model) is twin and twin is not runtime.encoder_twin(model)
+    qkv = twin.sam.image_encoder.trunk.blocks[0].attn.qkv
+    assert type(qkv).__module__.startswith("torch.ao.nn.quantized") and qkv.weight().dtype == torch.qint8
+    assert type(model.sam.image_encoder.trunk.blocks[0].attn.qkv) is torch.nn.Linear
+    assert not any(type(m).__module__.startswith("torch.ao") for m in twin.sam.sam_mask_decoder.modules())
+    seen = []
+    hook = qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    int8 = predict(model, [img], boxes=[box], precision="int8")[0]
+    hook.remove()
+    assert seen and seen[0] == torch.float32  # the quantised qkv ran (fp32 in and out)
+    assert segmentation_metrics(int8.mask, fp32.mask)["dice"] > 0.95 and abs(int8.iou_pred - fp32.iou_pred) < 0.05
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got, want = twin.encode(x)["image_embed"], model.encode(x)["image_embed"]
+    rel = float((got - want).norm() / want.norm())
+    assert 0 < rel < 0.05, rel  # quantised (not bit-equal), and close
+    with torch.no_grad():
+        next(model.sam.image_encoder.parameters()).add_(1.0)
+    assert runtime.int8_twin(model) is not twin
+
+
+def test_int8_on_cuda_falls_back_to_bf16():
+    assert runtime.inference_precision(torch.device("cuda"), "int8") == "bf16"
+    assert runtime.inference_precision(torch.device("cpu"), "int8") == "int8"

@@ -81,7 +81,8 @@ def test_cli_predict_engine_onnx_gives_the_pytorch_masks(exported, sample_data, 
     box = f"{w // 4},{h // 4},{3 * w // 4},{3 * h // 4}"
     masks = {}
     for name, model, extra in (("torch", str(ckpt), ("--precision", "fp32")), ("onnx", str(d), ("--engine", "onnx")),
-                               ("int8", str(d), ("--engine", "onnx", "--precision", "int8"))):
+                               ("int8", str(d), ("--engine", "onnx", "--precision", "int8")),
+                               ("torch-int8", str(ckpt), ("--precision", "int8"))):
         out = _cli("predict", str(img), "--model", model, "--box", box, "--out", str(tmp_path / name), "--json",
                    *extra)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -91,6 +92,7 @@ def test_cli_predict_engine_onnx_gives_the_pytorch_masks(exported, sample_data, 
     assert masks["torch"].shape == (h, w) and 0 < masks["torch"].mean() < 1
     assert (masks["onnx"] != masks["torch"]).mean() < 1e-4  # a pixel at p≈0.5 may flip
     assert segmentation_metrics(masks["int8"], masks["torch"])["dice"] > 0.95
+    assert segmentation_metrics(masks["torch-int8"], masks["torch"])["dice"] > 0.95  # the int8 twin's
 
 
 def test_broken_or_mismatched_exports_are_refused_clearly(exported, sample_data, tmp_path):
@@ -150,9 +152,9 @@ class _Counting(TorchEngine):
         super().__init__(model)
         self.encoded = 0
 
-    def encode(self, x):
+    def encode(self, x, precision="fp32"):
         self.encoded += x.shape[0]
-        return super().encode(x)
+        return super().encode(x, precision)
 
 
 def test_one_image_with_several_prompts_is_encoded_once():

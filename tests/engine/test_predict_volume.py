@@ -99,6 +99,7 @@ def test_dicom_series_gives_nifti_and_dicom_seg_referencing_it(sample_data, tiny
     (["--slice", "3", "--slice", "4", "--box", "1,1,9,9", "--box", "1,1,9,9", "--box", "1,1,9,9"],
      "--box is given 3 times for 2 --slice values"),
     (["--slice", "3", "--box", "1,1,9,9", "--engine", "onnx"], "--engine onnx has no memory path"),
+    (["--slice", "3", "--box", "1,1,9,9", "--precision", "int8"], "--precision int8 is for 2-D images"),
     (["--slice", "3", "--slice", "3", "--box", "1,1,9,9"], "--slice repeats a slice"),
 ])
 def test_bad_volume_prompts_are_one_line_usage_errors(sample_data, tiny_checkpoint, tmp_path, args, message):
