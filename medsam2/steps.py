@@ -125,7 +125,7 @@ def load_engine(model: str, engine: str = "torch", precision: str | None = None)
     ``(engine, cleanup)``."""
     from medsam2.errors import InputDataError
 
-    if engine == "torch":  # its precision is chosen per call (predict's precision)
+    if engine == "torch":
         return load_for_eval(model)[0], lambda: None
     if engine != "onnx":
         raise InputDataError(f"--engine {engine!r} is not one of torch, onnx")

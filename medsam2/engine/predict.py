@@ -127,7 +127,7 @@ class TorchEngine:
         self.device = next(model.parameters()).device
         self.compile = compile
         self.compiled: dict[str, InferenceCompiled] = {}
-        """By precision (``fp32``/``bf16``) once used: each has ``compile_s`` and ``error``."""
+        """By precision (``fp32``/``bf16``/``int8``) once used: each has ``compile_s`` and ``error``."""
         self.reads_image = not isinstance(model.decoder, StockDecoder)
         """Whether :meth:`decode` reads the image (the decoders that refine at full resolution), or only its
         batch size and device (SAM2's own)."""

@@ -104,8 +104,8 @@ def inference_precision(device: torch.device, precision: str = "auto") -> str:
     (cpu-infer-20261204-amx-t1024.json, hiera-t @1024, 6 Kvasir test images): bf16 0.434 s per image, 3.37x
     ``SAM2ImagePredictor``'s 1.46 s, against fp32's 1.27 s (1.15x), masks at Dice 0.996 against fp32's.
     ``fp32`` stays available (``--precision fp32``). ``int8`` (on CPU; bf16 elsewhere): the encoder's Linears
-    in dynamic int8 (:func:`int8_twin`), opt-in: on AMX cores bf16 is faster (see the README's CPU table), and
-    int8 is the fast path of CPUs without native bf16."""
+    in dynamic int8 (:func:`int8_twin`), opt-in: on 2 AMX cores bf16 is faster (0.40 s against 0.66 s per image,
+    cpu-infer-20261204-amx-int8.json); CPUs without native bf16 are not measured yet."""
     if precision == "auto" and device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "int8":
