@@ -146,8 +146,9 @@ class TorchEngine:
             if key not in self.compiled or self.compiled[key].module.model is not net:
                 self.compiled[key] = InferenceCompiled(_Encode(net))
             run = self.compiled[key]
-        if not bf16:
-            return run(x)
+        dtype = next(net.parameters()).dtype if int8 else torch.bfloat16 if bf16 else x.dtype
+        if dtype != torch.bfloat16:
+            return run(x.to(dtype))
         attention = ChunkedCpuAttention() if chunked_attention_pays() else contextlib.nullcontext()
         with torch.autocast("cpu", enabled=False), attention:
             return run(x.to(torch.bfloat16))

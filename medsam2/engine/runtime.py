@@ -168,7 +168,7 @@ def encoder_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> 
         memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in convs}
         twin = _channels_last_convs(for_encoding(copy.deepcopy(model, memo)).eval())
     elif dtype == torch.qint8:  # its own copy of the weights: the quantised Linears replace theirs
-        twin = _int8_linears(_channels_last_convs(for_encoding(copy.deepcopy(model)).eval()))
+        twin = _int8_twin(model)
     else:
         twin = for_encoding(copy.deepcopy(model)).to(dtype, memory_format=torch.channels_last).eval()
         for p in twin.parameters():
@@ -187,10 +187,29 @@ def _channels_last_convs(twin: torch.nn.Module) -> torch.nn.Module:
 
 
 def int8_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """An int8 :func:`encoder_twin` of ``model``: the fp32 twin with every ``nn.Linear`` of its image encoder
-    (Hiera's attention and MLP projections, LoRA's too: 99 % of the encoder's FLOPs are there or in
-    attention) dynamically quantised (:func:`_int8_linears`). Everything else stays fp32."""
+    """An int8 :func:`encoder_twin` of ``model``: every ``nn.Linear`` of its image encoder (Hiera's attention
+    and MLP projections: with attention, where the encoder's FLOPs are) in int8.
+
+    Where PyTorch has oneDNN's int8 Linear (:func:`~medsam2.engine.cpu_int8.available`): the bf16 twin (fp32 on
+    CPUs without native bf16) with :class:`~medsam2.engine.cpu_int8.Int8Linear` in place of those Linears
+    (activations quantised per call, GELU fused; see :mod:`~medsam2.engine.cpu_int8`). Elsewhere the fp32 twin
+    with ``torch.ao``'s dynamic int8 Linears (:func:`_int8_linears`). Feed it inputs in the dtype of its
+    parameters."""
     return encoder_twin(model, torch.qint8)
+
+
+def _int8_twin(model: torch.nn.Module) -> torch.nn.Module:
+    from medsam2.engine import cpu_int8
+
+    if not cpu_int8.available():
+        return _int8_linears(_channels_last_convs(for_encoding(copy.deepcopy(model)).eval()))
+    dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    twin = for_encoding(copy.deepcopy(model)).to(dtype, memory_format=torch.channels_last).eval()
+    encoder = twin.sam.image_encoder if hasattr(twin, "sam") else twin
+    cpu_int8.int8_linears(encoder)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
 
 
 def _int8_linears(twin: torch.nn.Module) -> torch.nn.Module:

@@ -205,34 +205,79 @@ def test_the_chunked_attention_runs_only_where_it_pays(monkeypatch, amx):
     assert bool(calls) is (not amx)
 
 
-def test_int8_prediction_runs_quantised_linears_and_matches_fp32():
-    """precision int8: the encoder runs on the int8 twin (every Linear of the image encoder dynamically
-    quantised, the model's own weights untouched), its features and mask stay close to fp32's, the twin is
-    cached, and the decoder stays fp32."""
+def test_int8_prediction_runs_int8_linears_and_matches_fp32():
+    """precision int8: the encoder runs on the int8 twin (the image encoder's Linears as Int8Linear, each
+    choosing int8 or float by timing both on its first input shape; the model's own weights untouched), its
+    features and mask stay close to fp32's, the twin is cached, and the decoder is not quantised."""
+    from medsam2.engine import cpu_int8
+
     model = _tiny()
     img = np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8)
     box = np.array([10, 8, 70, 60], np.float32)
     fp32 = predict(model, [img], boxes=[box], precision="fp32")[0]
     twin = runtime.int8_twin(model)
     assert runtime.int8_twin(model) is twin and twin is not runtime.encoder_twin(model)
-    qkv = twin.sam.image_encoder.trunk.blocks[0].attn.qkv
-    assert type(qkv).__module__.startswith("torch.ao.nn.quantized") and qkv.weight().dtype == torch.qint8
+    block = twin.sam.image_encoder.trunk.blocks[0]
+    assert isinstance(block.attn.qkv, cpu_int8.Int8Linear) and block.mlp.layers[0].post == "gelu"
+    assert isinstance(block.mlp.act, torch.nn.Identity)  # the GELU moved into the first Linear
     assert type(model.sam.image_encoder.trunk.blocks[0].attn.qkv) is torch.nn.Linear
-    assert not any(type(m).__module__.startswith("torch.ao") for m in twin.sam.sam_mask_decoder.modules())
-    seen = []
-    hook = qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    assert not any(isinstance(m, cpu_int8.Int8Linear) for m in twin.sam.sam_mask_decoder.modules())
     int8 = predict(model, [img], boxes=[box], precision="int8")[0]
-    hook.remove()
-    assert seen and seen[0] == torch.float32  # the quantised qkv ran (fp32 in and out)
+    assert block.attn.qkv.choice  # it measured and chose a path for the shape it saw
     assert segmentation_metrics(int8.mask, fp32.mask)["dice"] > 0.95 and abs(int8.iou_pred - fp32.iou_pred) < 0.05
     x = torch.randn(1, 3, 64, 64)
+    linears = [m for m in twin.modules() if isinstance(m, cpu_int8.Int8Linear)]
     with torch.no_grad():
-        got, want = twin.encode(x)["image_embed"], model.encode(x)["image_embed"]
+        want = model.encode(x)["image_embed"]
+        for m in linears:  # every Linear in int8: the quantised path itself, not only what timing picked
+            m.force = True
+        got = twin.encode(x.to(next(twin.parameters()).dtype))["image_embed"].float()
     rel = float((got - want).norm() / want.norm())
     assert 0 < rel < 0.05, rel  # quantised (not bit-equal), and close
     with torch.no_grad():
         next(model.sam.image_encoder.parameters()).add_(1.0)
     assert runtime.int8_twin(model) is not twin
+
+
+def test_int8_linear_matches_float_and_keeps_the_faster_path():
+    """Int8Linear on its own: int8 output within 2 % of the float Linear's (GELU fused too), in the input's
+    dtype and shape; the first call per shape records a choice, which later calls of that shape follow."""
+    from medsam2.engine import cpu_int8
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 192).requires_grad_(False)
+    for post in ("none", "gelu"):
+        m = cpu_int8.Int8Linear(lin, post)
+        x = torch.randn(2, 5, 7, 96)
+        want = m.float(x)
+        got = m.int8(x)
+        assert got.shape == (2, 5, 7, 192) and got.dtype == torch.float32
+        assert float((got - want).norm() / want.norm()) < 0.02
+        assert m.int8(x.bfloat16()).dtype == torch.bfloat16
+        m(x)
+        assert list(m.choice) == [(70, torch.float32)]
+        m.choice[(70, torch.float32)] = True
+        assert torch.equal(m(x), m.int8(x))
+        m.choice[(70, torch.float32)] = False
+        assert torch.equal(m(x), want)
+
+
+def test_int8_quantiser_runs_eager_where_compiling_fails(monkeypatch, caplog):
+    """A missing C++ compiler cannot be produced on this host, so compiling is made to raise (a mock, for that
+    fault only): the quantiser then runs eager, warns once, and gives the same codes."""
+    from medsam2.engine import cpu_int8
+
+    x = torch.randn(300, 96) * 3 + 1
+    want = cpu_int8._quantize(x)  # compiled
+    monkeypatch.setattr(cpu_int8, "_EAGER", [])
+    monkeypatch.setattr(cpu_int8, "_compiled", lambda: (_ for _ in ()).throw(RuntimeError("no C++ compiler")))
+    with caplog.at_level("WARNING", logger="medsam2.engine.cpu_int8"):
+        got = cpu_int8._quantize(x)
+        cpu_int8._quantize(x)
+    assert [r.getMessage().count("no C++ compiler") for r in caplog.records if r.name == cpu_int8.log.name] == [1]
+    assert int((got[0].int() - want[0].int()).abs().max()) <= 1 and torch.allclose(got[1], want[1])
+    q, scale, zero = got  # and the codes are a quantisation of x: dequantised within half a step
+    assert q.dtype == torch.uint8 and float(((q.float() - zero) * scale - x).abs().max()) <= float(scale) * 0.51
 
 
 def test_int8_on_cuda_falls_back_to_bf16():
