@@ -6,7 +6,8 @@ and a box prompt, i.e. the plain SAM2 image path that ``SAM2ImagePredictor`` als
 - ``torch-fp32`` / ``torch-fp32-b6`` (batch 6) / ``torch-bf16`` (the encoder's bf16 twin with chunked
   attention, :class:`medsam2.engine.predict.TorchEngine`) / ``torch-compile`` and ``torch-bf16-compile`` (the
   encoder under inductor with freezing, compile time in ``compile_s``) / ``torch-int8`` (``precision="int8"``:
-  the encoder's Linears in ``torch.ao`` dynamic int8 on oneDNN, :func:`medsam2.engine.runtime.int8_twin`):
+  the bf16 encoder twin with its Linears in oneDNN int8 where timing shows int8 faster,
+  :func:`medsam2.engine.runtime.int8_twin`):
   :func:`medsam2.engine.predict.predict`;
 - ``onnx-fp32`` / ``onnx-int8``: the ``medsam2 export`` graphs under ONNX Runtime;
 - ``sam2-predictor``: ``SAM2ImagePredictor.set_image`` + ``predict(box=…, multimask_output=False)``;

@@ -100,7 +100,8 @@ def predict_files(model: str, items: list[PromptItem], out: Path, engine: str = 
 
     ``engine``: ``torch`` or ``onnx`` (:func:`medsam2.steps.load_engine`); ``precision``:
     ``auto``/``fp32``/``bf16``/``int8`` (with ``onnx``, ``int8`` runs the export's
-    quantised graphs; with ``torch``, the encoder's Linears in dynamic int8).
+    quantised graphs; with ``torch``, the encoder's Linears in int8 where faster,
+    :func:`medsam2.engine.runtime.int8_twin`).
 
     Returns ``{"model", "outputs": [one entry per item, in order], "n_inputs", "n_ok", "n_failed"}``; an entry is
     ``{"input", "status": "ok", "mask_png", "iou_pred", "foreground_fraction", "frames"[, "box", "dicom_seg"]}``

@@ -51,8 +51,8 @@ def predict(
         help="torch, or onnx: ONNX Runtime on an export (--model is the export directory, or a registered model "
              "with an export logged by medsam2 export).")] = "torch",
     precision: Annotated[str, typer.Option(
-        help="auto, fp32, bf16 (CPUs without native bf16 run fp32), or int8 (torch: the encoder's Linears in "
-             "dynamic int8; onnx: an export made with --quantize int8).")] = "auto",
+        help="auto, fp32, bf16 (CPUs without native bf16 run fp32), or int8 (torch on CPU: the encoder's Linears in "
+             "int8 where that is faster than bf16; onnx: an export made with --quantize int8).")] = "auto",
     calibration: Annotated[Path | None, typer.Option(
         help="calibration.json of an evaluation report: adds each mask's confidence (expected Dice) and "
              "needs_review (a flip-agreement calibration also predicts each image mirrored).")] = None,

@@ -127,7 +127,8 @@ class TorchEngine:
         self.device = next(model.parameters()).device
         self.compile = compile
         self.compiled: dict[str, InferenceCompiled] = {}
-        """By precision (``fp32``/``bf16``/``int8``) once used: each has ``compile_s`` and ``error``."""
+        """By precision (``fp32``/``bf16``) once used: each has ``compile_s`` and ``error``. ``int8`` runs eager
+        (its Linears choose int8 or float by timing, :class:`~medsam2.engine.cpu_int8.Int8Linear`)."""
         self.reads_image = not isinstance(model.decoder, StockDecoder)
         """Whether :meth:`decode` reads the image (the decoders that refine at full resolution), or only its
         batch size and device (SAM2's own)."""
@@ -141,8 +142,8 @@ class TorchEngine:
         net = (bf16_twin(self.model) if bf16 else int8_twin(self.model) if int8
                else encoder_twin(self.model) if cpu_fp32 else self.model)
         run = net.encode
-        if self.compile:
-            key = "bf16" if bf16 else "int8" if int8 else "fp32"
+        if self.compile and not int8:  # the int8 twin's Linears time their own paths: nothing for inductor
+            key = "bf16" if bf16 else "fp32"
             if key not in self.compiled or self.compiled[key].module.model is not net:
                 self.compiled[key] = InferenceCompiled(_Encode(net))
             run = self.compiled[key]
@@ -291,9 +292,10 @@ def predict(
     :class:`~medsam2.engine.export.OnnxEngine`). ``boxes[i]``: (4,) x0,y0,x1,y1 in image i's pixels (prompt
     ``box``). ``points[i]``: (N,2) x,y and ``point_labels[i]``: (N,) 1/0 (prompt ``points``). Prompt-free models
     ignore prompts. ``precision``: ``auto`` (:func:`~medsam2.engine.runtime.inference_precision`: bf16 on CUDA
-    and on CPUs with native bf16, else fp32), ``fp32``, ``bf16`` or ``int8`` (on CPU the encoder's Linears in
-    dynamic int8, :func:`~medsam2.engine.runtime.int8_twin`; the decoder stays fp32). One image with several
-    prompts is encoded once: pass it several times (its features are reused within the call); a ``cache``
+    and on CPUs with native bf16, else fp32), ``fp32``, ``bf16`` or ``int8`` (on CPU the bf16 encoder twin
+    with its Linears in int8 where that is faster, :func:`~medsam2.engine.runtime.int8_twin`; the decoder
+    stays fp32). One image with several prompts is encoded once: pass it several times (its features are
+    reused within the call); a ``cache``
     keeps them across calls.
     ``agreement``: also run the mirror image and report each mask's ``flip_agreement`` (a failure-flag input,
     :mod:`medsam2.eval.calibration`); the masks stay the unflipped image's unless ``model.tta_flip``.

@@ -103,15 +103,16 @@ def inference_precision(device: torch.device, precision: str = "auto") -> str:
     autocast path before it gave Dice 0.9997 (cpu-infer-20261202.json). On 2 AMX cores
     (cpu-infer-20261204-amx-t1024.json, hiera-t @1024, 6 Kvasir test images): bf16 0.434 s per image, 3.37x
     ``SAM2ImagePredictor``'s 1.46 s, against fp32's 1.27 s (1.15x), masks at Dice 0.996 against fp32's.
-    ``fp32`` stays available (``--precision fp32``). ``int8`` (on CPU; bf16 elsewhere): the encoder's Linears
-    in dynamic int8 (:func:`int8_twin`), opt-in: on 2 AMX cores bf16 is faster (0.40 s against 0.66 s per image,
-    cpu-infer-20261204-amx-int8.json); CPUs without native bf16 are not measured yet."""
+    ``fp32`` stays available (``--precision fp32``). ``int8`` (on CPU; bf16 elsewhere): the bf16 encoder twin
+    with its Linears in int8 where timing shows int8 faster (:func:`int8_twin`), opt-in: on 2 AMX cores it is no
+    faster than bf16 (0.48 against 0.43 s per image, 3.20x against 3.53x the predictor, Dice 0.998 against
+    fp32's, cpu-infer-20261204-amx-int8-autotuned.json); CPUs without AMX are not measured yet."""
     if precision == "auto" and device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "int8":
         if device.type == "cpu":
             return "int8"
-        log.warning("precision int8 is for CPUs (dynamic int8 Linears); running bf16 on %s", device.type)
+        log.warning("precision int8 is for CPUs (oneDNN int8 Linears); running bf16 on %s", device.type)
         return "bf16"
     return effective_precision(device, precision)
 
@@ -213,9 +214,10 @@ def _int8_twin(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _int8_linears(twin: torch.nn.Module) -> torch.nn.Module:
-    """In place: the image encoder's ``nn.Linear`` → ``torch.ao`` dynamic int8 (weights int8 per output channel,
-    activations quantised per tensor at run time, fp32 in and out), packed for oneDNN where PyTorch has it,
-    else for its default quantised engine. Chosen by measurement on 2 AMX cores (2026-12-04, the 20 Linear
+    """In place, the fallback where PyTorch lacks oneDNN's int8 Linear (:func:`_int8_twin`): the image
+    encoder's ``nn.Linear`` → ``torch.ao`` dynamic int8 (weights int8 per output channel, activations quantised
+    per tensor at run time, fp32 in and out), packed for oneDNN where PyTorch has it, else for its default
+    quantised engine. Chosen by measurement on 2 AMX cores (2026-12-04, the 20 Linear
     shapes of hiera-t @1024 weighted by their count, one image): fp32 570 ms, int8 x86/fbgemm 215 ms, int8
     oneDNN 122 ms. The packed weights keep their engine, so the global setting is restored afterwards."""
     import warnings
