@@ -407,12 +407,15 @@ def test_cpu_infer_quick_compares_engines_on_the_same_images(sample_data: Path, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["device"] == "cpu" and res["cpu"] and res["git_commit"] and res["peak_gflop_s"]["fp32"] > 0
+    assert res["peak_gflop_s"]["measured_gemm"]["fp32"] > 0
     (cfg,) = res["configs"]
     assert cfg["export"]["parity_fp32"]["logits_max_abs"] <= 1e-3 and cfg["gflop_per_image"] > 0
     rows = {r["engine"]: r for r in cfg["engines"]}
     assert set(rows) == {"torch-fp32", "onnx-fp32", "sam2-predictor"}
     for r in rows.values():
         assert r["img_s"] > 0 and r["peak_rss_mb"] > 0 and 0 <= r["dice_vs_fp32"] <= 1
+        gemm = res["peak_gflop_s"]["measured_gemm"]["fp32"]
+        assert r["share_of_gemm_peak"] == pytest.approx(r["achieved_gflop_s"] / gemm)
         assert r["speedup_vs_sam2_predictor"] == pytest.approx(r["img_s"] / rows["sam2-predictor"]["img_s"])
     assert rows["onnx-fp32"]["dice_vs_fp32"] > 0.999  # the same model through ONNX Runtime
     assert rows["torch-fp32"]["encoder_once"]["cache_hits"] == 5
