@@ -87,7 +87,7 @@ def peak_gflops(threads: int) -> dict[str, Any]:
 def gemm_peak(threads: int, n: int = 2048, seconds: float = 1.0) -> dict[str, float]:
     """Measured peak: GFLOP/s of an (n, n) @ (n, n) matmul in fp32 and bf16 on ``threads`` threads, the best of
     ~``seconds`` of repeats each. What the cores reach at their real (boost) clock, which the nominal
-    :func:`peak_gflops` understates: on 20261205's 2-core Xeon (AMX) 254 fp32 / 867 bf16 against 134 / 269."""
+    :func:`peak_gflops` understates (``benchmarks/results/gemm-peak-20261205-amx.json``)."""
     import torch
 
     old, out = torch.get_num_threads(), {}
@@ -291,7 +291,7 @@ def run_config(name: str, args, items, scratch: Path, peak: dict, deadline: floa
             prec = "bf16" if engine.startswith("torch-bf16") else "int8" if engine.endswith("int8") else "fp32"
             row["achieved_gflop_s"] = res["gflop_per_image"] * row["img_s"]
             row["share_of_peak"] = row["achieved_gflop_s"] / peak[prec]
-            if prec in peak.get("measured_gemm", {}):
+            if prec in peak["measured_gemm"]:  # fp32 and bf16 (no int8 GEMM is timed)
                 row["share_of_gemm_peak"] = row["achieved_gflop_s"] / peak["measured_gemm"][prec]
             row["peak_basis"] = prec
         rows.append(row)
