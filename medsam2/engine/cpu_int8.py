@@ -26,16 +26,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 import torch
 
+from medsam2.engine.cpu_linear import TimedLinear, swap_linears
+
 log = logging.getLogger(__name__)
-
-MIN_FEATURES = 64
-"""Linears with fewer input or output features stay as they are: LoRA's rank-r factors, whose int8 GEMM would
-cost more in quantising than it saves."""
-
 
 def available() -> bool:
     """Whether this PyTorch has oneDNN's int8 Linear (x86 builds with oneDNN; not every aarch64 build)."""
@@ -74,49 +70,27 @@ def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return _quantize_math(x)
 
 
-class Int8Linear(torch.nn.Module):
-    """``nn.Linear`` for CPU inference, in int8 where that is faster here than in float.
+class Int8Linear(TimedLinear):
+    """:class:`~medsam2.engine.cpu_linear.TimedLinear` whose fast path is oneDNN's int8 Linear.
 
     int8: weights (out, in) int8 symmetric per output channel, prepacked for oneDNN; the input (..., in)
-    quantised per call (:func:`_quantize`); the output (..., out) in the input's dtype, after ``post`` (``none``
-    or ``gelu``, the exact erf GELU of ``nn.GELU()``) applied to the int32 accumulator. Float: the original
-    Linear (then ``post``).
-
-    Which of the two runs is measured, not assumed: the first call with a given number of rows and dtype times
-    both (one warm-up and :data:`TRIALS` timed runs each, the best of them) and keeps the faster for that shape
-    (``choice``; the call returns the kept path's output, so every call with that shape runs the same path). On
-    2 AMX cores (hiera-t @1024, bf16, 2026-12-04) int8 won on 15 of 50 Linears (most MLP first layers with their
+    quantised per call (:func:`_quantize`); the output (..., out) in the input's dtype, after ``post`` applied to
+    the int32 accumulator. Against it: the float Linear (then ``post``) through oneDNN's fused kernel
+    (:meth:`~medsam2.engine.cpu_linear.TimedLinear.baseline`). Which runs is timed per shape: on 2 AMX
+    cores (hiera-t @1024, bf16, 2026-12-04) int8 won on 15 of 50 Linears (most MLP first layers with their
     GELU, and stage 4's) and lost on the memory-bound ones (stage 1's 96-channel inputs: 23 against 2.9 ms for
     the first qkv), where quantising costs more than the int8 GEMM saves."""
 
-    TRIALS = 2
-
     def __init__(self, linear: torch.nn.Linear, post: str = "none") -> None:
-        super().__init__()
+        super().__init__(linear, post)
         w = linear.weight.detach().float()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.post = post
-        self.linear = linear
         self.register_buffer("w_scale", (w.abs().amax(1) / 127.0).clamp(min=1e-12))
         self.register_buffer("w_zero", torch.zeros(self.out_features, dtype=torch.int64))
         qw = torch.clamp(torch.round(w / self.w_scale[:, None]), -127, 127).to(torch.int8)
         self.packed = torch.ops.onednn.qlinear_prepack(qw, None)  # oneDNN's opaque layout: not a buffer
         self.bias32 = None if linear.bias is None else linear.bias.detach().float()
-        self.choice: dict[tuple[int, torch.dtype], bool] = {}
-        """(rows, dtype) → whether int8 runs for inputs of that shape."""
-        self.force: bool | None = None
-        """True: always int8, False: always float, None: by ``choice`` (what tests and benchmarks set)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.force is not None:
-            return self.int8(x) if self.force else self.float(x)
-        key = (x.numel() // self.in_features, x.dtype)
-        use = self.choice.get(key)
-        if use is None:
-            use = self.choice[key] = self._int8_faster(x)
-        return self.int8(x) if use else self.float(x)
-
-    def int8(self, x: torch.Tensor) -> torch.Tensor:
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) float → (..., out) in ``x``'s dtype, through oneDNN's int8 Linear."""
         lead = x.shape[:-1]
         q, scale, zero = _quantize(x.reshape(-1, self.in_features))
@@ -125,49 +99,11 @@ class Int8Linear(torch.nn.Module):
                                                       self.bias32, 1.0, 0, x.dtype, self.post, [None], algo)
         return y.reshape(*lead, self.out_features)
 
-    def float(self, x: torch.Tensor) -> torch.Tensor:
-        """The original Linear (and ``post``)."""
-        y = self.linear(x)
-        return torch.nn.functional.gelu(y) if self.post == "gelu" else y
-
-    def _int8_faster(self, x: torch.Tensor) -> bool:
-        best = {}
-        for path in (self.int8, self.float):
-            path(x)  # warm-up: oneDNN's primitive, the quantiser's compilation
-            times = []
-            for _ in range(self.TRIALS):
-                t = time.perf_counter()
-                path(x)
-                times.append(time.perf_counter() - t)
-            best[path.__name__] = min(times)
-        return best["int8"] < best["float"]
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, post={self.post}"
+    int8 = fast
 
 
 def int8_linears(module: torch.nn.Module) -> int:
-    """In place: every ``nn.Linear`` of ``module`` with ≥ :data:`MIN_FEATURES` inputs and outputs →
-    :class:`Int8Linear`; in SAM2's two-layer ``MLP`` with ``nn.GELU`` (Hiera's blocks) the GELU moves into the
-    first Linear (its ``act`` becomes ``Identity``). Returns how many Linears it replaced."""
-    from sam2.modeling.sam2_utils import MLP
-
-    fused = set()
-    for m in list(module.modules()):
-        if (isinstance(m, MLP) and m.num_layers == 2 and type(m.act) is torch.nn.GELU
-                and m.act.approximate == "none" and _pays(m.layers[0])):
-            m.layers[0] = Int8Linear(m.layers[0], post="gelu")
-            m.act = torch.nn.Identity()
-            fused.add(id(m.layers[0]))
-    n = len(fused)
-    for parent in [m for m in module.modules() if not isinstance(m, Int8Linear)]:
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and _pays(child):
-                setattr(parent, name, Int8Linear(child))
-                n += 1
-    return n
-
-
-def _pays(linear: torch.nn.Module) -> bool:
-    return (type(linear) is torch.nn.Linear and linear.in_features >= MIN_FEATURES
-            and linear.out_features >= MIN_FEATURES)
+    """In place: :func:`~medsam2.engine.cpu_linear.swap_linears` with :class:`Int8Linear` (every ``nn.Linear``
+    with ≥ 64 inputs and outputs; the GELU of Hiera's MLPs fused into their first Linear). Returns how many
+    Linears it replaced."""
+    return swap_linears(module, Int8Linear)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from medsam2.engine import cpu_linear
 from medsam2.model.segmenter import for_encoding, normalize
 
 log = logging.getLogger(__name__)
@@ -168,14 +169,21 @@ def encoder_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> 
         convs = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
         memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in convs}
         twin = _channels_last_convs(for_encoding(copy.deepcopy(model, memo)).eval())
+        cpu_linear.onednn_linears(_image_encoder(twin))
     elif dtype == torch.qint8:  # its own copy of the weights: the quantised Linears replace theirs
         twin = _int8_twin(model)
     else:
         twin = for_encoding(copy.deepcopy(model)).to(dtype, memory_format=torch.channels_last).eval()
         for p in twin.parameters():
             p.requires_grad_(False)
+        cpu_linear.onednn_linears(_image_encoder(twin))
     twins[dtype] = (state, twin)
     return twin
+
+
+def _image_encoder(twin: torch.nn.Module) -> torch.nn.Module:
+    """The SAM2 image encoder of a twin (the twin itself where it is one)."""
+    return twin.sam.image_encoder if hasattr(twin, "sam") else twin
 
 
 def _channels_last_convs(twin: torch.nn.Module) -> torch.nn.Module:
@@ -206,8 +214,7 @@ def _int8_twin(model: torch.nn.Module) -> torch.nn.Module:
         return _int8_linears(_channels_last_convs(for_encoding(copy.deepcopy(model)).eval()))
     dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     twin = for_encoding(copy.deepcopy(model)).to(dtype, memory_format=torch.channels_last).eval()
-    encoder = twin.sam.image_encoder if hasattr(twin, "sam") else twin
-    cpu_int8.int8_linears(encoder)
+    cpu_int8.int8_linears(_image_encoder(twin))
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin
@@ -222,7 +229,7 @@ def _int8_linears(twin: torch.nn.Module) -> torch.nn.Module:
     oneDNN 122 ms. The packed weights keep their engine, so the global setting is restored afterwards."""
     import warnings
 
-    encoder = twin.sam.image_encoder if hasattr(twin, "sam") else twin
+    encoder = _image_encoder(twin)
     engines = torch.backends.quantized.supported_engines
     before = torch.backends.quantized.engine
     try:

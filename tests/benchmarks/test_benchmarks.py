@@ -417,6 +417,13 @@ def test_cpu_infer_quick_compares_engines_on_the_same_images(sample_data: Path, 
         gemm = res["peak_gflop_s"]["measured_gemm"]["fp32"]
         assert r["share_of_gemm_peak"] == pytest.approx(r["achieved_gflop_s"] / gemm)
         assert r["speedup_vs_sam2_predictor"] == pytest.approx(r["img_s"] / rows["sam2-predictor"]["img_s"])
+    for name in ("torch-fp32", "onnx-fp32"):  # each timed against the predictor in its own process too
+        pair = rows[name]["paired"]
+        assert pair["n_images"] == 2 and len(pair["engine_s_per_image"]) == 2
+        assert pair["speedup"] == pytest.approx(pair["sam2_predictor_s"] / pair["engine_s"])
+    assert "paired" not in rows["sam2-predictor"]
+    fp32_target = next(t for t in res["targets"] if t["target"].startswith("fp32"))
+    assert fp32_target["torch_fp32"] == pytest.approx(rows["torch-fp32"]["paired"]["speedup"])
     assert rows["onnx-fp32"]["dice_vs_fp32"] > 0.999  # the same model through ONNX Runtime
     assert rows["torch-fp32"]["encoder_once"]["cache_hits"] == 5
     assert {t["target"] for t in res["targets"]} >= {"fp32 >= 1.3x SAM2ImagePredictor"}
