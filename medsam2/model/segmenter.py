@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from medsam2.config import ModelCfg
+from medsam2.model import cpu_layout
 from medsam2.model.adapters import ADAPTERS
 from medsam2.model.backbone import BaseWeights, build_sam2_base
 from medsam2.model.decoders import DECODERS
@@ -63,6 +64,7 @@ class Segmenter(nn.Module):
         self.decoder = DECODERS.create(cfg.decoder, sam, cfg)
         self.prior = PriorResidual(cfg.box_prior) if cfg.box_prior != "none" else None
         sam.sam_mask_decoder.iou_prediction_head.register_forward_hook(_iou_head_in_fp32)
+        cpu_layout.install(sam.sam_mask_decoder)
 
     @property
     def image_size(self) -> int:
