@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from medsam2.engine import cpu_linear
+from medsam2.model import cpu_layout
 from medsam2.model.segmenter import for_encoding, normalize
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,8 @@ def encoder_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> 
 
     The fp32 and bf16 twins' image-encoder Linears are :class:`~medsam2.engine.cpu_linear.OnednnLinear` (bias
     and the MLPs' GELU fused into oneDNN's GEMM; the same weights): on 2 AMX cores (2026-12-05, hiera-t @1024,
-    same host, one process each) the fp32 prediction went 1.45 → 1.24 s per image, features equal to 1e-5."""
+    same host, one process each) the fp32 prediction went 1.45 → 1.24 s per image, features equal to 1e-5.
+    All twins pool with :class:`~medsam2.model.cpu_layout.StridedMaxPool` (Hiera's q-pooling without a copy)."""
     state = _weights_state(model)
     twins = _TWINS.setdefault(model, {})
     cached = twins.get(dtype)
@@ -174,6 +176,7 @@ def encoder_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> 
         memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in convs}
         twin = _channels_last_convs(for_encoding(copy.deepcopy(model, memo)).eval())
         cpu_linear.onednn_linears(_image_encoder(twin))
+        cpu_layout.strided_max_pools(_image_encoder(twin))
     elif dtype == torch.qint8:  # its own copy of the weights: the quantised Linears replace theirs
         twin = _int8_twin(model)
     else:
@@ -181,6 +184,7 @@ def encoder_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> 
         for p in twin.parameters():
             p.requires_grad_(False)
         cpu_linear.onednn_linears(_image_encoder(twin))
+        cpu_layout.strided_max_pools(_image_encoder(twin))
     twins[dtype] = (state, twin)
     return twin
 
@@ -219,6 +223,7 @@ def _int8_twin(model: torch.nn.Module) -> torch.nn.Module:
     dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     twin = for_encoding(copy.deepcopy(model)).to(dtype, memory_format=torch.channels_last).eval()
     cpu_int8.int8_linears(_image_encoder(twin))
+    cpu_layout.strided_max_pools(_image_encoder(twin))
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin

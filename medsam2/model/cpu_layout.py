@@ -9,9 +9,13 @@ oneDNN takes for NCHW: 9.6 ms instead of 2.7 ms for the same strides written can
 SAM2's features kept channels-last (as the encoder makes them), these hooks bring an extra prompt on a cached
 image from ~77 to ~55 ms (:mod:`benchmarks.cpu_infer`'s ``encoder_once``).
 
-Forward pre-hooks, so the module tree and its ``state_dict`` keys stay SAM2's. They act only on CPU with autograd
-off and outside tracing, compiling and export. The convolutions sum in another order by layout, so logits move
-by fp32 rounding only (~1e-7 at 128 and 1024 px; tested).
+For the image encoder's twins, :func:`strided_max_pools` swaps Hiera's ``MaxPool2d`` (its q-pooling at each stage
+change, fed a channels-last view of a strided slice of the qkv projection, which the pooling kernel first copied)
+for :class:`StridedMaxPool`: the same maxima read in place (q-pool of hiera-t @1024's stage 2: 10.6 → 3.9 ms).
+
+The decoder's hooks are forward pre-hooks, so the module tree and its ``state_dict`` keys stay SAM2's. They act
+only on CPU with autograd off and outside tracing, compiling and export. The convolutions sum in another order
+by layout, so logits move by fp32 rounding only (~1e-7 at 128 and 1024 px; tested).
 """
 
 from __future__ import annotations
@@ -62,3 +66,43 @@ def install(mask_decoder: nn.Module) -> None:
     mask_decoder.transformer.register_forward_pre_hook(_transformer_inputs)
     mask_decoder.output_upscaling[0].register_forward_pre_hook(_upscale_input)
     mask_decoder._medsam2_cpu_layout = True
+
+
+class StridedMaxPool(nn.Module):
+    """``MaxPool2d(k, stride=k)`` (no padding, floor mode) as the elementwise maximum of the k² strided
+    sub-grids of its (B,C,H,W) input, read where they lie: no copy of a channels-last or strided input. The
+    same values as the pooling it replaces (NaN propagates as there); the output keeps the input's layout."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.k
+        h, w = x.shape[-2] // k * k, x.shape[-1] // k * k
+        out = None
+        for i in range(k):
+            for j in range(k):
+                part = x[..., i:h:k, j:w:k]
+                out = part if out is None else torch.maximum(out, part)
+        return out
+
+
+def _plain_pool(m: nn.Module) -> int | None:
+    """k for a ``MaxPool2d`` that :class:`StridedMaxPool` reproduces (square kernel = stride, no padding,
+    no dilation, floor mode, no indices); else None."""
+    if not isinstance(m, nn.MaxPool2d) or m.ceil_mode or m.return_indices:
+        return None
+    k, s, p, d = (v if isinstance(v, tuple) else (v, v) for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+    return k[0] if k[0] == k[1] and s == k and p == (0, 0) and d == (1, 1) else None
+
+
+def strided_max_pools(module: nn.Module) -> int:
+    """In place: every plain ``MaxPool2d`` under ``module`` (Hiera's q-pooling) → :class:`StridedMaxPool`.
+    For inference twins only (a parameter-free swap, but ``MaxPool2d``'s backward is the one PyTorch tests).
+    Returns how many were swapped."""
+    swaps = [(parent, name, k) for parent in module.modules() for name, child in parent.named_children()
+             if (k := _plain_pool(child)) is not None]
+    for parent, name, k in swaps:
+        setattr(parent, name, StridedMaxPool(k))
+    return len(swaps)

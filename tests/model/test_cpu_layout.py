@@ -72,3 +72,33 @@ def test_canonical_channels_last_restrides_without_copying():
     assert y.stride() == (128, 1, 32, 8) and y.data_ptr() == x.data_ptr() and torch.equal(x, y)
     nchw = torch.randn(2, 8, 4, 4)
     assert cpu_layout.canonical_channels_last(nchw) is nchw
+
+
+@pytest.mark.parametrize("k,hw", [(2, (8, 8)), (2, (7, 9)), (3, (9, 10))])
+def test_strided_max_pool_equals_maxpool2d_on_strided_inputs(k, hw):
+    g = torch.Generator().manual_seed(k)
+    qkv = torch.randn(3, hw[0] * hw[1], 3, 16, generator=g)  # q as Hiera pools it: a slice of qkv, viewed NCHW
+    q = qkv.unbind(2)[0].reshape(3, *hw, 16).permute(0, 3, 1, 2)
+    q[0, 2, 1, 1] = float("nan")
+    ref = torch.nn.MaxPool2d(k, k)(q)
+    out = cpu_layout.StridedMaxPool(k)(q)
+    assert out.shape == ref.shape and torch.equal(out.nan_to_num(-9), ref.nan_to_num(-9))
+    assert out.isnan().sum() == ref.isnan().sum() == 1
+
+
+def test_twins_pool_in_place_with_the_same_features(model):
+    assert cpu_layout.strided_max_pools(torch.nn.MaxPool2d(2, 2, padding=1)) == 0  # not reproduced: kept
+    twin = encoder_twin(model)
+    pools = [m for m in twin.modules() if isinstance(m, cpu_layout.StridedMaxPool)]
+    assert pools and not any(isinstance(m, torch.nn.MaxPool2d) for m in twin.modules())
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())  # the model itself is untouched
+    x = normalize(torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        ours = twin.encode(x)
+        for parent in list(twin.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, cpu_layout.StridedMaxPool):
+                    setattr(parent, name, torch.nn.MaxPool2d(child.k, child.k))
+        plain = twin.encode(x)
+    assert torch.equal(ours["image_embed"], plain["image_embed"])
+    assert all(torch.equal(a, b) for a, b in zip(ours["high_res"], plain["high_res"], strict=True))
