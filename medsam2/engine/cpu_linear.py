@@ -18,6 +18,7 @@ dtype it times both paths and keeps the faster for that shape. Two kernels use i
 
 from __future__ import annotations
 
+import abc
 import functools
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ MIN_FEATURES = 64
 has nothing to win."""
 
 
-class FusedLinear(torch.nn.Module):
+class FusedLinear(torch.nn.Module, abc.ABC):
     """``nn.Linear`` (then ``post``: ``none`` or ``gelu``, the exact erf GELU of ``nn.GELU()``) for inference
     through a faster kernel (:meth:`fast`, what a subclass provides; input (..., in) float, output (..., out) in
     the input's dtype), or PyTorch's own Linear (:meth:`float`) where a call needs a gradient."""
@@ -42,9 +43,9 @@ class FusedLinear(torch.nn.Module):
         self.post = post
         self.linear = linear
 
+    @abc.abstractmethod
     def fast(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) → (..., out) through the faster kernel; what a subclass provides."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.float(x) if self._needs_grad(x) else self.fast(x)

@@ -176,7 +176,6 @@ def encoder_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> 
         memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in convs}
         twin = _channels_last_convs(for_encoding(copy.deepcopy(model, memo)).eval())
         cpu_linear.onednn_linears(_image_encoder(twin))
-        cpu_layout.strided_max_pools(_image_encoder(twin))
     elif dtype == torch.qint8:  # its own copy of the weights: the quantised Linears replace theirs
         twin = _int8_twin(model)
     else:
@@ -184,7 +183,7 @@ def encoder_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> 
         for p in twin.parameters():
             p.requires_grad_(False)
         cpu_linear.onednn_linears(_image_encoder(twin))
-        cpu_layout.strided_max_pools(_image_encoder(twin))
+    cpu_layout.strided_max_pools(_image_encoder(twin))  # every twin, the int8 fallback's too
     twins[dtype] = (state, twin)
     return twin
 
@@ -223,7 +222,6 @@ def _int8_twin(model: torch.nn.Module) -> torch.nn.Module:
     dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     twin = for_encoding(copy.deepcopy(model)).to(dtype, memory_format=torch.channels_last).eval()
     cpu_int8.int8_linears(_image_encoder(twin))
-    cpu_layout.strided_max_pools(_image_encoder(twin))
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin
