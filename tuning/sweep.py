@@ -59,6 +59,9 @@ class SweepResult:
     ended_by_trainer: int
     """Ended by the trial's own ``train.max_minutes`` or ``train.early_stop_patience``."""
     errored: int
+    lost_attempts: int
+    """Child runs of attempts a crash cut off before Tune saved them (tagged ``tune_status=LOST``, ended FAILED);
+    their configs were asked again under new trial ids, so they are not in ``trials``."""
     wall_s: float
     experiment_path: str
     results_csv: str
@@ -282,7 +285,7 @@ def _summarise(grid, cfg, ctx: SweepContext, sweep: runs.SweepRun, local_out: Pa
     (local_out / "results.json").write_text(table.to_json(orient="records", indent=2))
     runs.log_sweep_files(csv_path, local_out / "results.json",
                          parallel_coordinates(table, local_out / "parallel_coordinates.png"))
-    runs.close_trial_runs(sweep, dict(zip(table["trial_id"], table["status"], strict=True)))
+    lost = runs.close_trial_runs(sweep, dict(zip(table["trial_id"], table["status"], strict=True)))
 
     ok = table[table["status"] != "ERROR"].dropna(subset=["best_val_dice"])
     best_cfg_path, best_dice, best_trial = None, float("nan"), None
@@ -300,6 +303,7 @@ def _summarise(grid, cfg, ctx: SweepContext, sweep: runs.SweepRun, local_out: Pa
         "stopped_early": int((table["status"] == "STOPPED_EARLY").sum()),
         "ended_by_trainer": int((table["status"] == "ENDED_BY_TRAINER").sum()),
         "errored": int((table["status"] == "ERROR").sum()),
+        "lost_attempts": lost,
     }
     wall = time.perf_counter() - t0
     runs.log_sweep_result({**counts, "sweep_wall_s": wall, **({"best_val_dice": best_dice} if best_trial else {})},

@@ -73,19 +73,30 @@ def end_sweep_run(status: str) -> None:
     mlflow.end_run(status)
 
 
-def close_trial_runs(sweep: SweepRun, outcomes: dict[str, str]) -> None:
+def close_trial_runs(sweep: SweepRun, outcomes: dict[str, str]) -> int:
     """Tag every trial run with its Tune outcome (``{trial_id: COMPLETED | STOPPED_EARLY | ENDED_BY_TRAINER |
     ERROR}``) and end the runs a trial could not end itself: Tune ends a stopped trial's process (ASHA stops at
-    a rung, and at ``max_t`` on the final report) right away."""
+    a rung, and at ``max_t`` on the final report) right away.
+
+    A child run whose trial is not in ``outcomes`` is an attempt lost in a crash: Tune had started the trial but
+    had not yet saved it in its experiment state, so the resumed sweep asked its searcher again under a new trial
+    id. Such a run is tagged ``tune_status=LOST`` and ended FAILED (kept, not deleted: it holds what the attempt
+    logged). Returns how many there were."""
     client = MlflowClient(sweep.tracking_uri, registry_uri=sweep.tracking_uri)
     query = f"tags.mlflow.parentRunId = '{sweep.run_id}'"
+    lost = 0
     for run in client.search_runs([sweep.experiment_id], query, max_results=10_000):
-        outcome = outcomes.get(run.data.tags.get(TRIAL_TAG))
-        if outcome:
-            client.set_tag(run.info.run_id, "tune_status", outcome)
+        outcome = outcomes.get(run.data.tags.get(TRIAL_TAG), LOST)
+        lost += outcome == LOST
+        client.set_tag(run.info.run_id, "tune_status", outcome)
         if run.info.status == "RUNNING":  # the trial's process was ended before it could close its run
-            end = {"COMPLETED": "FINISHED", "ENDED_BY_TRAINER": "FINISHED", "ERROR": "FAILED"}.get(outcome, "KILLED")
-            client.set_terminated(run.info.run_id, end)
+            end = {"COMPLETED": "FINISHED", "ENDED_BY_TRAINER": "FINISHED", "ERROR": "FAILED", LOST: "FAILED"}
+            client.set_terminated(run.info.run_id, end.get(outcome, "KILLED"))
+    return lost
+
+
+LOST = "LOST"
+"""``tune_status`` of a child run whose trial the resumed sweep no longer knows (see :func:`close_trial_runs`)."""
 
 
 class TrialRun(Callback):
