@@ -164,12 +164,32 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` as torch's FlopCounterMode sees them (matmuls/convs; elementwise ops free)."""
+    """FLOPs of one call of ``fn`` as torch's FlopCounterMode sees them (matmuls, convs and attention;
+    elementwise ops free), with CPU attention counted: torch has formulas for the CUDA attention kernels but none
+    for ``_scaled_dot_product_flash_attention_for_cpu`` (and its backward), so without :func:`_cpu_sdpa_flops`
+    every CPU count leaves attention out (83 of hiera-t's 293 GFLOP at 1024 px)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_flops()) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def _cpu_sdpa_flops() -> dict[Any, Callable[..., int]]:
+    """FlopCounterMode formulas for PyTorch's CPU flash attention, forward and backward: torch's own SDPA
+    formulas (4·B·H·L·S·D forward for q (B,H,L,D), k (B,H,S,D), v (B,H,S,Dv) with Dv = D; 2.5× that backward)."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def forward(q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, q, k, v)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
 
 
 def time_steps(step: Callable[[], Any], warmup: int, steps: int, device: torch.device) -> float:

@@ -13,7 +13,9 @@ and a box prompt, i.e. the plain SAM2 image path that ``SAM2ImagePredictor`` als
 - ``sam2-predictor``: ``SAM2ImagePredictor.set_image`` + ``predict(box=…, multimask_output=False)``;
 
 it measures end-to-end latency per image (file decode → mask at the original size), img/s, achieved GFLOP/s
-(forward FLOPs from ``torch.utils.flop_counter`` × img/s) against the cores' nominal peak and against a
+(forward FLOPs from ``torch.utils.flop_counter``, CPU attention included
+(:func:`benchmarks.common.count_flops`; JSONs before 2026-12-07 left it out, so their GFLOP/s are about 28 % low
+at 1024 px) × img/s) against the cores' nominal peak and against a
 measured fp32 / bf16 GEMM peak (``peak_gflop_s.measured_gemm``), the process's peak RSS, and
 Dice/IoU of the masks against ``torch-fp32``'s on the first Kvasir PraNet test images with their ground-truth
 boxes. Each engine runs in its own process (clean peak RSS, no shared caches); the first image is a warm-up.

@@ -168,6 +168,25 @@ def test_loader_quick(tiny_workdir: Path, tmp_path: Path) -> None:
         assert best["fewest_workers_meeting_1_5x"] == (min(meeting) if meeting else None)
 
 
+def test_count_flops_counts_cpu_attention(monkeypatch) -> None:
+    """CPU attention counts: 4·B·H·L·S·D forward (torch's FlopCounterMode has no formula for the CPU flash
+    kernel, so it counted 0), 2.5× that more for the backward; a matmul beside it still counts 2·M·N·K."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    common = importlib.import_module("common")
+    b, h, n_q, n_k, d = 2, 4, 96, 80, 16
+    q = torch.randn(b, h, n_q, d, requires_grad=True)
+    k, v = torch.randn(b, h, n_k, d), torch.randn(b, h, n_k, d)
+    attn = 4 * b * h * n_q * n_k * d
+    assert common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == attn
+    with torch.no_grad():  # inference: same kernel, same count
+        assert common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == attn
+    a, w = torch.randn(32, 16), torch.randn(16, 8)
+    assert common.count_flops(lambda: (torch.nn.functional.scaled_dot_product_attention(q, k, v), a @ w)) == (
+        attn + 2 * 32 * 16 * 8)
+    fwd_bwd = common.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
+    assert fwd_bwd == attn + attn * 5 // 2
+
+
 def test_gpu_plan_orders_baselines_first(monkeypatch) -> None:
     """The full (GPU) plan: eager bf16 baselines first, compile only for hiera_t, hiera_l with checkpointing."""
     monkeypatch.syspath_prepend(str(BENCH))
