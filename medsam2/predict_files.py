@@ -72,6 +72,8 @@ def _one(net, mode: str, item: PromptItem, out: Path, stem: str, cache=None, pre
              "foreground_fraction": float(masks[0].mean()), "frames": n}
     if preds[0].flip_agreement is not None:
         entry["flip_agreement"] = preds[0].flip_agreement
+    if preds[0].stability is not None:
+        entry["stability"] = preds[0].stability
     if item.box is not None:
         entry["box"] = [float(v) for v in item.box]
     if item.path is not None and sniff_kind(item.path) == "dicom":
@@ -124,8 +126,8 @@ def predict_files(model: str, items: list[PromptItem], out: Path, engine: str = 
                 entry = _one(net, mode, item, out, stem, cache, precision,
                              agreement=calibration is not None and calibration.needs_flip)
                 if calibration is not None:
-                    entry["confidence"] = float(calibration.confidence([entry["iou_pred"]],
-                                                                       entry.get("flip_agreement"))[0])
+                    entry["confidence"] = float(calibration.confidence(
+                        [entry["iou_pred"]], entry.get("flip_agreement"), entry.get("stability"))[0])
                     entry["needs_review"] = bool(entry["confidence"] < calibration.flag_threshold)
                 outputs.append(entry)
             except Exception as e:  # noqa: BLE001 - reported for this input; the batch goes on

@@ -67,8 +67,8 @@ def evaluate(
     flags: Annotated[bool, typer.Option(help="Failure flags: calibrate a confidence → Dice on val, mark test images "
                                               "'needs review' and report the flags' precision/recall.")] = True,
     confidence_input: Annotated[str | None, typer.Option(
-        help="What the flags calibrate: iou_pred, flip_agreement or iou_flip (default: the one that ranks val "
-             "Dice best).")] = None,
+        help="What the flags calibrate: iou_pred, flip_agreement, iou_flip or stability (default: the one that "
+             "ranks val Dice best).")] = None,
     review_below: Annotated[float | None, typer.Option(help="A failure the flags should catch: a Dice below this "
                                                             "(default 0.7).")] = None,
     flag_below: Annotated[float | None, typer.Option(help="Needs review below this calibrated confidence (default: "

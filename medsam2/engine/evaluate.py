@@ -137,6 +137,8 @@ def evaluate_rows(
             rec = {**_row(meta, "model", "clean", 0, pr.mask, gt), "iou_pred": pr.iou_pred}
             if pr.flip_agreement is not None:
                 rec["flip_agreement"] = pr.flip_agreement
+            if pr.stability is not None:
+                rec["stability"] = pr.stability
             records.append(rec)
             if gallery_size:
                 gallery.append({"image_id": meta["image_id"], "image": img, "target": gt, "pred": pr.mask,
@@ -225,6 +227,10 @@ def _flips(df: pd.DataFrame) -> np.ndarray | None:
     return df["flip_agreement"].to_numpy(float) if "flip_agreement" in df else None
 
 
+def _stabilities(df: pd.DataFrame) -> np.ndarray | None:
+    return df["stability"].to_numpy(float) if "stability" in df else None
+
+
 def fit_flags(model: Segmenter, cfg: ExperimentCfg, ccfg: CalibrationCfg) -> FittedFlags | None:
     """Failure flags (:mod:`medsam2.eval.calibration`) fitted on the val rows: the input (``ccfg.input``, else
     the one that ranks val Dice best), the cross-fitted threshold and the input → Dice calibrator. Fewer than
@@ -237,9 +243,9 @@ def fit_flags(model: Segmenter, cfg: ExperimentCfg, ccfg: CalibrationCfg) -> Fit
         return None
     val_pi, _ = evaluate_rows(model, val, cfg.data.workdir, baselines=False, precision=cfg.train.precision,
                               batch_size=cfg.eval.batch_size, gallery_size=0, agreement=ccfg.may_need_flip)
-    name, val_rho = choose_input(val_pi["iou_pred"], _flips(val_pi), val_pi["dice"])
+    name, val_rho = choose_input(val_pi["iou_pred"], _flips(val_pi), val_pi["dice"], _stabilities(val_pi))
     name = ccfg.input or name
-    x_val = input_values(name, val_pi["iou_pred"], _flips(val_pi))
+    x_val = input_values(name, val_pi["iou_pred"], _flips(val_pi), _stabilities(val_pi))
     flag = ccfg.flag_below
     if flag is None:  # cross-fitted on val: the threshold is not chosen on the images it was fitted on
         flag = choose_flag_threshold(x_val, val_pi["dice"], ccfg.review_below, ccfg.folds, seed=cfg.train.seed)
@@ -256,10 +262,12 @@ def apply_flags(fitted: FittedFlags, cfg: ExperimentCfg, per_image: pd.DataFrame
     per_image["needs_review"] = False
     rows = (per_image["method"] == "model") & (per_image["condition"] == "clean")
     split_pi = per_image.loc[rows]
-    per_image.loc[rows, "confidence"] = cal.confidence(split_pi["iou_pred"].to_numpy(float), _flips(split_pi))
+    per_image.loc[rows, "confidence"] = cal.confidence(split_pi["iou_pred"].to_numpy(float), _flips(split_pi),
+                                                       _stabilities(split_pi))
     per_image.loc[rows, "needs_review"] = per_image.loc[rows, "confidence"] < cal.flag_threshold
-    on_val = assess(cal, val_pi["iou_pred"], val_pi["dice"], ccfg.n_bins, _flips(val_pi))
-    on_split = assess(cal, split_pi["iou_pred"], split_pi["dice"], ccfg.n_bins, _flips(split_pi))
+    on_val = assess(cal, val_pi["iou_pred"], val_pi["dice"], ccfg.n_bins, _flips(val_pi), _stabilities(val_pi))
+    on_split = assess(cal, split_pi["iou_pred"], split_pi["dice"], ccfg.n_bins, _flips(split_pi),
+                      _stabilities(split_pi))
     res = {"calibrator": cal.to_dict(), "fit_split": "val", "split": cfg.eval.split, "settings": ccfg.model_dump(),
            "input_spearman_val": fitted.val_rho, "val": on_val, cfg.eval.split: on_split}
     (out_dir / "calibration.json").write_text(json.dumps(res, indent=2, allow_nan=False))

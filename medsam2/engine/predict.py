@@ -54,6 +54,23 @@ class Prediction:
     flip_agreement: float | None = None
     """Dice in [0,1] between the masks of the image and of its mirror image (flipped back), on the model's S×S
     (or crop) logits, both empty = 1; None unless ``predict(agreement=True)`` or ``model.tta_flip``."""
+    stability: float | None = None
+    """SAM's stability score in [0,1] (:func:`stability_score` of the logits at the image's size); every
+    :func:`predict` sets it."""
+
+
+STABILITY_OFFSET = 1.0
+"""The logit offset of :func:`stability_score`: SAM's automatic mask generator's default
+(``stability_score_offset``)."""
+
+
+def stability_score(logits: torch.Tensor, offset: float = STABILITY_OFFSET) -> float:
+    """SAM's stability score of one mask's logits (any shape): the IoU of the masks at logit > +``offset`` and
+    at logit > −``offset`` (the first lies inside the second, so it is their area ratio), in [0, 1]; 1 when
+    both are empty. A mask whose edge moves when the threshold does is unstable: a low score."""
+    inner = int((logits > offset).sum())
+    outer = int((logits > -offset).sum())
+    return 1.0 if outer == 0 else inner / outer
 
 
 def _scale(xy: np.ndarray, hw: tuple[int, int], size: int) -> np.ndarray:
@@ -366,5 +383,6 @@ def predict(
                 full = _resample(logits[j:j + 1], pj, (h, w))
             prob = torch.sigmoid(full)
             p = prob[0, 0].cpu().numpy()
-            out.append(Prediction(mask=p > 0.5, prob=p, iou_pred=float(iou[j, 0]), flip_agreement=agree[j]))
+            out.append(Prediction(mask=p > 0.5, prob=p, iou_pred=float(iou[j, 0]), flip_agreement=agree[j],
+                                  stability=stability_score(full)))
     return out

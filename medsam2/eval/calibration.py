@@ -4,10 +4,12 @@ SAM's predicted IoU ranks masks but is not a Dice: a fine-tuned model's head sti
 **isotonic regression** (pool-adjacent-violators, non-decreasing) fitted on the *val* rows maps a per-image
 **input** score to the expected actual Dice; that is the image's ``confidence`` in [0, 1]. The inputs are
 :data:`CONFIDENCE_INPUTS` (the one source of their names): ``iou_pred`` (SAM's predicted IoU), ``flip_agreement``
-(Dice between the masks of the image and of its mirror image, :class:`~medsam2.engine.predict.Prediction`) and
-``iou_flip`` (their mean). Unless the settings name one, the input with the highest Spearman ρ against Dice on
-val is used (:func:`choose_input`; test is never looked at). The fit is **centred** isotonic regression (Oron &
-Flournoy 2017): each flat step of the fit becomes one knot at its centre, so the confidence rises strictly
+(Dice between the masks of the image and of its mirror image, :class:`~medsam2.engine.predict.Prediction`),
+``iou_flip`` (their mean) and ``stability`` (SAM's stability score: the IoU of the masks thresholded at logit +1
+and −1, what SAM's automatic mask generator ranks masks by; no second pass). Unless the settings name one,
+the input with the highest Spearman ρ against Dice on val is used (:func:`choose_input`; test is never
+looked at). The fit is **centred** isotonic regression (Oron & Flournoy 2017): each flat step of the fit
+becomes one knot at its centre, so the confidence rises strictly
 between knots and keeps the input's ranking instead of tying every image of a step (on the 20261203 active-
 learning benchmark those ties cut test Spearman from 0.54 to 0.36). A **failure** is an actual Dice below
 ``review_below``. An image whose confidence is below the calibrator's ``flag_below`` is marked **needs review**:
@@ -77,11 +79,12 @@ class CalibrationCfg(BaseModel):
 
 @dataclass(frozen=True)
 class ConfidenceInput:
-    """A per-image score the calibrator maps to expected Dice: ``of(iou_pred, flip_agreement) -> (N,)`` in
-    [0, 1]; ``needs_flip``: it reads ``flip_agreement`` (a second, mirrored pass of the model)."""
+    """A per-image score the calibrator maps to expected Dice: ``of(iou_pred, flip_agreement, stability) ->
+    (N,)`` in [0, 1] (the last two None where not given); ``needs_flip``: it reads ``flip_agreement`` (a second,
+    mirrored pass of the model)."""
 
     needs_flip: bool
-    of: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+    of: Callable[[np.ndarray, np.ndarray | None, np.ndarray | None], np.ndarray]
 
 
 CONFIDENCE_INPUTS: Registry = Registry("confidence input")
@@ -95,35 +98,45 @@ def check_input(name: str) -> str:
     return name
 
 
+_HOW = {"flip_agreement": "predict with agreement=True",
+        "stability": "predictions record it; results written before it was added do not"}
+
+
 def _need(v: np.ndarray | None, name: str) -> np.ndarray:
     if v is None:
-        raise ValueError(f"this confidence input needs {name} (predict with agreement=True)")
+        raise ValueError(f"this confidence input needs {name} ({_HOW[name]})")
     return np.asarray(v, np.float64)
 
 
-CONFIDENCE_INPUTS.register("iou_pred")(ConfidenceInput(False, lambda iou, flip: np.asarray(iou, np.float64)))
-CONFIDENCE_INPUTS.register("flip_agreement")(ConfidenceInput(True, lambda iou, flip: _need(flip, "flip_agreement")))
+CONFIDENCE_INPUTS.register("iou_pred")(ConfidenceInput(False, lambda iou, flip, stab: np.asarray(iou, np.float64)))
+CONFIDENCE_INPUTS.register("flip_agreement")(ConfidenceInput(
+    True, lambda iou, flip, stab: _need(flip, "flip_agreement")))
 CONFIDENCE_INPUTS.register("iou_flip")(ConfidenceInput(
-    True, lambda iou, flip: (np.asarray(iou, np.float64) + _need(flip, "flip_agreement")) / 2))
+    True, lambda iou, flip, stab: (np.asarray(iou, np.float64) + _need(flip, "flip_agreement")) / 2))
+CONFIDENCE_INPUTS.register("stability")(ConfidenceInput(False, lambda iou, flip, stab: _need(stab, "stability")))
 
 
-def input_values(name: str, iou_pred, flip_agreement=None) -> np.ndarray:
-    """(N,) values of the input ``name`` from (N,) predicted IoUs and (N,) flip agreements (None if not run),
-    clipped to [0, 1]."""
+def input_values(name: str, iou_pred, flip_agreement=None, stability=None) -> np.ndarray:
+    """(N,) values of the input ``name`` from (N,) predicted IoUs, (N,) flip agreements (None if not run) and
+    (N,) stability scores (None if not recorded), clipped to [0, 1]."""
     iou = np.asarray(iou_pred, np.float64).reshape(-1)
     flip = None if flip_agreement is None else np.asarray(flip_agreement, np.float64).reshape(-1)
-    return np.clip(CONFIDENCE_INPUTS.get(name).of(iou, flip), 0.0, 1.0)
+    stab = None if stability is None else np.asarray(stability, np.float64).reshape(-1)
+    return np.clip(CONFIDENCE_INPUTS.get(name).of(iou, flip, stab), 0.0, 1.0)
 
 
-def choose_input(iou_pred, flip_agreement, dice) -> tuple[str, dict[str, float | None]]:
+def choose_input(iou_pred, flip_agreement, dice, stability=None) -> tuple[str, dict[str, float | None]]:
     """The input of :data:`CONFIDENCE_INPUTS` with the highest Spearman ρ against ``dice`` on these (val) rows
     (ties and undefined ρ: the earlier name, ``iou_pred`` first, which needs no second pass) → (name, ρ per
-    input). Inputs needing ``flip_agreement`` are skipped when it is None."""
+    input). Inputs needing ``flip_agreement`` are skipped when it is None, ``stability`` when that is None."""
     rho: dict[str, float | None] = {}
     for name in CONFIDENCE_INPUTS.names():
         if CONFIDENCE_INPUTS.get(name).needs_flip and flip_agreement is None:
             continue
-        x, y = input_values(name, iou_pred, flip_agreement), np.asarray(dice, np.float64).reshape(-1)
+        if name == "stability" and stability is None:
+            continue
+        x = input_values(name, iou_pred, flip_agreement, stability)
+        y = np.asarray(dice, np.float64).reshape(-1)
         keep = np.isfinite(x) & np.isfinite(y)
         rho[name] = _num(_spearman(x[keep], y[keep]))
     best = max(rho, key=lambda k: -2.0 if rho[k] is None else rho[k])  # max keeps the first of equals
@@ -151,9 +164,10 @@ class Calibrator:
         """The input reads ``flip_agreement``: predict with ``agreement=True``."""
         return CONFIDENCE_INPUTS.get(self.input).needs_flip
 
-    def confidence(self, iou_pred, flip_agreement=None) -> np.ndarray:
-        """(N,) confidences from (N,) predicted IoUs and flip agreements (None unless :attr:`needs_flip`)."""
-        return self(input_values(self.input, iou_pred, flip_agreement))
+    def confidence(self, iou_pred, flip_agreement=None, stability=None) -> np.ndarray:
+        """(N,) confidences from (N,) predicted IoUs, flip agreements (None unless :attr:`needs_flip`) and
+        stability scores (read only by the ``stability`` input)."""
+        return self(input_values(self.input, iou_pred, flip_agreement, stability))
 
     @property
     def flag_threshold(self) -> float:
@@ -289,13 +303,14 @@ def _num(v: float) -> float | None:
 
 
 def assess(cal: Calibrator, iou_pred: np.ndarray, dice: np.ndarray, n_bins: int = 10,
-           flip_agreement: np.ndarray | None = None) -> dict[str, Any]:
-    """How ``cal`` does on held-out (N,) predicted IoUs (and flip agreements, if its input reads them) and Dice
+           flip_agreement: np.ndarray | None = None, stability: np.ndarray | None = None) -> dict[str, Any]:
+    """How ``cal`` does on held-out (N,) predicted IoUs (and flip agreements or stability scores, if its input
+    reads them) and Dice
     values: ECE raw (the predicted IoU as a Dice) / calibrated, Spearman raw / calibrated, the flags' precision
     and recall, and the calibrated reliability curve (strict JSON: an undefined value is None)."""
     x = np.clip(np.asarray(iou_pred, np.float64), 0, 1)
     y = np.asarray(dice, np.float64)
-    conf = cal.confidence(x, flip_agreement)
+    conf = cal.confidence(x, flip_agreement, stability)
     flags = flag_quality(conf < cal.flag_threshold, y < cal.review_below)
     return {"n": int(x.size), "input": cal.input, "review_below": cal.review_below, "flag_below": cal.flag_threshold,
             "ece_raw": _num(ece(x, y, n_bins)), "ece": _num(ece(conf, y, n_bins)),

@@ -40,12 +40,14 @@ def test_evaluate_reports_flags_fitted_on_val(val5_workdir, tiny_checkpoint, tmp
     calibrator = Calibrator.from_dict(cal["calibrator"])
     # val was predicted in both views (the input is chosen there among every one), test only if the chosen
     # input reads the mirrored view; the chosen input is stored
-    assert set(cal["input_spearman_val"]) == {"iou_pred", "flip_agreement", "iou_flip"}
+    assert set(cal["input_spearman_val"]) == {"iou_pred", "flip_agreement", "iou_flip", "stability"}
     assert calibrator.input == cal["test"]["input"] and calibrator.input in cal["input_spearman_val"]
     assert ("flip_agreement" in model) == calibrator.needs_flip
     flips = model["flip_agreement"] if calibrator.needs_flip else None
     assert flips is None or flips.between(0, 1).all()
-    np.testing.assert_allclose(model["confidence"], calibrator.confidence(model["iou_pred"], flips))
+    assert model["stability"].between(0, 1).all()  # every prediction records SAM's stability score
+    np.testing.assert_allclose(model["confidence"],
+                               calibrator.confidence(model["iou_pred"], flips, model["stability"]))
     # needs review below the threshold chosen on val (cross-fitted), which the calibration stores
     assert cal["test"]["flag_below"] == calibrator.flag_threshold and 0 < calibrator.flag_threshold <= 1
     assert (model["needs_review"] == (model["confidence"] < calibrator.flag_threshold)).all()

@@ -1,5 +1,6 @@
 """``predict(agreement=True)``: each mask's Dice with its mirror image's mask (a failure-flag input and the
-``tta_flip`` acquisition score), on logits whose answer is known and through a tiny model."""
+``tta_flip`` acquisition score), on logits whose answer is known and through a tiny model; and SAM's stability
+score, the failure-flag input every prediction carries."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from medsam2.config import ModelCfg
 from medsam2.engine import runtime
 from medsam2.engine.checkpoint import build_model
-from medsam2.engine.predict import _agreement, predict
+from medsam2.engine.predict import _agreement, predict, stability_score
 
 
 def test_agreement_of_known_masks():
@@ -24,6 +25,34 @@ def test_agreement_of_known_masks():
     # a prior is added at its own size: a strong positive prior makes both views all foreground
     prior = torch.full((3, 1, 16, 16), 10.0)
     assert _agreement(a, prior, b, prior) == [1.0, 1.0, 1.0]
+
+
+def test_stability_score_of_known_logits():
+    """IoU of the masks at logit > +1 and > -1: 4 of 10 pixels above +1, 8 above -1 → 0.5; a mask with a sharp
+    edge (all |logit| > 1) → 1; nothing above -1 → 1 (both empty); a custom offset moves both thresholds."""
+    lg = torch.tensor([3.0, 2.0, 1.5, 1.2, 0.5, 0.0, -0.5, -0.9, -1.5, -4.0])
+    assert stability_score(lg) == 0.5
+    assert stability_score(torch.tensor([[5.0, -5.0], [2.0, -3.0]])) == 1.0
+    assert stability_score(torch.full((4, 4), -2.0)) == 1.0
+    assert stability_score(lg, offset=0.25) == pytest.approx(5 / 6)  # > 0.25: 5; > -0.25: those and 0.0
+
+
+def test_predict_records_stability_of_the_logits_it_thresholds():
+    """Every prediction carries the stability score of its logits at the image's size, in [0, 1], and the same
+    for the same input (it is not a random draw)."""
+    torch.manual_seed(0)
+    model, _ = build_model(ModelCfg(image_size=64, prompt="box"))
+    model.eval()
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
+    boxes = [np.array([5, 5, 40, 40], np.float32)] * 3
+    preds = predict(model, images, boxes=boxes, precision="fp32")
+    again = predict(model, images, boxes=boxes, precision="fp32")
+    for p, q in zip(preds, again, strict=True):
+        assert p.stability is not None and 0.0 <= p.stability <= 1.0 and p.stability == q.stability
+        logit = np.log(p.prob.astype(np.float64) / (1 - p.prob.astype(np.float64)))
+        inner, outer = (logit > 1).sum(), (logit > -1).sum()
+        assert p.stability == pytest.approx(inner / outer if outer else 1.0, abs=0.02)
 
 
 @pytest.mark.parametrize("tta", [False, True])

@@ -97,6 +97,25 @@ def test_flag_threshold_without_failures_or_images_is_review_below():
     assert choose_flag_threshold(np.array([0.5, 0.9, 0.7]), np.array([0.2, 0.9, 0.8]), 0.7) == 0.7  # 3 < 2 folds
 
 
+def test_stability_is_an_input_chosen_on_val_only_where_recorded():
+    """``stability`` competes on val like the others: chosen where it ranks Dice best, skipped where the
+    predictions have none (results written before it existed), and a calibrator on it refuses to run without
+    it (a clear error naming what is missing)."""
+    rng = np.random.default_rng(5)
+    dice = rng.uniform(0.2, 1.0, 80)
+    iou = np.clip(0.9 + rng.normal(0, 0.05, 80), 0, 1)
+    stab = np.clip(dice + rng.normal(0, 0.03, 80), 0, 1)
+    name, rho = choose_input(iou, None, dice, stab)
+    assert name == "stability" and set(rho) == {"iou_pred", "stability"} and rho["stability"] > 0.9
+    assert choose_input(iou, None, dice)[0] == "iou_pred"
+    np.testing.assert_allclose(input_values("stability", iou, None, stab), stab)
+    cal = fit_isotonic(stab, dice, input="stability")
+    assert not cal.needs_flip and Calibrator.from_dict(cal.to_dict()).input == "stability"
+    assert assess(cal, iou, dice, stability=stab)["spearman"] > 0.9
+    with pytest.raises(ValueError, match="needs stability"):
+        cal.confidence(iou)
+
+
 def test_centred_fit_keeps_the_ranking_that_flat_steps_tie():
     """Fitted on 30 val-sized noisy pairs, plain isotonic steps tie many test images (Spearman drops below the
     input's); the centred fit keeps the input's ranking inside the knots (seeded: the answer is fixed)."""
