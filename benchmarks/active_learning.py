@@ -95,6 +95,11 @@ def train_and_eval(work: Path, out: Path, tag: str, plan: dict, *, baselines: bo
                                     "val_confidence_spearman")},
            "n_test": ev.n_images, "overrides": record["overrides"], "checkpoint": res.checkpoint,
            "per_image": dict(zip(clean["image_id"], clean["dice"], strict=True))}
+    cal_json = out / "eval" / tag / "calibration.json"
+    if flags and cal_json.is_file():  # which input the flags calibrated (chosen on val) and every input's val ρ
+        cal = json.loads(cal_json.read_text())
+        row["confidence_input"] = cal["calibrator"]["input"]
+        row["confidence_input_spearman_val"] = cal["input_spearman_val"]
     row["total_s"] = round(time.perf_counter() - t0, 2)
     del model
     return row

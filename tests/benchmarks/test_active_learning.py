@@ -48,6 +48,9 @@ def test_active_learning_quick(sample_data: Path, tmp_path: Path) -> None:
         assert r["test_dice_ci_low"] - 1e-9 <= r["test_dice"] <= r["test_dice_ci_high"] + 1e-9
         assert r["steps"] == start["steps"] == 1 and r["pool"] == 6 and r["n_test"] == 3
         assert "test_confidence_ece" in r  # the last round's models fit failure flags on val
+        # and the row says which input they calibrated, chosen among every one on val (stability included)
+        assert r["confidence_input"] in r["confidence_input_spearman_val"]
+        assert {"iou_pred", "stability"} <= set(r["confidence_input_spearman_val"])
     assert res["summary"]["best_score"] in set(arms) - {"random"}
     ceiling = res["ceiling"]  # every train label (8), the same one step
     assert ceiling["labelled_images"] == 8 and ceiling["steps"] == 1 and ceiling["n_test"] == 3
