@@ -28,6 +28,9 @@ def test_best_score_is_chosen_on_val_and_compared_with_random_on_test(monkeypatc
     assert s["goals"]["best_beats_random"]["met"] is True and s["goals"]["spearman_confidence_dice"]["met"] is True
     # an arm that did not reach round 1 (cut by --max-minutes): nothing is compared
     assert al.summarise(rows[:2] + rows[3:], ["entropy", "kcenter", "random"], per_image)["last_round"] == 0
+    # a headroom probe (--scores random): the ceiling's gap, no best score, no crash
+    probe = al.summarise([rows[0], rows[3]], ["random"], per_image, {"test_dice": 0.58})
+    assert probe["headroom"]["ceiling_minus_random"] == pytest.approx(0.03) and "best_score" not in probe
 
 
 @pytest.mark.slow  # ~2.5 min on 2 cores: 6 one-step trainings of the demo recipe, each evaluated on 3 test images
