@@ -174,17 +174,17 @@ def summarise(rows: list[dict], arms: list[str], per_image: dict, ceiling: dict 
         "ceiling_test_dice": ceiling["test_dice"],
         "ceiling_minus_random": ceiling["test_dice"] - at["random"]["test_dice"],
         "ceiling_minus_start": ceiling["test_dice"] - next(r for r in rows if r["round"] == 0)["test_dice"]}
+    dice = {"val_dice": {a: at[a]["val_dice"] for a in arms}, "test_dice": {a: at[a]["test_dice"] for a in arms}}
     scored = [a for a in arms if a != "random"]
     if not scored:  # a headroom probe (--scores random): nothing to choose, nothing to compare
-        return {"last_round": last, "headroom": headroom, "note": "random arm only: no score to compare",
-                "val_dice": {"random": at["random"]["val_dice"]}, "test_dice": {"random": at["random"]["test_dice"]}}
+        return {"last_round": last, "headroom": headroom, "note": "random arm only: no score to compare", **dice}
     best = max(scored, key=lambda a: at[a]["val_dice"] if at[a]["val_dice"] is not None else -1.0)
     paired = le._paired_gap(per_image[("random", last)], per_image[(best, last)])
     gap = at[best]["test_dice"] - at["random"]["test_dice"]
     rho = at[best].get("test_confidence_spearman")
     return {"last_round": last, "headroom": headroom, "best_score": best,
             "chosen_on": "val Dice of the last round's models",
-            "val_dice": {a: at[a]["val_dice"] for a in arms}, "test_dice": {a: at[a]["test_dice"] for a in arms},
+            **dice,
             "gap_best_vs_random": {"gap": gap, **{k: paired.get(k) for k in ("ci_low", "ci_high", "p_improve", "n")}},
             "goals": {"best_beats_random": {"threshold": GOAL_GAP, "value": gap, "met": bool(gap >= GOAL_GAP)},
                       "spearman_confidence_dice": {"threshold": GOAL_SPEARMAN, "value": rho,
