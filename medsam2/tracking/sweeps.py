@@ -75,13 +75,18 @@ def end_sweep_run(status: str) -> None:
 
 def close_trial_runs(sweep: SweepRun, outcomes: dict[str, str]) -> int:
     """Tag every trial run with its Tune outcome (``{trial_id: COMPLETED | STOPPED_EARLY | ENDED_BY_TRAINER |
-    ERROR}``) and end the runs a trial could not end itself: Tune ends a stopped trial's process (ASHA stops at
-    a rung, and at ``max_t`` on the final report) right away.
+    ERROR}``) and give it the status that outcome means (FINISHED, KILLED, FINISHED, FAILED).
+
+    Tune's outcome is the trial's truth, so it also corrects what a trial's own process wrote. Tune ends a
+    trial's process as soon as its last result is in (ASHA stops at a rung, and at ``max_t`` on the final
+    report), so the process may never close its run (left RUNNING), or may close it from a teardown race: a
+    distributed trial's driver sees ``TorchTrainer.fit`` fail as Tune tears its controller down (FAILED, with
+    ``exit_error`` tagged), or asks whether rank 0 logged the loop's end before rank 0 got there (KILLED).
 
     A child run whose trial is not in ``outcomes`` is an attempt lost in a crash: Tune had started the trial but
     had not yet saved it in its experiment state, so the resumed sweep asked its searcher again under a new trial
-    id. Such a run is tagged ``tune_status=LOST`` and ended FAILED (kept, not deleted: it holds what the attempt
-    logged). Returns how many there were."""
+    id. Such a run is tagged ``tune_status=LOST`` and, if still RUNNING, ended FAILED (kept, not deleted: it
+    holds what the attempt logged). Returns how many there were."""
     client = MlflowClient(sweep.tracking_uri, registry_uri=sweep.tracking_uri)
     query = f"tags.mlflow.parentRunId = '{sweep.run_id}'"
     lost = 0
@@ -89,14 +94,18 @@ def close_trial_runs(sweep: SweepRun, outcomes: dict[str, str]) -> int:
         outcome = outcomes.get(run.data.tags.get(TRIAL_TAG), LOST)
         lost += outcome == LOST
         client.set_tag(run.info.run_id, "tune_status", outcome)
-        if run.info.status == "RUNNING":  # the trial's process was ended before it could close its run
-            end = {"COMPLETED": "FINISHED", "ENDED_BY_TRAINER": "FINISHED", "ERROR": "FAILED", LOST: "FAILED"}
-            client.set_terminated(run.info.run_id, end.get(outcome, "KILLED"))
+        status = _RUN_STATUS.get(outcome, "KILLED")
+        if run.info.status != status and (outcome != LOST or run.info.status == "RUNNING"):
+            client.set_terminated(run.info.run_id, status)
     return lost
 
 
 LOST = "LOST"
 """``tune_status`` of a child run whose trial the resumed sweep no longer knows (see :func:`close_trial_runs`)."""
+
+_RUN_STATUS = {"COMPLETED": "FINISHED", "ENDED_BY_TRAINER": "FINISHED", "STOPPED_EARLY": "KILLED", "ERROR": "FAILED",
+               LOST: "FAILED"}
+"""The MLflow run status each Tune outcome means (NO_RESULT: KILLED)."""
 
 
 class TrialRun(Callback):
@@ -181,7 +190,10 @@ class TrialRun(Callback):
             mlflow.set_tag("tune_status", "COMPLETED" if done else "STOPPED_EARLY")
             self.finish("FINISHED" if done else "KILLED")
             raise
-        except BaseException:
+        except BaseException as e:  # FAILED unless Tune says otherwise (see close_trial_runs)
+            if self.run_id is not None:
+                with contextlib.suppress(Exception):
+                    self._client().set_tag(self.run_id, "exit_error", f"{type(e).__name__}: {e}"[:250])
             self.finish("FAILED")
             raise
 

@@ -90,5 +90,6 @@ def test_distributed_trials_train_on_ray_train_workers(sweep_env, tmp_path):
     client = MlflowClient(sweep_env["uri"], registry_uri=sweep_env["uri"])
     exp = client.get_run(out["parent_run_id"]).info.experiment_id
     (child,) = client.search_runs([exp], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
-    assert child.data.tags["num_workers"] == "2" and child.info.status == "FINISHED"
+    assert child.data.tags["num_workers"] == "2" and child.data.tags["tune_status"] == "COMPLETED"
+    assert child.info.status == "FINISHED", child.data.tags.get("exit_error")
     assert [m.step for m in client.get_metric_history(child.info.run_id, "val_dice")] == [2, 4]
