@@ -79,9 +79,10 @@ def close_trial_runs(sweep: SweepRun, outcomes: dict[str, str]) -> int:
 
     Tune's outcome is the trial's truth, so it also corrects what a trial's own process wrote. Tune ends a
     trial's process as soon as its last result is in (ASHA stops at a rung, and at ``max_t`` on the final
-    report), so the process may never close its run (left RUNNING), or may close it from a teardown race: a
-    distributed trial's driver sees ``TorchTrainer.fit`` fail as Tune tears its controller down (FAILED, with
-    ``exit_error`` tagged), or asks whether rank 0 logged the loop's end before rank 0 got there (KILLED).
+    report), so the process may never close its run (left RUNNING), or may close it wrongly in that teardown: a
+    distributed trial's driver can ask whether rank 0 logged the loop's end before rank 0 got there (KILLED), or
+    see ``TorchTrainer.fit`` raise as Tune stops it (FAILED, with ``exit_error`` tagged). CI on 2026-12-07 had a
+    COMPLETED distributed trial whose run was FAILED; which of the two it was is not known (not reproduced).
 
     A child run whose trial is not in ``outcomes`` is an attempt lost in a crash: Tune had started the trial but
     had not yet saved it in its experiment state, so the resumed sweep asked its searcher again under a new trial
