@@ -119,8 +119,10 @@ def test_unreachable_mlflow_before_training(tmp_path: Path) -> None:
     assert res.exit_code == 4 and uri in _short(res)
 
 
-def test_train_without_a_manifest_says_to_ingest_first(tmp_path: Path) -> None:
-    res = _run("train", "--set", f"data.workdir={tmp_path}", "--json")
+@pytest.mark.parametrize("cmd", ["train", "sweep"])
+def test_train_without_a_manifest_says_to_ingest_first(cmd: str, tmp_path: Path) -> None:
+    """Before any service or Ray starts (a sweep used to start Ray and error every trial, tracebacks on stderr)."""
+    res = _run(cmd, "--set", f"data.workdir={tmp_path}", "--json")
     assert res.exit_code == 3 and "medsam2 ingest" in _short(res)
 
 

@@ -204,8 +204,10 @@ def sweep(
     extra["max_failures"] = max_failures
     from medsam2.services import check_ray
 
+    cfg = _cfg(config, set_)  # what every trial starts from: a bad key or a missing manifest fails here, not per trial
+    _check_workdir(cfg.data.workdir, "sweep")
     check_ray(address)
-    _needs_mlflow(_tracking_override(set_, config))
+    _needs_mlflow(cfg.tracking.tracking_uri)
     res = cli_sweep(space=space, num_samples=num_samples, address=address, config=config, overrides=set_, json=json_,
                     search=search, seed=seed, storage_path=storage, resume=resume, **extra)
     _emit(res, json_, f"best val Dice {res.get('best_val_dice')} → {res.get('best_config')}")
