@@ -65,8 +65,29 @@ def round_workdir(src: Path, dst: Path, labelled_ids: set[str]) -> Path:
     return dst
 
 
+def parse_sets(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items → dotted recipe overrides; each VALUE is read as YAML (``false``, ``null``,
+    ``0.1``, ``points``), so ``--set model.prompt=points --set model.box_mask=false`` changes the recipe."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set needs KEY=VALUE (got {item!r})")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 3e-4 as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip()] = parsed
+    return out
+
+
 def train_and_eval(work: Path, out: Path, tag: str, plan: dict, *, baselines: bool, flags: bool) -> dict:
-    """Train the recipe on ``work``'s labelled rows for the plan's steps, evaluate on test → a table row."""
+    """Train the recipe (with the plan's ``sets``) on ``work``'s labelled rows for the plan's steps, evaluate on
+    test → a table row."""
     from medsam2.engine.checkpoint import load_model
     from medsam2.engine.evaluate import evaluate
     from medsam2.engine.train import train
@@ -77,7 +98,7 @@ def train_and_eval(work: Path, out: Path, tag: str, plan: dict, *, baselines: bo
         "data.eval_datasets": ["kvasir-seg"], "train.max_steps": plan["steps"], "train.max_minutes": None,
         "train.checkpoint_every": plan["steps"], "train.output_dir": str(out / "runs" / tag), "train.device": "cpu",
         "train.progress": False, "eval.gallery_size": 0, "eval.robustness": False, "eval.baselines": baselines,
-        **({"train.eval_every": plan["steps"]} if plan["steps"] < 10 else {})})
+        **({"train.eval_every": plan["steps"]} if plan["steps"] < 10 else {}), **plan.get("sets", {})})
     t0 = time.perf_counter()
     res = train(cfg)
     model, _ = load_model(res.checkpoint, "cpu")
@@ -207,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--max-minutes", type=float)
     ap.add_argument("--no-ceiling", action="store_true", help="skip the every-train-label training")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override, VALUE as YAML (repeatable), e.g. --set model.prompt=points")
     args = ap.parse_args(argv)
     logging.getLogger("medsam2").setLevel(logging.WARNING)
     from medsam2.config import DataCfg
@@ -217,6 +240,12 @@ def main(argv: list[str] | None = None) -> dict:
     for k in ("start", "add", "rounds", "steps", "max_minutes"):
         if getattr(args, k) is not None:
             plan[k] = getattr(args, k)
+    if args.sets:
+        plan["sets"] = parse_sets(args.sets)
+        try:  # a bad override fails here, in a second, not after ingest and the first training
+            bench.recipe_config(plan["sets"])
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise SystemExit(f"--set: {exc}") from None
     arms = list(dict.fromkeys(args.scores or ACQUISITIONS.names()))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or (tempfile.mkdtemp(prefix="active_") if args.quick

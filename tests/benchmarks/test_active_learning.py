@@ -33,6 +33,17 @@ def test_best_score_is_chosen_on_val_and_compared_with_random_on_test(monkeypatc
     assert probe["headroom"]["ceiling_minus_random"] == pytest.approx(0.03) and "best_score" not in probe
 
 
+def test_set_overrides_are_read_as_yaml_and_checked(monkeypatch) -> None:
+    al = _bench_module("active_learning", monkeypatch)
+    sets = al.parse_sets(["model.prompt=points", "model.box_mask=false", "model.box_crop=null", "train.lr=3e-4"])
+    assert sets == {"model.prompt": "points", "model.box_mask": False, "model.box_crop": None, "train.lr": 3e-4}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        al.parse_sets(["model.prompt"])
+    # points with the recipe's box-only levers still on is refused before any ingest or training
+    with pytest.raises(SystemExit, match="needs model.prompt=box"):
+        al.main(["--set", "model.prompt=points", "--out", "unused"])
+
+
 @pytest.mark.slow  # ~2.5 min on 2 cores: 6 one-step trainings of the demo recipe, each evaluated on 3 test images
 def test_active_learning_quick(sample_data: Path, tmp_path: Path) -> None:
     res = run_script("active_learning", "--quick", "--data", str(sample_data), "--out", str(tmp_path), timeout=1200)
