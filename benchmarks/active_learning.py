@@ -21,6 +21,8 @@ cuts whole rounds last and the arms stay comparable at every round that ran; wha
 
     python benchmarks/active_learning.py --quick      # smoke: a handful of images, 1 step, 1 round
     python benchmarks/active_learning.py --out benchmarks/results/active-learning-cpu-$(date +%Y%m%d)   # ≤ 40 min
+    python benchmarks/active_learning.py --scores random --steps 400 --set model.prompt=points \
+        --set model.box_mask=false --set model.box_prior=none --set model.box_crop=null   # a recipe's headroom
 
 Sizing (2 CPU cores, native bf16). Measured on 20261202 with ``--scores entropy random --rounds 1`` (271 train
 images: 27 to start, +14 per round; 100 test): a 120-step training took 35 s on quiet cores and 145-275 s while
