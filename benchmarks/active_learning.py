@@ -68,22 +68,17 @@ def round_workdir(src: Path, dst: Path, labelled_ids: set[str]) -> Path:
 
 
 def parse_sets(items: list[str]) -> dict:
-    """``--set KEY=VALUE`` items → dotted recipe overrides; each VALUE is read as YAML (``false``, ``null``,
-    ``0.1``, ``points``), so ``--set model.prompt=points --set model.box_mask=false`` changes the recipe."""
-    import yaml
+    """``--set KEY=VALUE`` items → dotted recipe overrides, each VALUE read as ``medsam2 train --set`` reads it
+    (:func:`medsam2.config_input.parse_value`: ``false``, ``null``, ``3e-4``, ``points``)."""
+    from medsam2.config import ExperimentCfg
+    from medsam2.config_input import parse_value
 
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SystemExit(f"--set needs KEY=VALUE (got {item!r})")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads 3e-4 as a string
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        out[key.strip()] = parsed
+        out[key.strip()] = parse_value(ExperimentCfg, key.strip(), value)
     return out
 
 
@@ -231,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-minutes", type=float)
     ap.add_argument("--no-ceiling", action="store_true", help="skip the every-train-label training")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="recipe override, VALUE as YAML (repeatable), e.g. --set model.prompt=points")
+                    help="recipe override, read as train --set reads it (repeatable), e.g. --set model.prompt=points")
     args = ap.parse_args(argv)
     logging.getLogger("medsam2").setLevel(logging.WARNING)
     from medsam2.config import DataCfg
