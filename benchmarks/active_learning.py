@@ -68,18 +68,15 @@ def round_workdir(src: Path, dst: Path, labelled_ids: set[str]) -> Path:
 
 
 def parse_sets(items: list[str]) -> dict:
-    """``--set KEY=VALUE`` items → dotted recipe overrides, each VALUE read as ``medsam2 train --set`` reads it
-    (:func:`medsam2.config_input.parse_value`: ``false``, ``null``, ``3e-4``, ``points``)."""
-    from medsam2.config import ExperimentCfg
-    from medsam2.config_input import parse_value
+    """``--set KEY=VALUE`` items → dotted recipe overrides, read by ``medsam2 train --set``'s parser
+    (:func:`medsam2.config.parse_overrides`: ``false``, ``null``, ``3e-4``, ``points``)."""
+    from medsam2.config import parse_overrides
+    from medsam2.errors import ConfigError
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"--set needs KEY=VALUE (got {item!r})")
-        out[key.strip()] = parse_value(ExperimentCfg, key.strip(), value)
-    return out
+    try:
+        return bench._flatten(parse_overrides(items))
+    except ConfigError as exc:
+        raise SystemExit(f"--set needs KEY=VALUE: {exc} ({exc.hint})") from None
 
 
 def train_and_eval(work: Path, out: Path, tag: str, plan: dict, *, baselines: bool, flags: bool) -> dict:
@@ -229,7 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="recipe override, read as train --set reads it (repeatable), e.g. --set model.prompt=points")
     args = ap.parse_args(argv)
     logging.getLogger("medsam2").setLevel(logging.WARNING)
-    from medsam2.config import DataCfg
+    from pydantic import ValidationError
+
+    from medsam2.config import DataCfg, ExperimentCfg
+    from medsam2.config_input import config_error
     from medsam2.data.ingest import ingest
     from medsam2.data.selection import select_rows
 
@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         plan["sets"] = parse_sets(args.sets)
         try:  # a bad override fails here, in a second, not after ingest and the first training
             bench.recipe_config(plan["sets"])
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            raise SystemExit(f"--set: {exc}") from None
+        except ValidationError as exc:
+            raise SystemExit(f"--set: {config_error(exc, ExperimentCfg, '--set')}") from None
     arms = list(dict.fromkeys(args.scores or ACQUISITIONS.names()))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or (tempfile.mkdtemp(prefix="active_") if args.quick

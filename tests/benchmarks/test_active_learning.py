@@ -33,7 +33,7 @@ def test_best_score_is_chosen_on_val_and_compared_with_random_on_test(monkeypatc
     assert probe["headroom"]["ceiling_minus_random"] == pytest.approx(0.03) and "best_score" not in probe
 
 
-def test_set_overrides_are_read_as_yaml_and_checked(monkeypatch) -> None:
+def test_set_overrides_are_read_as_yaml_and_checked(monkeypatch, tmp_path: Path) -> None:
     al = _bench_module("active_learning", monkeypatch)
     sets = al.parse_sets(["model.prompt=points", "model.box_mask=false", "model.box_crop=null", "train.lr=3e-4"])
     assert sets == {"model.prompt": "points", "model.box_mask": False, "model.box_crop": None, "train.lr": 3e-4}
@@ -41,7 +41,7 @@ def test_set_overrides_are_read_as_yaml_and_checked(monkeypatch) -> None:
         al.parse_sets(["model.prompt"])
     # points with the recipe's box-only levers still on is refused before any ingest or training
     with pytest.raises(SystemExit, match="needs model.prompt=box"):
-        al.main(["--set", "model.prompt=points", "--out", "unused"])
+        al.main(["--set", "model.prompt=points", "--out", str(tmp_path / "out")])
 
 
 @pytest.mark.slow  # ~2.5 min on 2 cores: 6 one-step trainings of the demo recipe, each evaluated on 3 test images
